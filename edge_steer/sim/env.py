@@ -1,0 +1,138 @@
+"""One episode of a task in the sim: observations in, actions out.
+
+The action is the policy's contract with the robot, defined here once:
+`[dx, dy, dz, drx, dry, drz, gripper]` — the end-effector (TCP) target for the next control step,
+as a translation (m) and a rotation vector (rad, base frame, left-multiplied) relative to the
+*measured* TCP pose now, and a gripper command (>= 0.5 close/grasp, < 0.5 open). Between control
+steps the Cartesian target moves linearly at 1 kHz from the previous target to the new one.
+
+The state is `[x, y, z, qx, qy, qz, qw, gripper_width]`. The quaternion's sign is fixed by
+`qx >= 0`, which keeps it continuous around the gripper-down orientation the tasks use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_steer.geometry import mat_to_quat, rotvec_to_mat
+from edge_steer.sim.camera import SceneRenderer
+from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
+from edge_steer.sim.panda_model import Q_START
+from edge_steer.sim.tasks import SceneInstance, Task
+from edge_steer.sim.world import World
+
+ACTION_NAMES = ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"]
+STATE_NAMES = ["x", "y", "z", "qx", "qy", "qz", "qw", "gripper_width"]
+CAMERAS = ("front", "wrist")
+MAX_STEP_TRANSLATION = 0.05   # m per control step (0.5 m/s at 10 Hz)
+MAX_STEP_ROTATION = 0.3       # rad per control step
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    image_size: int = 128
+    fps: int = 10                  # control (policy) rate
+    max_steps: int = 150
+    realtime: bool = False
+    start_noise: float = 0.05      # rad of joint noise around the start pose
+    grasp_force: float = 40.0      # N
+    impedance: tuple[float, float] = (1000.0, 50.0)  # translational N/m, rotational Nm/rad
+
+
+def observation_keys() -> tuple[str, ...]:
+    return tuple(f"observation.images.{c}" for c in CAMERAS) + ("observation.state", "observation.joints")
+
+
+def tcp_state(pos: np.ndarray, rot: np.ndarray, width: float) -> np.ndarray:
+    quat = mat_to_quat(rot)
+    if quat[0] < 0:
+        quat = -quat
+    return np.concatenate([pos, quat, [width]]).astype(np.float32)
+
+
+class SimEnv:
+    def __init__(self, task: Task, seed: int, config: EnvConfig = EnvConfig()):
+        self.task, self.seed, self.config = task, seed, config
+        rng = np.random.default_rng(seed)
+        self.scene: SceneInstance = task.sample_scene(rng, config.image_size)
+        self.world = World(self.scene.spec)
+        q0 = Q_START + rng.uniform(-config.start_noise, config.start_noise, 7)
+        self.world.reset(q0)
+        self.panda = SimPanda(self.world, realtime=config.realtime)
+        self.gripper = SimGripper(self.panda)
+        kt, kr = config.impedance
+        self.controller = CartesianImpedance(np.diag([kt] * 3 + [kr] * 3), nullspace_stiffness=2.0)
+        self.panda.start_controller(self.controller)
+        pose = self.panda.get_pose()
+        self._target_p, self._target_r = pose[:3, 3], pose[:3, :3]
+        self._q_null = q0
+        self._grip_closed = False
+        self._renderer: SceneRenderer | None = None  # made on first observe(): GL is per thread
+        self.steps = 0
+
+    def observe(self) -> dict[str, np.ndarray]:
+        if self._renderer is None:
+            self._renderer = SceneRenderer(self.world, self.config.image_size, self.config.image_size)
+        obs = {f"observation.images.{c}": self._renderer.rgb(c) for c in CAMERAS}
+        with self.world.lock:
+            pos, rot = self.world.tcp_pose()
+            obs["observation.state"] = tcp_state(pos, rot, self.world.gripper_width)
+            obs["observation.joints"] = self.world.q.astype(np.float32)
+        return obs
+
+    def step(self, action: np.ndarray) -> None:
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (7,):
+            raise ValueError(f"action must have 7 elements {ACTION_NAMES}, got shape {np.shape(action)}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"action contains NaN/inf: {a}")
+        dp = a[:3]
+        n = np.linalg.norm(dp)
+        if n > MAX_STEP_TRANSLATION:
+            dp = dp * (MAX_STEP_TRANSLATION / n)
+        dr = a[3:6]
+        n = np.linalg.norm(dr)
+        if n > MAX_STEP_ROTATION:
+            dr = dr * (MAX_STEP_ROTATION / n)
+        pose = self.panda.get_pose()
+        p1 = pose[:3, 3] + dp
+        r1 = rotvec_to_mat(dr) @ pose[:3, :3]
+        close = a[6] >= 0.5
+        if close != self._grip_closed:
+            if close:
+                self.gripper.grasp_async(0.04, 0.1, self.config.grasp_force, epsilon_inner=0.04, epsilon_outer=0.04)
+            else:
+                self.gripper.move_async(0.08, 0.1)
+            self._grip_closed = close
+        self._move_target(p1, r1, 1.0 / self.config.fps)
+        self.steps += 1
+
+    def _move_target(self, p1: np.ndarray, r1: np.ndarray, duration: float) -> None:
+        from edge_steer.geometry import orientation_error
+        p0, r0 = self._target_p, self._target_r
+        rv = orientation_error(r1, r0)
+        n = max(1, int(round(duration * 1000)))
+        ctx = self.panda.create_context(frequency=1000)
+        k = 0
+        while ctx.ok() and k < n:
+            k += 1
+            s = k / n
+            self.controller.set_control(p0 + s * (p1 - p0), mat_to_quat(rotvec_to_mat(s * rv) @ r0), self._q_null)
+        self._target_p, self._target_r = p1, r1
+
+    def success(self) -> bool:
+        with self.world.lock:
+            return self.task.success(self.world)
+
+    def close(self) -> None:
+        self.panda.close()
+        if self._renderer is not None:
+            self._renderer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

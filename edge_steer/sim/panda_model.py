@@ -1,0 +1,131 @@
+"""The Franka Emika Panda from its published parameters.
+
+Kinematics are Franka's modified Denavit-Hartenberg table (Craig's convention), as published in the
+Franka Control Interface documentation; limits are the published joint position, velocity and torque
+limits. The MJCF arm is generated from the same table, so the simulated kinematics and `fk()` below
+cannot drift apart. Link shapes are capsules along the DH offsets (no meshes), masses are the
+published per-link values, inertias are approximations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_steer.geometry import rot_x, rot_z
+
+# (a_{i-1}, d_i, alpha_{i-1}) for joints 1..7, then the flange (theta = 0).
+DH = np.array([
+    [0.0, 0.333, 0.0],
+    [0.0, 0.0, -np.pi / 2],
+    [0.0, 0.316, np.pi / 2],
+    [0.0825, 0.0, np.pi / 2],
+    [-0.0825, 0.384, -np.pi / 2],
+    [0.0, 0.0, np.pi / 2],
+    [0.088, 0.0, np.pi / 2],
+])
+FLANGE_D = 0.107
+# Franka Hand: the end-effector frame sits 0.1034 m past the flange, rotated -45 deg about z
+# (libfranka's default F_T_EE for the hand).
+HAND_TCP_D = 0.1034
+HAND_YAW = -np.pi / 4
+
+Q_MIN = np.array([-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973])
+Q_MAX = np.array([2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973])
+DQ_MAX = np.array([2.1750, 2.1750, 2.1750, 2.1750, 2.6100, 2.6100, 2.6100])
+TAU_MAX = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
+LINK_MASS = np.array([4.970684, 0.646926, 3.228604, 3.587895, 1.225946, 1.666555, 7.35522e-01])
+HAND_MASS = 0.73
+GRIPPER_MAX_WIDTH = 0.08
+Q_START = np.array([0.0, -np.pi / 4, 0.0, -3 * np.pi / 4, 0.0, np.pi / 2, np.pi / 4])
+
+
+def _dh_transform(a: float, d: float, alpha: float, theta: float) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, :3] = rot_x(alpha) @ rot_z(theta)
+    t[:3, 3] = [a, -np.sin(alpha) * d, np.cos(alpha) * d]
+    return t
+
+
+def fk(q: np.ndarray, tcp: bool = True) -> np.ndarray:
+    """Base-frame pose (4x4) of the end effector (hand TCP) or, with tcp=False, of the flange."""
+    q = np.asarray(q, dtype=float)
+    if q.shape != (7,):
+        raise ValueError(f"fk expects 7 joint angles, got shape {q.shape}")
+    t = np.eye(4)
+    for (a, d, alpha), th in zip(DH, q):
+        t = t @ _dh_transform(a, d, alpha, th)
+    t = t @ _dh_transform(0.0, FLANGE_D, 0.0, 0.0)
+    if tcp:
+        t = t @ _dh_transform(0.0, HAND_TCP_D, 0.0, HAND_YAW)
+    return t
+
+
+@dataclass(frozen=True)
+class ArmLook:
+    """Colours of the arm geoms (rgba strings)."""
+
+    link: str = "0.92 0.92 0.92 1"
+    joint: str = "0.25 0.25 0.27 1"
+    hand: str = "0.85 0.85 0.85 1"
+    finger: str = "0.2 0.2 0.22 1"
+
+
+def _vec(v) -> str:
+    return " ".join(f"{x:.6g}" for x in v)
+
+
+def arm_mjcf(look: ArmLook = ArmLook(), wrist_camera_fovy: float = 80.0) -> str:
+    """MJCF body tree of the arm + hand, to be placed inside <worldbody>.
+
+    Body i's frame is the DH frame of joint i (joint axis = local z). Arm geoms use contype 2 /
+    conaffinity 0: they touch the world (objects, table) but not each other.
+    """
+    radius = [0.06, 0.06, 0.06, 0.055, 0.055, 0.05, 0.045]
+    lines = ['<geom name="link0" type="capsule" fromto="0 0 0.03 0 0 0.2" size="0.065" '
+             f'rgba="{look.link}" contype="2" conaffinity="0" mass="2.8"/>']
+    depth = 0
+    for i, ((a, d, alpha), r) in enumerate(zip(DH, radius), start=1):
+        pos = [a, -np.sin(alpha) * d, np.cos(alpha) * d]
+        quat = [np.cos(alpha / 2), np.sin(alpha / 2), 0.0, 0.0]
+        lines.append(f'<body name="link{i}" pos="{_vec(pos)}" quat="{_vec(quat)}">')
+        lines.append(f'<inertial pos="0 0 0" mass="{LINK_MASS[i - 1]:.6g}" diaginertia="0.02 0.02 0.01"/>')
+        lines.append(f'<joint name="joint{i}" type="hinge" axis="0 0 1" range="{Q_MIN[i - 1]} {Q_MAX[i - 1]}" '
+                     f'limited="true" damping="0.5" armature="0.1" frictionloss="0.05"/>')
+        lines.append(f'<geom type="cylinder" fromto="0 0 -0.06 0 0 0.06" size="{r}" rgba="{look.joint}" '
+                     'contype="2" conaffinity="0" mass="0"/>')
+        # Capsule along the offset to the next frame (expressed in this frame).
+        if i < 7:
+            na, nd, nalpha = DH[i]
+            nxt = np.array([na, -np.sin(nalpha) * nd, np.cos(nalpha) * nd])
+        else:
+            nxt = np.array([0.0, 0.0, FLANGE_D])
+        if i == 1:  # link 1 hangs down to the base
+            lines.append(f'<geom type="capsule" fromto="0 0 -0.2 0 0 0" size="{r}" rgba="{look.link}" '
+                         'contype="2" conaffinity="0" mass="0"/>')
+        if np.linalg.norm(nxt) > 1e-6:
+            lines.append(f'<geom type="capsule" fromto="0 0 0 {_vec(nxt)}" size="{r * 0.9:.4g}" '
+                         f'rgba="{look.link}" contype="2" conaffinity="0" mass="0"/>')
+        depth += 1
+    # Flange + hand: hand frame = flange frame rotated by HAND_YAW; TCP 0.1034 m down its z axis.
+    hq = [np.cos(HAND_YAW / 2), 0.0, 0.0, np.sin(HAND_YAW / 2)]
+    lines.append(f'<body name="hand" pos="0 0 {FLANGE_D}" quat="{_vec(hq)}">')
+    lines.append(f'<inertial pos="0 0 0.04" mass="{HAND_MASS}" diaginertia="0.003 0.0025 0.0017"/>')
+    lines.append(f'<geom name="hand_body" type="box" pos="0 0 0.035" size="0.025 0.1 0.022" rgba="{look.hand}" '
+                 'contype="2" conaffinity="0" mass="0"/>')
+    lines.append(f'<site name="tcp" pos="0 0 {HAND_TCP_D}" size="0.005" rgba="1 0 0 0"/>')
+    # Wrist camera: on the hand, looking down the gripper (cameras look along their -z).
+    lines.append(f'<camera name="wrist" pos="0.075 0 0.02" xyaxes="0 -1 0 -0.97 0 0.26" fovy="{wrist_camera_fovy}"/>')
+    for side, sign in (("left", 1), ("right", -1)):
+        lines.append(f'<body name="finger_{side}" pos="0 0 0.0584">')
+        lines.append('<inertial pos="0 0 0.03" mass="0.015" diaginertia="2e-5 2e-5 1e-5"/>')
+        lines.append(f'<joint name="finger_{side}" type="slide" axis="0 {sign} 0" range="0 0.04" limited="true" '
+                     'damping="2" armature="0.01"/>')
+        lines.append(f'<geom name="finger_{side}_pad" type="box" pos="0 {sign * 0.008} 0.033" size="0.011 0.008 0.019" '
+                     f'rgba="{look.finger}" contype="2" conaffinity="0" friction="1.5 0.02 0.001" '
+                     'condim="4" solref="0.004 1" mass="0"/>')
+        lines.append('</body>')
+    lines.append("</body>")
+    lines.extend(["</body>"] * depth)
+    return "\n".join(lines)
