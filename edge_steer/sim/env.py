@@ -3,8 +3,11 @@
 The action is the policy's contract with the robot, defined here once:
 `[dx, dy, dz, drx, dry, drz, gripper]` — the end-effector (TCP) target for the next control step,
 as a translation (m) and a rotation vector (rad, base frame, left-multiplied) relative to the
-*measured* TCP pose now, and a gripper command (>= 0.5 close/grasp, < 0.5 open). Between control
-steps the Cartesian target moves linearly at 1 kHz from the previous target to the new one.
+current *commanded* TCP target, and a gripper command (>= 0.5 close/grasp, < 0.5 open). Deltas are
+taken from the target rather than the measured pose because an impedance controller lags its target:
+from the measured pose, the same action would move the arm by an amount that depends on its speed.
+The target is kept within MAX_TARGET_LEAD of the measured TCP, so a blocked arm cannot wind up the
+impedance spring. Between control steps the target moves linearly at 1 kHz.
 
 The state is `[x, y, z, qx, qy, qz, qw, gripper_width]`. The quaternion's sign is fixed by
 `qx >= 0`, which keeps it continuous around the gripper-down orientation the tasks use.
@@ -28,6 +31,7 @@ STATE_NAMES = ["x", "y", "z", "qx", "qy", "qz", "qw", "gripper_width"]
 CAMERAS = ("front", "wrist")
 MAX_STEP_TRANSLATION = 0.05   # m per control step (0.5 m/s at 10 Hz)
 MAX_STEP_ROTATION = 0.3       # rad per control step
+MAX_TARGET_LEAD = 0.04        # m the commanded target may lead the measured TCP
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,12 @@ class SimEnv:
         n = np.linalg.norm(dr)
         if n > MAX_STEP_ROTATION:
             dr = dr * (MAX_STEP_ROTATION / n)
-        pose = self.panda.get_pose()
-        p1 = pose[:3, 3] + dp
-        r1 = rotvec_to_mat(dr) @ pose[:3, :3]
+        measured = self.panda.get_position()
+        p1 = self._target_p + dp
+        lead = p1 - measured
+        if np.linalg.norm(lead) > MAX_TARGET_LEAD:
+            p1 = measured + lead * (MAX_TARGET_LEAD / np.linalg.norm(lead))
+        r1 = rotvec_to_mat(dr) @ self._target_r
         close = a[6] >= 0.5
         if close != self._grip_closed:
             if close:
@@ -121,6 +128,11 @@ class SimEnv:
             s = k / n
             self.controller.set_control(p0 + s * (p1 - p0), mat_to_quat(rotvec_to_mat(s * rv) @ r0), self._q_null)
         self._target_p, self._target_r = p1, r1
+
+    @property
+    def target(self) -> tuple[np.ndarray, np.ndarray]:
+        """The commanded TCP target (position, rotation) that the next action is relative to."""
+        return self._target_p.copy(), self._target_r.copy()
 
     def success(self) -> bool:
         with self.world.lock:

@@ -1,8 +1,8 @@
 """Scripted expert: a top-down pick-and-place through Cartesian waypoints.
 
 It reads the privileged sim state once (object poses, goal), plans min-jerk segments between
-waypoints, and at each control step emits the action that moves the TCP target to where the plan
-is one step later (see `env.py` for the action's meaning).
+waypoints, and at each control step emits the action that moves the commanded TCP target to where
+the plan is one step later (see `env.py` for the action's meaning).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class ScriptedExpert:
     def act(self, step: int) -> np.ndarray:
         dt = 1.0 / self.env.config.fps
         p_goal, r_goal, grip = self.pose_at((step + 1) * dt)
-        p, r = self.env.world.tcp_pose()
+        p, r = self.env.target
         return np.concatenate([p_goal - p, mat_to_rotvec(r_goal @ r.T), [grip]]).astype(np.float32)
 
     @property

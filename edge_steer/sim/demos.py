@@ -1,0 +1,119 @@
+"""Few-shot demonstrations: run the scripted expert, record episodes into a dataset, replay them.
+
+Episodes are generated in worker processes (MuJoCo rendering and physics are CPU-bound) and written
+by this process alone, so the dataset writer stays single-writer and crash-safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_steer.sim.env import ACTION_NAMES, EnvConfig, SimEnv
+from edge_steer.sim.expert import run_expert_episode
+from edge_steer.sim.tasks import get_task
+
+
+def episode_seed(seed: int, attempt: int) -> int:
+    """Distinct, reproducible scene seed for each attempt of a generation run."""
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+
+
+@dataclass
+class RecordedEpisode:
+    task: str
+    instruction: str
+    seed: int
+    success: bool
+    frames: list[dict[str, np.ndarray]]
+
+
+def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig()) -> RecordedEpisode:
+    task = get_task(task_name)
+    frames: list[dict[str, np.ndarray]] = []
+
+    def record(obs, action):
+        frames.append({**obs, "action": action})
+
+    with SimEnv(task, seed, config) as env:
+        ok = run_expert_episode(env, record)
+    return RecordedEpisode(task_name, task.instruction, seed, ok, frames)
+
+
+def _record(args) -> RecordedEpisode:
+    return record_episode(*args)
+
+
+def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, config: EnvConfig = EnvConfig(),
+                   workers: int | None = None, keep_failed: bool = False,
+                   on_episode: Callable[[RecordedEpisode], None] | None = None) -> dict:
+    """Record `episodes` expert demos of a task into the dataset at `out` (appending)."""
+    from edge_steer.data import DatasetWriter, default_spec
+
+    get_task(task_name)  # fail fast on an unknown name
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    workers = workers or min(2, os.cpu_count() or 1)
+    spec = default_spec(image_size=config.image_size, fps=config.fps)
+    saved, failed, attempts = 0, 0, 0
+    max_attempts = 2 * episodes + 10
+    with DatasetWriter(out, spec) as writer:
+        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts):
+            attempts += 1
+            if ep.success or keep_failed:
+                writer.begin_episode()
+                for f in ep.frames:
+                    writer.add_frame(f, task=ep.instruction)
+                writer.end_episode(success=ep.success, extra={"task_name": ep.task, "seed": ep.seed,
+                                                              "env_config": str(asdict(config))})
+                saved += 1
+            if not ep.success:
+                failed += 1
+            if on_episode:
+                on_episode(ep)
+            if saved >= episodes:
+                break
+    if saved < episodes:
+        raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries")
+    return {"task": task_name, "saved": saved, "failed": failed, "attempts": attempts, "out": str(out)}
+
+
+def _episodes(task_name, seed, config, workers, wanted, max_attempts) -> Iterator[RecordedEpisode]:
+    args = ((task_name, episode_seed(seed, i), config) for i in range(max_attempts))
+    if workers <= 1:
+        yield from map(_record, args)
+        return
+    # keep at most `workers` episodes in flight so a short run does not over-generate
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(_record, next(args)) for _ in range(min(workers, wanted))]
+        while pending:
+            ep = pending.pop(0).result()
+            yield ep
+            nxt = next(args, None)
+            if nxt is not None:
+                pending.append(pool.submit(_record, nxt))
+
+
+def replay_episode(dataset_root: str | Path, episode_index: int, config: EnvConfig | None = None) -> bool:
+    """Re-run an episode's recorded actions open loop in a fresh sim of the same scene."""
+    from edge_steer.data import Dataset
+
+    ds = Dataset(dataset_root)
+    meta = ds.episodes[episode_index]
+    extra = getattr(meta, "extra", {}) or {}
+    task_name, seed = extra.get("task_name"), extra.get("seed")
+    if task_name is None or seed is None:
+        raise ValueError(f"episode {episode_index} carries no task_name/seed; it was not recorded in sim")
+    actions = ds.episode(episode_index)["action"]
+    if actions.shape[1] != len(ACTION_NAMES):
+        raise ValueError(f"episode actions have {actions.shape[1]} dims, expected {len(ACTION_NAMES)}")
+    cfg = config or EnvConfig(image_size=ds.spec.features["observation.images.front"].shape[0], fps=ds.spec.fps)
+    with SimEnv(get_task(task_name), int(seed), cfg) as env:
+        for a in actions:
+            env.step(a)
+        return env.success()

@@ -1,0 +1,76 @@
+"""The episode environment's action contract and the scripted expert's success rate."""
+
+import numpy as np
+import pytest
+
+from edge_steer.sim.env import MAX_STEP_TRANSLATION, MAX_TARGET_LEAD, EnvConfig, SimEnv
+from edge_steer.sim.expert import run_expert_episode
+from edge_steer.sim.tasks import TASKS, get_task
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_expert_solves_every_task(name):
+    # Two seeded episodes per task here; tools/bench_expert.py measures the rate on many seeds.
+    for seed in (11, 12):
+        with SimEnv(TASKS[name], seed) as env:
+            assert run_expert_episode(env), f"{name} seed {seed}"
+
+
+def test_action_is_a_delta_from_the_commanded_target():
+    with SimEnv(get_task("red_cube_on_blue_plate"), 0) as env:
+        p0 = env.world.tcp_pose()[0]
+        for _ in range(5):
+            env.step([0.0, 0.02, 0.0, 0, 0, 0, 0])
+        for _ in range(5):
+            env.step([0, 0, 0, 0, 0, 0, 0])  # hold: the arm settles on the target
+        moved = env.world.tcp_pose()[0] - p0
+        assert moved[1] == pytest.approx(0.10, abs=0.015)
+        assert abs(moved[0]) < 0.01 and abs(moved[2]) < 0.01
+
+
+def test_oversized_steps_are_clipped_not_executed():
+    with SimEnv(get_task("red_cube_on_blue_plate"), 0) as env:
+        p0 = env.world.tcp_pose()[0]
+        env.step([0.0, 0.0, 1.0, 0, 0, 0, 0])  # a 1 m jump request
+        env.step([0, 0, 0, 0, 0, 0, 0])
+        assert env.world.tcp_pose()[0][2] - p0[2] < MAX_STEP_TRANSLATION + 0.01
+
+
+def test_target_cannot_run_away_from_a_blocked_arm():
+    with SimEnv(get_task("red_cube_on_blue_plate"), 0) as env:
+        for _ in range(15):  # drive down into the table
+            env.step([0.0, 0.0, -0.05, 0, 0, 0, 0])
+        target, _ = env.target
+        assert np.linalg.norm(target - env.world.tcp_pose()[0]) <= MAX_TARGET_LEAD + 1e-9
+
+
+@pytest.mark.parametrize("bad", [np.zeros(6), np.full(7, np.nan), [0, 0, np.inf, 0, 0, 0, 0]])
+def test_bad_actions_raise_and_move_nothing(bad):
+    with SimEnv(get_task("red_cube_on_blue_plate"), 0) as env:
+        q0 = env.world.q
+        with pytest.raises(ValueError):
+            env.step(bad)
+        assert np.array_equal(env.world.q, q0)
+
+
+def test_same_seed_same_actions_same_outcome():
+    acts = np.random.default_rng(0).uniform(-0.02, 0.02, (8, 7))
+    acts[:, 6] = 0
+    finals = []
+    for _ in range(2):
+        with SimEnv(get_task("blue_cube_in_white_bowl"), 5) as env:
+            for a in acts:
+                env.step(a)
+            finals.append(env.world.data.qpos.copy())
+    assert np.array_equal(finals[0], finals[1])
+
+
+def test_observation_layout():
+    with SimEnv(get_task("red_cube_on_blue_plate"), 0, EnvConfig(image_size=64)) as env:
+        obs = env.observe()
+    assert obs["observation.images.front"].shape == (64, 64, 3)
+    assert obs["observation.images.wrist"].dtype == np.uint8
+    state = obs["observation.state"]
+    assert state.shape == (8,) and state.dtype == np.float32
+    assert np.linalg.norm(state[3:7]) == pytest.approx(1.0, abs=1e-5) and state[3] >= 0
+    assert obs["observation.joints"].shape == (7,)
