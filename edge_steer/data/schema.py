@@ -79,8 +79,10 @@ class Feature:
             if ft["dtype"] == "image" and names == ["channels", "height", "width"]:
                 names, shape = IMAGE_NAMES, (shape[1], shape[2], shape[0])  # PNG pixels are HWC anyway
             return cls(ft["dtype"], shape, list(names) if names is not None else None)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, IndexError) as e:
             raise DatasetError(f"feature {key!r} in meta/info.json is malformed: {ft!r}") from e
+        except DatasetError as e:
+            raise DatasetError(f"feature {key!r} in meta/info.json: {e}") from e
 
 
 @dataclass(frozen=True)
