@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 from rich.progress import track
 
+from _report import git_commit, upsert_section
+
+from edge_steer.sim.demos import process_pool
 from edge_steer.sim.env import SimEnv
 from edge_steer.sim.expert import run_expert_episode
 from edge_steer.sim.tasks import TASKS, get_task
@@ -46,13 +47,13 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict[str, list[bool]] = {n: [] for n in TASKS}
     failures = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    with process_pool(args.workers) as pool:
         for name, seed, ok in track(pool.map(_run, jobs), total=len(jobs), description="expert episodes"):
             results[name].append(ok)
             if not ok:
                 failures.append(f"{name}:{seed}")
     dt = time.perf_counter() - t0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = ["## Scripted expert success (issue 2)", "",
              f"Command: `.venv/bin/python tools/bench_expert.py --seeds {args.seeds}` at commit `{commit}` "
              f"({len(jobs)} episodes, {dt / 60:.1f} min with {args.workers} workers). Seeds start at {SEED_OFFSET}.", "",
@@ -66,16 +67,7 @@ def main() -> None:
               f"Failed seeds: {', '.join(failures) if failures else 'none'}.", ""]
     text = "\n".join(lines)
     print(text)
-    body = open(args.out).read() if os.path.exists(args.out) else "# Benchmarks\n\n"
-    head = "## Scripted expert success (issue 2)"
-    start = body.find(head)
-    if start >= 0:
-        end = body.find("\n## ", start + 5)
-        body = body[:start] + text + (body[end + 1:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    with open(args.out, "w") as f:
-        f.write(body)
+    upsert_section(args.out, text)
 
 
 if __name__ == "__main__":

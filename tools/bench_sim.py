@@ -10,11 +10,12 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 
 import numpy as np
+
+from _report import git_commit, upsert_section
 
 from edge_steer.sim.camera import SceneRenderer
 from edge_steer.sim.demos import generate_demos
@@ -83,7 +84,7 @@ def main() -> None:
     rend96 = bench_render(96)
     epm1 = bench_demos(args.episodes, 1)
     epm2 = bench_demos(args.episodes, 2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         "## Simulation (issue 2)",
         "",
@@ -105,15 +106,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    body = open(args.out).read() if os.path.exists(args.out) else "# Benchmarks\n\n"
-    start = body.find("## Simulation (issue 2)")
-    if start >= 0:
-        end = body.find("\n## ", start + 5)
-        body = body[:start] + text + (body[end + 1:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text
-    with open(args.out, "w") as f:
-        f.write(body)
+    upsert_section(args.out, text)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ by this process alone, so the dataset writer stays single-writer and crash-safe.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,12 @@ import numpy as np
 from edge_steer.sim.env import ACTION_NAMES, EnvConfig, SimEnv
 from edge_steer.sim.expert import run_expert_episode
 from edge_steer.sim.tasks import get_task
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for sim episodes. They are spawned, never forked: a child forked from a
+    process that already holds an EGL context hangs when it makes its own renderer."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def episode_seed(seed: int, attempt: int) -> int:
@@ -89,7 +96,7 @@ def _episodes(task_name, seed, config, workers, wanted, max_attempts) -> Iterato
         yield from map(_record, args)
         return
     # keep at most `workers` episodes in flight so a short run does not over-generate
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         pending = [pool.submit(_record, next(args)) for _ in range(min(workers, wanted))]
         while pending:
             ep = pending.pop(0).result()

@@ -1,0 +1,28 @@
+"""Shared by the benchmark tools: write a result section into a markdown file in docs/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return out + ("+dirty" if dirty else "")
+
+
+def upsert_section(path: str, text: str) -> None:
+    """Replace the `## ` section whose heading is text's first line, or append it."""
+    heading = text.splitlines()[0]
+    body = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    start = body.find(heading + "\n")
+    if start >= 0:
+        end = body.find("\n## ", start + len(heading))
+        body = body[:start] + text.rstrip() + "\n" + (body[end:] if end >= 0 else "")
+    else:
+        body = body.rstrip() + "\n\n" + text.rstrip() + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(body)
