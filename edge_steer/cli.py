@@ -55,35 +55,40 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
 
 
 @demos_app.command("generate")
-def demos_generate(task: str = typer.Option(..., help="task name (see `edge-steer tasks list`)"),
-                   episodes: int = typer.Option(10, min=1, help="successful episodes to record"),
+def demos_generate(task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout"),
+                   episodes: int = typer.Option(10, min=1, help="successful episodes to record per task"),
                    seed: int = typer.Option(0, help="generation seed (scene layouts derive from it)"),
                    out: Path = typer.Option(..., help="dataset directory (created or appended to)"),
-                   image_size: int = typer.Option(128, min=32, max=512),
+                   image_size: int = typer.Option(96, min=32, max=512, help="camera resolution (the model input is 96)"),
                    workers: int = typer.Option(0, help="worker processes (0 = one per core, at most 2)"),
                    keep_failed: bool = typer.Option(False, help="also store episodes the expert failed")) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe)."""
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
-    from edge_steer.sim.tasks import TaskError, get_task
+    from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
 
     try:
-        get_task(task)
+        names = [t.name for t in tasks_by_split(task)] if task in ("base", "heldout") else task.split(",")
+        for name in names:
+            get_task(name)
     except TaskError as e:
         _fail(str(e))
     t0 = time.perf_counter()
+    saved = failed = 0
     with _progress() as prog:
-        bar = prog.add_task(f"demos {task}", total=episodes)
+        bar = prog.add_task(f"demos {task}", total=episodes * len(names))
 
         def tick(ep):
             if ep.success:
                 prog.advance(bar)
 
-        summary = generate_demos(task, episodes, seed, out, EnvConfig(image_size=image_size),
-                                 workers=workers or None, keep_failed=keep_failed, on_episode=tick)
+        for name in names:
+            summary = generate_demos(name, episodes, seed, out, EnvConfig(image_size=image_size),
+                                     workers=workers or None, keep_failed=keep_failed, on_episode=tick)
+            saved, failed = saved + summary["saved"], failed + summary["failed"]
     dt = time.perf_counter() - t0
-    console.print(f"saved {summary['saved']} episodes to {out} ({summary['failed']} expert failures, "
-                  f"{dt:.1f} s, {60 * summary['saved'] / dt:.1f} episodes/min)")
+    console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "
+                  f"{dt:.1f} s, {60 * saved / dt:.1f} episodes/min)")
 
 
 @demos_app.command("replay")
@@ -102,6 +107,104 @@ def demos_replay(data: Path = typer.Option(..., help="dataset directory"),
         raise typer.Exit(code=1)
 
 
+@app.command("pretrain")
+def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
+             out: Path = typer.Option(..., help="run directory: checkpoints/, model/, eval.json"),
+             steps: int = typer.Option(4000, min=1), batch_size: int = typer.Option(64, min=1),
+             lr: float = typer.Option(3e-4), seed: int = typer.Option(0),
+             language: str = typer.Option("minilm", help="minilm | embedding"),
+             n_kv_heads: int = typer.Option(0, help="key/value heads (0 = as many as query heads; fewer = GQA)"),
+             resume: bool = typer.Option(True, help="continue from the latest checkpoint in OUT"),
+             eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
+             workers: int = typer.Option(2, min=1)) -> None:
+    """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
+    from functools import partial
+
+    from edge_steer.data import Dataset, DatasetError
+    from edge_steer.models import EdgeVLA, EdgeVLAConfig
+    from edge_steer.models.train import TrainConfig, batches, fit
+    from edge_steer.sim.tasks import tasks_by_split
+
+    try:
+        ds = Dataset(data)
+    except DatasetError as e:
+        _fail(str(e))
+    base = EdgeVLAConfig()
+    try:
+        cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads)
+    except ValueError as e:
+        _fail(str(e))
+    model = EdgeVLA(cfg)
+    model.set_stats(ds.stats)  # a resumed run restores these from its checkpoint
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    ds.preload()
+    result = fit(model, list(model.parameters()),
+                 lambda start: batches(ds, batch_size, cfg.chunk, seed, start), tcfg, out, resume=resume)
+    model.save_pretrained(out / "model")
+    console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+                  f"{result.samples_per_s:.0f} samples/s; model saved to {out / 'model'}")
+    if eval_episodes:
+        _eval_report(partial(EdgeVLA.from_pretrained, out / "model"), tasks_by_split("base"), eval_episodes,
+                     seed, workers, out / "eval.json")
+
+
+def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
+                 gif: Path | None = None) -> list:
+    from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
+
+    t0 = time.perf_counter()
+    with _progress() as prog:
+        bar = prog.add_task("eval episodes", total=episodes * len(tasks))
+        results = evaluate(load, tasks, episodes, seed, workers=workers, gif_first=gif is not None,
+                           on_result=lambda r: prog.advance(bar))
+    table = Table("task", "split", "success", "95 % CI", "mean steps")
+    summary = []
+    for t in tasks:
+        rs = [r for r in results if r.task == t.name]
+        k = sum(r.success for r in rs)
+        lo, hi = wilson_interval(k, len(rs))
+        table.add_row(t.name, t.split, f"{k}/{len(rs)} ({100 * k / len(rs):.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
+                      f"{sum(r.steps for r in rs) / len(rs):.0f}")
+        summary.append({"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
+                        "ci95": [lo, hi]})
+    console.print(table)
+    console.print(f"{len(results)} episodes in {time.perf_counter() - t0:.0f} s")
+    if gif is not None:
+        frames = next((r.frames for r in results if r.frames), None)
+        if frames:
+            save_gif(frames, str(gif))
+            console.print(f"GIF of one episode: {gif}")
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps({"summary": summary, "episodes": [
+            {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps} for r in results]}, indent=1))
+        console.print(f"per-episode log: {out_json}")
+    return summary
+
+
+@app.command("eval")
+def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
+             task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout"),
+             episodes: int = typer.Option(50, min=1), seed: int = typer.Option(0),
+             workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
+             gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode")) -> None:
+    """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
+    from functools import partial
+
+    from edge_steer.models import DEFAULT_MODEL_DIR, CheckpointError, EdgeVLA
+    from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
+
+    path = model or DEFAULT_MODEL_DIR
+    try:
+        EdgeVLA.from_pretrained(path)  # fail here, with the reason, rather than in a worker
+        tasks = tasks_by_split(task) if task in ("base", "heldout") else [get_task(n) for n in task.split(",")]
+    except (CheckpointError, TaskError) as e:
+        _fail(str(e))
+    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif)
+
+
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
          task: str = typer.Option("red_cube_in_front_of_blue_plate", help="task to demonstrate"),
@@ -111,7 +214,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     if data.exists():
         import shutil
         shutil.rmtree(data)
-    demos_generate(task=task, episodes=episodes, seed=0, out=data, image_size=128, workers=0, keep_failed=False)
+    demos_generate(task=task, episodes=episodes, seed=0, out=data, image_size=96, workers=0, keep_failed=False)
     demos_replay(data=data, episode=0)
 
 

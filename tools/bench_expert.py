@@ -15,6 +15,7 @@ from _report import git_commit, upsert_section
 
 from edge_steer.sim.demos import process_pool
 from edge_steer.sim.env import SimEnv
+from edge_steer.sim.rollout import wilson_interval
 from edge_steer.sim.expert import run_expert_episode
 from edge_steer.sim.tasks import TASKS, get_task
 
@@ -25,16 +26,6 @@ def _run(args) -> tuple[str, int, bool]:
     name, seed = args
     with SimEnv(get_task(name), seed) as env:
         return name, seed, run_expert_episode(env)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
              "| task | split | factor | success | 95 % CI (Wilson) |", "|---|---|---|---|---|"]
     for name, res in results.items():
         t = TASKS[name]
-        lo, hi = wilson(sum(res), len(res))
+        lo, hi = wilson_interval(sum(res), len(res))
         lines.append(f"| {name} | {t.split} | {t.factor or '-'} | {sum(res)}/{len(res)} | {lo:.2f}-{hi:.2f} |")
     total = sum(sum(r) for r in results.values())
     lines += ["", f"Overall: {total}/{len(jobs)} ({100 * total / len(jobs):.1f} %). "

@@ -99,7 +99,7 @@ def main() -> None:
         f"| render 128x128 front camera (frames/s) | {rend['front']:.1f} |",
         f"| render 128x128 wrist camera (frames/s) | {rend['wrist']:.1f} |",
         f"| render 96x96 front / wrist (frames/s) | {rend96['front']:.1f} / {rend96['wrist']:.1f} |",
-        f"| expert demos, 2 cameras at 128 px, 10 Hz, 1 worker (episodes/min) | {epm1:.1f} |",
+        f"| expert demos, 2 cameras at 96 px, 10 Hz, 1 worker (episodes/min) | {epm1:.1f} |",
         f"| expert demos, 2 workers (episodes/min) | {epm2:.1f} ({epm2 / epm1:.2f}x 1 worker) |",
         "",
     ]

@@ -131,7 +131,7 @@ class DatasetSpec:
         return out
 
 
-def default_spec(image_size: int = 128, fps: int = 10) -> DatasetSpec:
+def default_spec(image_size: int = 96, fps: int = 10) -> DatasetSpec:
     """The project's episodes: two RGB cameras, TCP pose + gripper state, joints, 7-D delta action."""
     img = Feature("image", (image_size, image_size, 3), IMAGE_NAMES)
     return DatasetSpec(fps=fps, robot_type="franka_panda", features={

@@ -1,0 +1,26 @@
+"""Models: the VLA interface, the reference EdgeVLA, and the training loop.
+
+Every command that takes `--model` falls back to the embedded default checkpoint, which our own code
+trained on the simulated base tasks (see docs/model.md for the command that reproduces it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
+from edge_steer.models.vla import CheckpointError, EdgeVLA, EdgeVLAConfig
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "edge_vla"
+
+
+def load_model(path: str | Path | None = None) -> EdgeVLA:
+    """Load a checkpoint directory, or the embedded default when path is None."""
+    d = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if path is None and not d.exists():
+        raise CheckpointError(f"the default model is missing at {d}; reinstall edge-steer or pass --model")
+    return EdgeVLA.from_pretrained(d)
+
+
+__all__ = ["DEFAULT_MODEL_DIR", "CheckpointError", "EdgeVLA", "EdgeVLAConfig", "HeadRef", "HeadSlices",
+           "ParamSlice", "load_model"]

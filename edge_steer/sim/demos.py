@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,15 +21,17 @@ from edge_steer.sim.expert import run_expert_episode
 from edge_steer.sim.tasks import get_task
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
+def process_pool(workers: int, initializer=None, initargs=()) -> ProcessPoolExecutor:
     """Worker processes for sim episodes. They are spawned, never forked: a child forked from a
     process that already holds an EGL context hangs when it makes its own renderer."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=initargs)
 
 
-def episode_seed(seed: int, attempt: int) -> int:
-    """Distinct, reproducible scene seed for each attempt of a generation run."""
-    return int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+def episode_seed(seed: int, attempt: int, task_name: str) -> int:
+    """Distinct, reproducible scene seed for each (run seed, attempt, task): tasks generated with the
+    same run seed must not share object layouts."""
+    return int(np.random.SeedSequence([seed, attempt, zlib.crc32(task_name.encode())]).generate_state(1)[0])
 
 
 @dataclass
@@ -91,7 +94,7 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
 
 
 def _episodes(task_name, seed, config, workers, wanted, max_attempts) -> Iterator[RecordedEpisode]:
-    args = ((task_name, episode_seed(seed, i), config) for i in range(max_attempts))
+    args = ((task_name, episode_seed(seed, i, task_name), config) for i in range(max_attempts))
     if workers <= 1:
         yield from map(_record, args)
         return

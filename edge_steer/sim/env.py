@@ -36,7 +36,7 @@ MAX_TARGET_LEAD = 0.04        # m the commanded target may lead the measured TCP
 
 @dataclass(frozen=True)
 class EnvConfig:
-    image_size: int = 128
+    image_size: int = 96           # the reference VLA's input resolution
     fps: int = 10                  # control (policy) rate
     max_steps: int = 150
     realtime: bool = False

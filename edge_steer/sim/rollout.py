@@ -1,0 +1,110 @@
+"""Closed-loop episodes of a policy in the sim, and success statistics.
+
+The policy is anything with `predict(observation, instruction) -> (chunk, 7)` actions; the sim does
+not know what is behind it (torch, onnxruntime, TensorRT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edge_steer.sim.env import EnvConfig, SimEnv
+from edge_steer.sim.tasks import Task
+
+
+class ChunkPolicy(Protocol):
+    def predict(self, observation: dict, instruction: str) -> np.ndarray: ...
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvConfig = EnvConfig(),
+                       execute: int = 5, max_steps: int | None = None, keep_frames: bool = False) -> EpisodeResult:
+    """Run until the success predicate holds or max_steps; re-plan every `execute` actions."""
+    max_steps = max_steps or config.max_steps
+    frames = []
+    with SimEnv(task, seed, config) as env:
+        steps = 0
+        while steps < max_steps:
+            obs = env.observe()
+            if keep_frames:
+                frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
+            chunk = policy.predict(obs, task.instruction)
+            for action in chunk[:execute]:
+                env.step(action)
+                steps += 1
+                if env.success():
+                    return EpisodeResult(task.name, seed, True, steps, frames)
+                if steps >= max_steps:
+                    break
+        return EpisodeResult(task.name, seed, False, steps, frames)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a success rate (sound at 0 % and 100 %, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def save_gif(frames: list[np.ndarray], path: str, fps: int = 10) -> None:
+    from PIL import Image
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation scenes never coincide with demo scenes of the same run seed
+_worker_policy: ChunkPolicy | None = None
+
+
+def _init_worker(load_policy) -> None:
+    global _worker_policy
+    import torch
+    torch.set_num_threads(1)  # one process per core beats two threads per process here
+    _worker_policy = load_policy()
+
+
+def _run_one(args) -> EpisodeResult:
+    task, seed, config, execute, keep = args
+    return run_policy_episode(_worker_policy, task, seed, config, execute, keep_frames=keep)
+
+
+def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, config: EnvConfig = EnvConfig(),
+             execute: int = 5, workers: int = 2, on_result=None, gif_first: bool = False) -> list[EpisodeResult]:
+    """Closed-loop evaluation of `episodes` per task in `workers` spawned processes.
+
+    `load_policy` is a picklable zero-argument callable that each worker calls once."""
+    from edge_steer.sim.demos import episode_seed, process_pool
+
+    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == 0)
+            for t in tasks for i in range(episodes)]
+    results = []
+    if workers <= 1:
+        _init_worker(load_policy)
+        it = map(_run_one, jobs)
+        for r in it:
+            results.append(r)
+            if on_result:
+                on_result(r)
+        return results
+    with process_pool(workers, initializer=_init_worker, initargs=(load_policy,)) as pool:
+        for r in pool.map(_run_one, jobs):
+            results.append(r)
+            if on_result:
+                on_result(r)
+    return results

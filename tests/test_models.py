@@ -1,0 +1,217 @@
+"""The reference VLA: persistence, head addressing, chunk shapes/normalisation, training resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_steer.models import CheckpointError, EdgeVLA, EdgeVLAConfig, HeadRef
+from edge_steer.models.train import TrainConfig, fit
+
+TINY = dict(image_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, chunk=4,
+            max_lang_tokens=12, stem_channels=(8, 16))
+
+
+def tiny(**kw) -> EdgeVLA:
+    torch.manual_seed(0)
+    return EdgeVLA(EdgeVLAConfig(**{**TINY, **kw}))
+
+
+def batch(model: EdgeVLA, b: int = 3, seed: int = 0, task="put the red cube on the blue plate"):
+    rng = np.random.default_rng(seed)
+    c = model.config
+    out = {f"observation.images.{cam}": rng.integers(0, 256, (b, 40, 40, 3), dtype=np.uint8) for cam in c.cameras}
+    out["observation.state"] = rng.normal(size=(b, c.state_dim)).astype(np.float32)
+    out["action"] = rng.normal(size=(b, c.chunk, c.action_dim)).astype(np.float32)
+    out["action_is_pad"] = np.zeros((b, c.chunk), bool)
+    out["task"] = [task] * b
+    return out
+
+
+@pytest.mark.parametrize("language", ["minilm", "embedding"])
+def test_save_load_round_trip_is_bitwise(tmp_path, language):
+    m = tiny(language=language)
+    m.set_stats({"action": {"mean": np.arange(7.0), "std": np.full(7, 2.0)},
+                 "observation.state": {"mean": np.ones(8), "std": np.full(8, 3.0)}})
+    m.save_pretrained(tmp_path / "ckpt")
+    m2 = EdgeVLA.from_pretrained(tmp_path / "ckpt")
+    a, b = m.state_dict(), m2.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert m.fingerprint() == m2.fingerprint()
+    x = batch(m)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(**m.prepare(x)), m2(**m2.prepare(x)))
+
+
+def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
+    m = tiny()
+    d = m.save_pretrained(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="no model directory"):
+        EdgeVLA.from_pretrained(tmp_path / "missing")
+    # flipped bytes in the weights
+    bad = tmp_path / "flip"
+    bad.mkdir()
+    for f in d.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    w = bytearray((bad / "model.safetensors").read_bytes())
+    w[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(w))
+    with pytest.raises(CheckpointError, match="checksum"):
+        EdgeVLA.from_pretrained(bad)
+    # weights from a different architecture under this config
+    other = tiny(n_layers=3).save_pretrained(tmp_path / "other")
+    meta = json.loads((other / "config.json").read_text())
+    meta["config"]["n_layers"] = 2
+    (other / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        EdgeVLA.from_pretrained(other)
+    # unknown config fields and foreign model types
+    meta = json.loads((d / "config.json").read_text())
+    for key, value, msg in (("config", {**meta["config"], "wings": 2}, "unknown fields"),
+                            ("model_type", "llama", "model_type")):
+        (d / "config.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(CheckpointError, match=msg):
+            EdgeVLA.from_pretrained(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        EdgeVLA.from_pretrained(d)
+
+
+def test_zeroing_one_head_changes_exactly_that_heads_contribution():
+    m = tiny().eval()
+    x = m.prepare(batch(m))
+    layer, head = 1, 2
+    attn = m.blocks[layer].attn
+    hd = m.config.head_dim
+    seen = {}
+
+    def record(_, __, out):
+        seen["heads"] = out.detach().clone()
+
+    def zero(_, __, out):
+        out = out.clone()
+        out[..., head, :] = 0
+        return out
+
+    def capture_out(_, __, out):
+        seen.setdefault("attn_out", []).append(out.detach().clone())
+
+    h_rec = attn.head_hook.register_forward_hook(record)
+    h_out = attn.register_forward_hook(capture_out)
+    with torch.no_grad():
+        m(**x)
+    h_rec.remove()
+    h_zero = attn.head_hook.register_forward_hook(zero)
+    with torch.no_grad():
+        m(**x)
+    h_zero.remove()
+    h_out.remove()
+    clean, ablated = seen["attn_out"]
+    contribution = seen["heads"][..., head, :] @ attn.o_proj.weight[:, head * hd:(head + 1) * hd].T
+    torch.testing.assert_close(clean - ablated, contribution, atol=1e-5, rtol=1e-5)
+    # and the head list names this head's slices in the same places
+    slices = next(h for h in m.heads() if h.ref == HeadRef(layer, head))
+    assert slices.hook == f"blocks.{layer}.attn.head_hook"
+    assert slices.o[0].param == f"blocks.{layer}.attn.o_proj.weight"
+    assert (slices.o[0].dim, slices.o[0].start, slices.o[0].stop) == (1, head * hd, (head + 1) * hd)
+
+
+def test_grouped_query_heads_share_key_value_slices():
+    m = tiny(n_heads=4, n_kv_heads=2)
+    heads = [h for h in m.heads() if h.ref.layer == 0]
+    assert [h.kv_head for h in heads] == [0, 0, 1, 1]
+    assert heads[0].k == heads[1].k and heads[0].k != heads[2].k
+    assert heads[0].q != heads[1].q
+    assert m.blocks[0].attn.k_proj.weight.shape[0] == 2 * m.config.head_dim
+    out = m(**m.prepare(batch(m)))
+    assert out.shape == (3, 4, 7)
+
+
+def test_chunk_shapes_and_normalisation():
+    m = tiny().eval()
+    mean, std = np.linspace(-1, 1, 7), np.linspace(0.5, 2, 7)
+    m.set_stats({"action": {"mean": mean, "std": std}, "observation.state": {"mean": np.zeros(8), "std": np.ones(8)}})
+    x = batch(m, b=1)
+    obs = {k: v[0] for k, v in x.items() if k.startswith("observation.")}
+    chunk = m.predict(obs, x["task"][0])
+    assert chunk.shape == (4, 7)
+    with torch.no_grad():
+        raw = m(**m.prepare(x))[0].numpy()
+    np.testing.assert_allclose(chunk, raw * std + mean, rtol=1e-5, atol=1e-6)
+    # the loss is computed in normalised space: the de-normalised prediction has zero loss
+    target = dict(x, action=chunk[None].astype(np.float32))
+    with torch.no_grad():
+        assert m.loss(target, train=False).item() < 1e-5
+    # padded steps do not count
+    target["action"][0, -1] += 100.0
+    target["action_is_pad"] = np.array([[False, False, False, True]])
+    with torch.no_grad():
+        assert m.loss(target, train=False).item() < 1e-5
+
+
+@pytest.mark.parametrize("bad,err", [
+    ({"observation.state": np.zeros((1, 5), np.float32)}, "observation.state"),
+    ({"observation.images.front": np.zeros((1, 40, 40, 3), np.float32)}, "uint8"),
+])
+def test_bad_inputs_are_refused(bad, err):
+    m = tiny()
+    with pytest.raises(ValueError, match=err):
+        m.prepare({**batch(m, b=1), **bad})
+
+
+def test_unseen_words_get_pretrained_features_only_with_minilm():
+    minilm, emb = tiny(language="minilm"), tiny(language="embedding")
+    f1, m1 = minilm.encoder(["put the purple sphere behind the bowl"])
+    f2, _ = minilm.encoder(["put the red sphere behind the bowl"])
+    assert f1.shape[-1] == 384 and m1.sum() > 5
+    assert not torch.allclose(f1, f2)  # the colour word changes the features
+    ids, _ = emb.encoder(["put the purple sphere behind the bowl"])
+    assert ids.dtype == torch.int64 and int(ids.max()) < emb.config.lang_buckets
+
+
+def _stream(model, seed=0):
+    def make(start):  # batch k depends only on k, as train.batches guarantees
+        k = start
+        while True:
+            yield batch(model, b=4, seed=seed * 1000 + k)
+            k += 1
+    return make
+
+
+def test_training_reduces_loss_and_resumes_exactly(tmp_path):
+    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup=2, checkpoint_every=6, log_every=3, bf16=False)
+    full = tiny()
+    r_full = fit(full, list(full.parameters()), _stream(full), cfg, tmp_path / "full", progress=False)
+    assert r_full.history[-1]["loss"] < r_full.history[0]["loss"]
+    # interrupted during step 7 (checkpoint at 6), then resumed to 12: same weights as uninterrupted
+    part = tiny()
+    calls = []
+
+    def dies_at_step_7(b):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return part.loss(b)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, list(part.parameters()), _stream(part), cfg, tmp_path / "part", loss_fn=dies_at_step_7,
+            progress=False)
+    resumed = tiny()
+    r = fit(resumed, list(resumed.parameters()), _stream(resumed), cfg, tmp_path / "part", progress=False)
+    assert r.steps == 12 and len(r.history) == len(r_full.history)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_nan_loss_stops_training(tmp_path):
+    m = tiny()
+
+    def nan_loss(_):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        fit(m, list(m.parameters()), _stream(m), TrainConfig(steps=3, bf16=False), tmp_path, loss_fn=nan_loss,
+            progress=False)
