@@ -38,7 +38,7 @@ def test_generated_demos_form_a_readable_dataset(demos):
     g = ep0["action"][:, 6]
     assert g[0] == 0 and g.max() == 1 and np.count_nonzero(np.diff(g) != 0) == 2
     # both episodes come from distinct, reproducible seeds
-    assert {ep.extra["seed"] for ep in ds.episodes} == {episode_seed(7, 0), episode_seed(7, 1)}
+    assert {ep.extra["seed"] for ep in ds.episodes} == {episode_seed(7, 0, "blue_cube_behind_white_bowl"), episode_seed(7, 1, "blue_cube_behind_white_bowl")}
 
 
 def test_replay_reproduces_the_demo(demos):

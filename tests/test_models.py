@@ -215,3 +215,8 @@ def test_nan_loss_stops_training(tmp_path):
     with pytest.raises(FloatingPointError, match="loss became nan"):
         fit(m, list(m.parameters()), _stream(m), TrainConfig(steps=3, bf16=False), tmp_path, loss_fn=nan_loss,
             progress=False)
+
+
+def test_reference_vla_implements_the_model_interface():
+    from edge_steer.models import VLAPolicy
+    assert isinstance(tiny(), VLAPolicy)

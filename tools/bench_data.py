@@ -1,8 +1,8 @@
 """Benchmark edge_steer.data: episode write speed, dataset open time, chunk-sampling throughput.
 
-    .venv/bin/python tools/bench_data.py [--episodes 20] [--length 100] [--batch 64] [--chunk 10]
+    .venv/bin/python tools/bench_data.py [--episodes 20] [--length 100] [--batch 64] [--chunk 10] [--out docs/benchmarks.md]
 
-Frames are the project's default spec (two 128x128 cameras, state, joints, 7-D action) filled with
+Frames are the project's default spec (two 96x96 cameras, state, joints, 7-D action) filled with
 smooth synthetic images (noise would make PNGs unrealistically large and slow to decode).
 """
 
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _report import git_commit, upsert_section
 
 from edge_steer.data import ChunkSampler, Dataset, DatasetWriter, default_spec
 
@@ -31,7 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--length", type=int, default=100)
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=3.0, help="how long to time warm sampling")
@@ -48,26 +51,40 @@ def main() -> None:
                 w.end_episode(success=True)
         n = args.episodes * args.length
         dt = time.perf_counter() - t0
-        print(f"write: {n} frames in {dt:.2f} s ({n / dt:.0f} frames/s, incl. PNG encoding and stats)")
+        write_fps = n / dt
+        print(f"write: {n} frames in {dt:.2f} s ({write_fps:.0f} frames/s, incl. PNG encoding and stats)")
 
         t0 = time.perf_counter()
         ds = Dataset(root)
-        print(f"open: {time.perf_counter() - t0:.3f} s for {len(ds)} frames")
+        open_s = time.perf_counter() - t0
+        print(f"open: {open_s:.3f} s for {len(ds)} frames")
 
         sampler = ChunkSampler(ds, batch_size=args.batch, chunk=args.chunk, seed=0)
         t0 = time.perf_counter()
         for _ in sampler:  # first epoch decodes every PNG once
             pass
         dt = time.perf_counter() - t0
-        print(f"first epoch (cold, decoding): {len(ds) / dt:.0f} samples/s")
+        cold = len(ds) / dt
+        print(f"first epoch (cold, decoding): {cold:.0f} samples/s")
 
         count, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
             for batch in sampler:
                 count += len(batch["action"])
         dt = time.perf_counter() - t0
-        print(f"warm sampling: {count / dt:.0f} samples/s (batch {args.batch}, chunk {args.chunk}, "
+        warm = count / dt
+        print(f"warm sampling: {warm:.0f} samples/s (batch {args.batch}, chunk {args.chunk}, "
               f"2 cameras {args.size}x{args.size}); action {batch['action'].shape}")
+    upsert_section(args.out, "\n".join([
+        "## Dataset I/O (issue 2)", "",
+        f"Command: `.venv/bin/python tools/bench_data.py --episodes {args.episodes} --length {args.length}` at commit "
+        f"`{git_commit()}`; synthetic frames, two {args.size}x{args.size} cameras.", "",
+        "| figure | value |", "|---|---|",
+        f"| episode writing incl. PNG encoding + stats (frames/s) | {write_fps:,.0f} |",
+        f"| opening a {n}-frame dataset (s) | {open_s:.3f} |",
+        f"| chunk sampling, first epoch while decoding PNGs (samples/s) | {cold:,.0f} |",
+        f"| chunk sampling, warm, batch {args.batch}, chunk {args.chunk} (samples/s) | {warm:,.0f} |",
+        "", "Training consumes far fewer samples/s than this (docs/model.md): training is not input-bound.", ""]))
 
 
 if __name__ == "__main__":

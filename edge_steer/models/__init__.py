@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
+from edge_steer.models.interface import VLAPolicy
 from edge_steer.models.vla import CheckpointError, EdgeVLA, EdgeVLAConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "edge_vla"
@@ -23,4 +24,4 @@ def load_model(path: str | Path | None = None) -> EdgeVLA:
 
 
 __all__ = ["DEFAULT_MODEL_DIR", "CheckpointError", "EdgeVLA", "EdgeVLAConfig", "HeadRef", "HeadSlices",
-           "ParamSlice", "load_model"]
+           "ParamSlice", "VLAPolicy", "load_model"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -119,6 +120,10 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
                 history.append({"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
                                 "elapsed_s": time.perf_counter() - t0})
                 losses = []
+                if progress and not sys.stdout.isatty():  # a bar does not render into a log file
+                    h = history[-1]
+                    print(f"step {step}/{cfg.steps} loss {h['loss']:.4f} lr {h['lr']:.2e} "
+                          f"{h['elapsed_s']:.0f} s", flush=True)
             if bar:
                 bar[0].update(bar[1], advance=1, description=f"train loss {loss.item():.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -133,7 +138,7 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
 
 
 def _bar(progress: bool, total: int, completed: int):
-    if not progress:
+    if not progress or not sys.stdout.isatty():
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

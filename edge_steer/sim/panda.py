@@ -487,6 +487,7 @@ class _GripperCommand:
 
     def set(self, width: float, speed: float, force: float, grasping: bool) -> None:
         self.goal, self.speed, self.force, self.grasping = width, speed, force, grasping
+        self.target = None  # restart the ramp from where the fingers are, not where the last one ended
 
     def finger_forces(self, w: World) -> np.ndarray:
         width = w.gripper_width

@@ -73,7 +73,7 @@ class ArmLook:
 
 
 def _vec(v) -> str:
-    return " ".join(f"{x:.6g}" for x in v)
+    return " ".join(f"{x:.12g}" for x in v)  # quaternions need the digits: 6 gave 1e-6 rad errors
 
 
 def arm_mjcf(look: ArmLook = ArmLook(), wrist_camera_fovy: float = 80.0) -> str:

@@ -1,0 +1,56 @@
+"""`edge-steer pretrain` and `edge-steer eval` end to end on a tiny run."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edge_steer.cli import app
+from edge_steer.sim.demos import generate_demos
+from edge_steer.sim.env import EnvConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    generate_demos("red_cube_on_blue_plate", 2, 0, root / "data", EnvConfig(image_size=48), workers=1)
+    res = runner.invoke(app, ["pretrain", "--data", str(root / "data"), "--out", str(root / "run"),
+                              "--steps", "6", "--batch-size", "4", "--eval-episodes", "0"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_pretrain_writes_a_loadable_model_and_checkpoints(run_dir):
+    from edge_steer.models import EdgeVLA
+    model = EdgeVLA.from_pretrained(run_dir / "run" / "model")
+    assert model.config.language == "minilm"
+    assert list((run_dir / "run" / "checkpoints").glob("step_*.pt"))
+    # normalisation stats came from the dataset, not the defaults
+    assert float(model.action_std[-1]) != 1.0
+
+
+def test_pretrain_resumes_from_its_checkpoint(run_dir):
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(run_dir / "run"),
+                              "--steps", "8", "--batch-size", "4", "--eval-episodes", "0"])
+    assert res.exit_code == 0, res.output
+    hist = json.loads((run_dir / "run" / "history.json").read_text())
+    assert hist[-1]["step"] == 8
+
+
+def test_eval_reports_success_with_interval_log_and_gif(run_dir, tmp_path):
+    out, gif = tmp_path / "eval.json", tmp_path / "ep.gif"
+    res = runner.invoke(app, ["eval", "--model", str(run_dir / "run" / "model"), "--task", "red_cube_on_blue_plate",
+                              "--episodes", "1", "--workers", "1", "--out", str(out), "--gif", str(gif)])
+    assert res.exit_code == 0, res.output
+    log = json.loads(out.read_text())
+    assert len(log["episodes"]) == 1 and log["summary"][0]["episodes"] == 1
+    lo, hi = log["summary"][0]["ci95"]
+    assert 0.0 <= lo < hi <= 1.0
+    assert gif.stat().st_size > 1000
+
+
+def test_eval_refuses_a_bad_model_dir(tmp_path):
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--task", "red_cube_on_blue_plate"])
+    assert res.exit_code == 2 and "not an edge-steer checkpoint" in res.output
