@@ -61,7 +61,9 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                    out: Path = typer.Option(..., help="dataset directory (created or appended to)"),
                    image_size: int = typer.Option(96, min=32, max=512, help="camera resolution (the model input is 96)"),
                    workers: int = typer.Option(0, help="worker processes (0 = one per core, at most 2)"),
-                   keep_failed: bool = typer.Option(False, help="also store episodes the expert failed")) -> None:
+                   keep_failed: bool = typer.Option(False, help="also store episodes the expert failed"),
+                   action_noise: float = typer.Option(0.0, min=0.0, max=0.02,
+                                                      help="m/step of noise on executed (not recorded) actions")) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe)."""
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
@@ -84,7 +86,8 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
 
         for name in names:
             summary = generate_demos(name, episodes, seed, out, EnvConfig(image_size=image_size),
-                                     workers=workers or None, keep_failed=keep_failed, on_episode=tick)
+                                     workers=workers or None, keep_failed=keep_failed, on_episode=tick,
+                                     action_noise=action_noise)
             saved, failed = saved + summary["saved"], failed + summary["failed"]
     dt = time.perf_counter() - t0
     console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "
@@ -214,7 +217,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     if data.exists():
         import shutil
         shutil.rmtree(data)
-    demos_generate(task=task, episodes=episodes, seed=0, out=data, image_size=96, workers=0, keep_failed=False)
+    demos_generate(task=task, episodes=episodes, seed=0, out=data, image_size=96, workers=0, keep_failed=False,
+                   action_noise=0.0)
     demos_replay(data=data, episode=0)
 
 

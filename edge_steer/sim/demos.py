@@ -43,7 +43,8 @@ class RecordedEpisode:
     frames: list[dict[str, np.ndarray]]
 
 
-def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig()) -> RecordedEpisode:
+def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
+                   action_noise: float = 0.0) -> RecordedEpisode:
     task = get_task(task_name)
     frames: list[dict[str, np.ndarray]] = []
 
@@ -51,7 +52,7 @@ def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig()) -
         frames.append({**obs, "action": action})
 
     with SimEnv(task, seed, config) as env:
-        ok = run_expert_episode(env, record)
+        ok = run_expert_episode(env, record, action_noise)
     return RecordedEpisode(task_name, task.instruction, seed, ok, frames)
 
 
@@ -60,7 +61,7 @@ def _record(args) -> RecordedEpisode:
 
 
 def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, config: EnvConfig = EnvConfig(),
-                   workers: int | None = None, keep_failed: bool = False,
+                   workers: int | None = None, keep_failed: bool = False, action_noise: float = 0.0,
                    on_episode: Callable[[RecordedEpisode], None] | None = None) -> dict:
     """Record `episodes` expert demos of a task into the dataset at `out` (appending)."""
     from edge_steer.data import DatasetWriter, default_spec
@@ -73,14 +74,15 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
     saved, failed, attempts = 0, 0, 0
     max_attempts = 2 * episodes + 10
     with DatasetWriter(out, spec) as writer:
-        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts):
+        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, action_noise):
             attempts += 1
             if ep.success or keep_failed:
                 writer.begin_episode()
                 for f in ep.frames:
                     writer.add_frame(f, task=ep.instruction)
                 writer.end_episode(success=ep.success, extra={"task_name": ep.task, "seed": ep.seed,
-                                                              "env_config": str(asdict(config))})
+                                                              "env_config": str(asdict(config)),
+                                                              "action_noise": action_noise})
                 saved += 1
             if not ep.success:
                 failed += 1
@@ -93,8 +95,8 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
     return {"task": task_name, "saved": saved, "failed": failed, "attempts": attempts, "out": str(out)}
 
 
-def _episodes(task_name, seed, config, workers, wanted, max_attempts) -> Iterator[RecordedEpisode]:
-    args = ((task_name, episode_seed(seed, i, task_name), config) for i in range(max_attempts))
+def _episodes(task_name, seed, config, workers, wanted, max_attempts, action_noise) -> Iterator[RecordedEpisode]:
+    args = ((task_name, episode_seed(seed, i, task_name), config, action_noise) for i in range(max_attempts))
     if workers <= 1:
         yield from map(_record, args)
         return

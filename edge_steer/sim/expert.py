@@ -109,14 +109,23 @@ class ScriptedExpert:
         return int(np.ceil(self.duration * self.env.config.fps)) + 3  # a few steps to settle
 
 
-def run_expert_episode(env: SimEnv, record=None) -> bool:
-    """Run the expert to the end of its plan; `record(obs, action)` is called at each step."""
+def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
+                       rng: np.random.Generator | None = None) -> bool:
+    """Run the expert to the end of its plan; `record(obs, action)` is called at each step.
+
+    With `action_noise` (m, per step) the executed translation is perturbed while the clean expert
+    action is recorded (DART-style): because actions are relative to the commanded target, the
+    expert's next action corrects the drift, so the demos show recoveries a policy will need."""
     expert = ScriptedExpert(env)
+    rng = rng or np.random.default_rng(env.seed)
     for k in range(expert.num_steps):
         obs = env.observe() if record is not None else None
         with env.world.lock:
             action = expert.act(k)
         if record is not None:
             record(obs, action)
-        env.step(action)
+        executed = action.copy()
+        if action_noise > 0:
+            executed[:3] += rng.normal(0.0, action_noise, 3)
+        env.step(executed)
     return env.success()

@@ -40,8 +40,8 @@ TABLES = {  # name -> (rgb1, rgb2, builtin texture or None)
 TABLE_TOP_Z = 0.0
 TABLE_CENTER = (0.5, 0.0)
 TABLE_HALF = (0.42, 0.55)
-FRONT_CAMERA_EYE = np.array([1.15, 0.0, 0.95])
-FRONT_CAMERA_TARGET = np.array([0.38, 0.0, 0.12])
+FRONT_CAMERA_EYE = np.array([0.95, 0.0, 0.85])
+FRONT_CAMERA_TARGET = np.array([0.5, 0.0, 0.0])
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class SceneSpec:
     image_size: int = 128
 
 
-def front_camera_xml(offset=(0.0, 0.0, 0.0), fovy: float = 50.0) -> str:
+def front_camera_xml(offset=(0.0, 0.0, 0.0), fovy: float = 42.0) -> str:
     eye = FRONT_CAMERA_EYE + np.asarray(offset)
     ax = look_at_xyaxes(eye, FRONT_CAMERA_TARGET)
     return (f'<camera name="front" pos="{eye[0]:.5f} {eye[1]:.5f} {eye[2]:.5f}" '
