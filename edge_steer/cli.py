@@ -18,7 +18,7 @@ tasks_app = typer.Typer(help="The task registry.", no_args_is_help=True)
 demos_app = typer.Typer(help="Scripted demonstrations in LeRobot format.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(demos_app, name="demos")
-console = Console()
+console = Console(soft_wrap=True)  # long paths and messages stay on one line in logs
 
 
 def _fail(msg: str) -> None:
