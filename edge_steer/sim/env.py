@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_steer.geometry import mat_to_quat, rotvec_to_mat
+from edge_steer.geometry import mat_to_quat, orientation_error, rotvec_to_mat
 from edge_steer.sim.camera import SceneRenderer
 from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
 from edge_steer.sim.panda_model import Q_START
@@ -117,7 +117,6 @@ class SimEnv:
         self.steps += 1
 
     def _move_target(self, p1: np.ndarray, r1: np.ndarray, duration: float) -> None:
-        from edge_steer.geometry import orientation_error
         p0, r0 = self._target_p, self._target_r
         rv = orientation_error(r1, r0)
         n = max(1, int(round(duration * 1000)))

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat
+from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
 from edge_steer.sim.panda_model import DQ_MAX, GRIPPER_MAX_WIDTH, Q_MAX, Q_MIN, Q_START, TAU_MAX
+from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
 
 DT = 0.001
@@ -175,7 +176,6 @@ class JointPosition(TorqueController):
 
 
 def _blend_rot(r0: np.ndarray, r1: np.ndarray, a: float) -> np.ndarray:
-    from edge_steer.geometry import rotvec_to_mat
     return rotvec_to_mat(a * orientation_error(r1, r0)) @ r0
 
 
@@ -230,7 +230,6 @@ class SimPanda:
     """panda_py.Panda over MuJoCo. `realtime` picks the wall-clock thread or as-fast-as-possible."""
 
     def __init__(self, world: World | None = None, realtime: bool = True, name: str = "panda"):
-        from edge_steer.sim.scene import SceneSpec
         self.world = world if world is not None else World(SceneSpec(objects=()))
         self.name = name
         self.realtime = realtime
@@ -450,7 +449,6 @@ class SimPanda:
         dur = max(dur, 1.875 * np.linalg.norm(orientation_error(r1, r0)) / (speed_factor * 2.5))
         ctx = self.create_context(frequency=1000)
         rv = orientation_error(r1, r0)
-        from edge_steer.geometry import rotvec_to_mat
         while ctx.ok():
             s = min(1.0, ctx.time / dur)
             b = 10 * s**3 - 15 * s**4 + 6 * s**5
