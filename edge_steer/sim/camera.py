@@ -13,6 +13,7 @@ thread that made it, so each thread renders through its own `SceneRenderer`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -24,10 +25,31 @@ import mujoco
 from edge_steer.sim.world import World
 
 
+def _use_requested_gl_backend() -> None:
+    """Honour MUJOCO_GL=egl even when `mujoco` was imported before `edge_steer.sim` set it.
+
+    MuJoCo picks its GL backend when it is first imported; a process that imported `mujoco` first
+    (a script, a test module) got GLFW, which cannot make a context on a headless machine (and a
+    second attempt after that failure hangs inside MuJoCo while holding the GIL).
+    """
+    if os.environ.get("MUJOCO_GL", "").lower().strip() != "egl":
+        return
+    from mujoco.rendering.classic import gl_context
+    current = getattr(gl_context, "GLContext", None)
+    if current is not None and getattr(current, "__module__", "").startswith("mujoco.egl"):
+        return
+    try:
+        from mujoco.egl import GLContext as EGLContext
+    except ImportError:  # no EGL here: keep what MuJoCo chose
+        return
+    gl_context.GLContext = EGLContext
+
+
 class SceneRenderer:
     """Renders named cameras of a `World` (RGB uint8, depth metres). One per thread."""
 
     def __init__(self, world: World, width: int, height: int):
+        _use_requested_gl_backend()
         self.world = world
         self.width, self.height = width, height
         self._r = mujoco.Renderer(world.model, height=height, width=width)
@@ -139,6 +161,7 @@ class SimCamera:
         self._thread: threading.Thread | None = None
         self._running = False
         self._renderer: SceneRenderer | None = None
+        self._error: BaseException | None = None  # why the capture thread died, if it did
         self.stalled = False  # fault injection: the stream stops delivering while True
 
     def start(self, config: SimConfig | None = None) -> SimConfig:
@@ -153,7 +176,13 @@ class SimCamera:
         rates = {s.framerate for s in config.streams.values()}
         if len(sizes) > 1 or len(rates) > 1:
             raise ValueError("SimCamera streams must share resolution and frame rate")
+        (width, height), = sizes
+        vis = self.world.model.vis.global_
+        if width > vis.offwidth or height > vis.offheight:
+            raise ValueError(f"resolution {width}x{height} exceeds the scene's offscreen framebuffer "
+                             f"{vis.offwidth}x{vis.offheight}")
         self._config = config
+        self._latest, self._returned, self._error = None, -1, None  # nothing from a previous run is due
         if self.realtime:
             self._running = True
             self._thread = threading.Thread(target=self._capture_loop, name=f"simcam-{self.camera}", daemon=True)
@@ -177,6 +206,15 @@ class SimCamera:
         return SimFrameSet(frames)
 
     def _capture_loop(self) -> None:
+        try:
+            self._capture()
+        except BaseException as e:  # surface it in wait_for_frames instead of a silent timeout
+            with self._cond:
+                self._error = e
+                self._running = False
+                self._cond.notify_all()
+
+    def _capture(self) -> None:
         prof = self._profile()
         renderer = SceneRenderer(self.world, prof.width, prof.height)
         period = 1.0 / prof.framerate
@@ -210,6 +248,9 @@ class SimCamera:
         deadline = time.perf_counter() + timeout_ms / 1000.0
         with self._cond:
             while self._latest is None or self._latest.get_frame_number() == self._returned:
+                if self._error is not None:
+                    raise RuntimeError(f"SimCamera {self.camera!r} capture thread failed: {self._error!r}") \
+                        from self._error
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or not self._running:
                     raise RuntimeError(f"Frame didn't arrive within {timeout_ms}")

@@ -39,7 +39,7 @@ class ControlException(RuntimeError):
 
 
 def _vec(x, n: int, name: str) -> np.ndarray:
-    a = np.asarray(x, dtype=float).reshape(-1)
+    a = np.array(x, dtype=float).reshape(-1)  # a copy: the control thread must not see later edits
     if a.shape != (n,):
         raise ValueError(f"{name} must have {n} elements, got shape {np.shape(x)}")
     if not np.all(np.isfinite(a)):
@@ -270,7 +270,10 @@ class SimPanda:
         last = next_t
         while self._running:
             with self.world.lock:
-                self._tick()
+                try:
+                    self._tick()
+                except Exception as e:  # a dead loop would leave the arm "moving" with nobody commanding it
+                    self._fault(f"control_loop_exception: {e!r}")
             now = time.perf_counter()
             self.tick_periods.append(now - last)
             last = now
@@ -535,10 +538,13 @@ class SimGripper:
         self._cmd.set(width, speed, force, grasping=True)
 
     def _wait_settled(self, timeout: float = 3.0) -> None:
+        # Not a PandaContext: the gripper is a separate device and keeps working while the arm is in reflex.
         p = self._panda
-        ctx = p.create_context(frequency=100)
+        t0 = t = p._clock()
         prev, still = None, 0
-        while ctx.ok() and ctx.time < timeout:
+        while t - t0 < timeout:
+            t += 0.01
+            p._wait_until(t)
             width = self.read_once().width
             still = still + 1 if prev is not None and abs(width - prev) < 1e-5 else 0
             prev = width
