@@ -88,23 +88,23 @@ def test_zeroing_one_head_changes_exactly_that_heads_contribution():
     hd = m.config.head_dim
     seen = {}
 
-    def record(_, __, out):
-        seen["heads"] = out.detach().clone()
+    def record(_, args):
+        seen["heads"] = args[0].detach().unflatten(-1, (-1, hd)).clone()
 
-    def zero(_, __, out):
-        out = out.clone()
-        out[..., head, :] = 0
-        return out
+    def zero(_, args):
+        x = args[0].clone()
+        x[..., head * hd:(head + 1) * hd] = 0
+        return (x,)
 
     def capture_out(_, __, out):
         seen.setdefault("attn_out", []).append(out.detach().clone())
 
-    h_rec = attn.head_hook.register_forward_hook(record)
+    h_rec = attn.o_proj.register_forward_pre_hook(record)
     h_out = attn.register_forward_hook(capture_out)
     with torch.no_grad():
         m(**x)
     h_rec.remove()
-    h_zero = attn.head_hook.register_forward_hook(zero)
+    h_zero = attn.o_proj.register_forward_pre_hook(zero)
     with torch.no_grad():
         m(**x)
     h_zero.remove()
@@ -114,7 +114,7 @@ def test_zeroing_one_head_changes_exactly_that_heads_contribution():
     torch.testing.assert_close(clean - ablated, contribution, atol=1e-5, rtol=1e-5)
     # and the head list names this head's slices in the same places
     slices = next(h for h in m.heads() if h.ref == HeadRef(layer, head))
-    assert slices.hook == f"blocks.{layer}.attn.head_hook"
+    assert slices.hook == f"blocks.{layer}.attn.o_proj"
     assert slices.o[0].param == f"blocks.{layer}.attn.o_proj.weight"
     assert (slices.o[0].dim, slices.o[0].start, slices.o[0].stop) == (1, head * hd, (head + 1) * hd)
 

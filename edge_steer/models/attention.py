@@ -1,8 +1,10 @@
 """Multi-head attention written out so that every head is addressable.
 
-q/k/v/o are plain Linear layers whose rows (q, k, v) and columns (o) are laid out head after head,
-and each head's output passes through `HeadHook` before the output projection: a forward hook on it
-can read or replace any head's activation (mean ablation, activation patching, attribution).
+q/k/v/o are plain Linear layers whose rows (q, k, v) and columns (o) are laid out head after head.
+The input of `o_proj` is the head outputs side by side (batch, tokens, n_heads * head_dim): a forward
+pre-hook on it reads or replaces any head's activation (mean ablation, activation patching,
+attribution). Hugging Face attention modules have the same seam, so one hook mechanism
+(`edge_steer.steering.hooks`) serves every model.
 """
 
 from __future__ import annotations
@@ -12,10 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class HeadHook(nn.Identity):
-    """Identity on the per-head outputs (batch, tokens, n_heads, head_dim): the hook point."""
 
 
 class Attention(nn.Module):
@@ -28,7 +26,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model)
-        self.head_hook = HeadHook()
         self.keep_attention = False            # set by reports to keep the last attention map
         self.last_attention: torch.Tensor | None = None
 
@@ -51,8 +48,7 @@ class Attention(nn.Module):
             out = w @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        heads = self.head_hook(out.transpose(1, 2))  # (B, T, H, hd)
-        return self.o_proj(heads.reshape(b, t, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):

@@ -1,7 +1,8 @@
 """The vocabulary of attention heads shared by identify, finetune, report and export.
 
 A head is `HeadRef(layer, head)`. `HeadSlices` says which rows/columns of which parameters belong to
-it, and which module's output carries its activation (shape (..., n_heads, head_dim)). Under grouped
+it, and which module's *input* carries its activation: the output projection, whose input is the
+head outputs side by side (..., n_heads * head_dim), head h at columns [h*head_dim, (h+1)*head_dim). Under grouped
 query attention several query heads share one key/value head: `kv_head` names it, and its k/v rows
 are shared (the steering room freezes them by default for that reason).
 """
@@ -46,7 +47,7 @@ class HeadSlices:
     v: tuple[ParamSlice, ...]
     o: tuple[ParamSlice, ...]
     kv_head: int
-    hook: str           # module path whose output is (batch, tokens, n_heads, head_dim)
+    hook: str           # module path whose input is (batch, tokens, n_heads * head_dim): the o projection
     head_dim: int
 
     def slices(self, which: str = "qo") -> tuple[ParamSlice, ...]:

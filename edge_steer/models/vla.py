@@ -139,7 +139,7 @@ class EdgeVLA(nn.Module):
 
                 out.append(HeadSlices(ref=HeadRef(layer, h), q=rows("q_proj", h), k=rows("k_proj", g),
                                       v=rows("v_proj", g), o=(ParamSlice(f"{p}.o_proj.weight", 1, h * hd, (h + 1) * hd),),
-                                      kv_head=g, hook=f"{p}.head_hook", head_dim=hd))
+                                      kv_head=g, hook=f"{p}.o_proj", head_dim=hd))
         return out
 
     # --- the graph ---------------------------------------------------------------------------------
