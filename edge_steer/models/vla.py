@@ -147,6 +147,14 @@ class EdgeVLA(nn.Module):
                 lang_mask: torch.Tensor) -> torch.Tensor:
         """images: (B, n_cams, 3, S, S) scaled to [-2, 2]; state: (B, state_dim) normalised;
         lang: (B, L, 384) features or (B, L) ids; lang_mask: (B, L) bool. -> (B, chunk, action_dim)."""
+        x, mask = self.embed(images, state, lang, lang_mask)
+        return self.readout(self.trunk(x, mask))
+
+    # The three stages of forward, separately: identification caches the trunk's input and reruns
+    # only the layers at and after the one it ablates.
+    def embed(self, images: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+              lang_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the token sequence (B, T, D) and its attention mask (B, T)."""
         c = self.config
         b, n_cam = images.shape[:2]
         flat = images.flatten(0, 1)
@@ -158,10 +166,15 @@ class EdgeVLA(nn.Module):
         x = torch.cat([lang_tok, self.state_in(state)[:, None], patches,
                        self.queries.expand(b, -1, -1)], dim=1)
         n_rest = x.shape[1] - lang_mask.shape[1]
-        mask = torch.cat([lang_mask, lang_mask.new_ones(b, n_rest)], dim=1)
-        for block in self.blocks:
+        return x, torch.cat([lang_mask, lang_mask.new_ones(b, n_rest)], dim=1)
+
+    def trunk(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        for block in self.blocks[start:]:
             x = block(x, mask)
-        return self.action_out(self.ln_f(x[:, -c.chunk:]))
+        return x
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.action_out(self.ln_f(x[:, -self.config.chunk:]))
 
     # --- preprocessing (owned by the model) ---------------------------------------------------------
     def set_stats(self, stats: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
