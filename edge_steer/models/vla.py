@@ -187,28 +187,7 @@ class EdgeVLA(nn.Module):
 
     def prepare(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
         """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs."""
-        c = self.config
-        imgs = []
-        for cam in c.cameras:
-            key = f"observation.images.{cam}"
-            if key not in batch:
-                raise KeyError(f"observation lacks {key!r}; the model needs cameras {c.cameras}")
-            x = torch.as_tensor(np.asarray(batch[key]))
-            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-                raise ValueError(f"{key} must be uint8 (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            if x.shape[-1] != c.image_size or x.shape[-2] != c.image_size:
-                x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
-                                  align_corners=False)
-            if train and c.augment_shift:
-                x = _random_shift(x, c.augment_shift)
-            imgs.append((x - 0.5) / 0.25)
-        state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
-        if state.ndim != 2 or state.shape[1] != c.state_dim:
-            raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")
-        lang, lang_mask = self.encoder(list(batch["task"]))
-        return {"images": torch.stack(imgs, 1), "state": (state - self.state_mean) / self.state_std,
-                "lang": lang, "lang_mask": lang_mask}
+        return prepare_inputs(self.config, batch, self.state_mean, self.state_std, self.encoder, train)
 
     def loss(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
         """Masked L1 between predicted and demonstrated (normalised) action chunks."""
@@ -224,16 +203,11 @@ class EdgeVLA(nn.Module):
     @torch.no_grad()
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
         """One observation (no batch dim) + instruction -> action chunk (chunk, action_dim)."""
-        batch = {k: np.asarray(v)[None] for k, v in observation.items() if k.startswith("observation.")}
-        batch["task"] = [instruction]
         was_training = self.training
         self.eval()
-        out = self(**self.prepare(batch))
+        out = self(**self.prepare(observation_batch(observation, instruction)))
         self.train(was_training)
-        chunk = (out[0] * self.action_std + self.action_mean).numpy()
-        if not np.all(np.isfinite(chunk)):
-            raise FloatingPointError("model produced a non-finite action chunk")
-        return chunk
+        return action_chunk(out[0].numpy(), self.action_mean.numpy(), self.action_std.numpy())
 
     # --- persistence -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -304,6 +278,51 @@ class EdgeVLA(nn.Module):
         model.load_state_dict(state)
         model.eval()
         return model
+
+
+# Pre- and post-processing as plain functions of the config and the statistics, so that every engine
+# backend (torch, onnxruntime, TensorRT) runs this one code path around its graph.
+def prepare_inputs(config: EdgeVLAConfig, batch: Mapping[str, Any], state_mean: torch.Tensor,
+                   state_std: torch.Tensor, encoder: InstructionEncoder, train: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs."""
+    c = config
+    imgs = []
+    for cam in c.cameras:
+        key = f"observation.images.{cam}"
+        if key not in batch:
+            raise KeyError(f"observation lacks {key!r}; the model needs cameras {c.cameras}")
+        x = torch.as_tensor(np.asarray(batch[key]))
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(f"{key} must be uint8 (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != c.image_size or x.shape[-2] != c.image_size:
+            x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if train and c.augment_shift:
+            x = _random_shift(x, c.augment_shift)
+        imgs.append((x - 0.5) / 0.25)
+    state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
+    if state.ndim != 2 or state.shape[1] != c.state_dim:
+        raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")
+    lang, lang_mask = encoder(list(batch["task"]))
+    return {"images": torch.stack(imgs, 1), "state": (state - state_mean) / state_std,
+            "lang": lang, "lang_mask": lang_mask}
+
+
+def observation_batch(observation: Mapping[str, Any], instruction: str) -> dict[str, Any]:
+    """One observation (no batch dim) + instruction -> a batch of one for `prepare_inputs`."""
+    batch: dict[str, Any] = {k: np.asarray(v)[None] for k, v in observation.items() if k.startswith("observation.")}
+    batch["task"] = [instruction]
+    return batch
+
+
+def action_chunk(out: np.ndarray, action_mean: np.ndarray, action_std: np.ndarray) -> np.ndarray:
+    """A normalised (chunk, action_dim) graph output -> robot units; refuses non-finite actions."""
+    chunk = np.asarray(out, dtype=np.float32) * action_std + action_mean
+    if not np.all(np.isfinite(chunk)):
+        raise FloatingPointError("model produced a non-finite action chunk")
+    return chunk
 
 
 def _random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
