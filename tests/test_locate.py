@@ -76,6 +76,8 @@ CASES = {
     "gpt2": (_hf("GPT2Config", "GPT2Model", n_embd=32, n_head=4, n_layer=2, vocab_size=100, n_positions=16,
                  bos_token_id=1, eos_token_id=2),
              _ids, 2, 4, 4, 8),
+    "t5": (_hf("T5Config", "T5EncoderModel", d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
+               vocab_size=100), _ids, 2, 4, 4, 8),
     "edge_vla": (_edge_vla, _edge_vla_inputs, 2, 4, 2, 8),
 }
 
