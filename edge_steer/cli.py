@@ -208,6 +208,118 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
     _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif)
 
 
+def _load(model: Optional[Path]):
+    from edge_steer.models import CheckpointError, load_model
+    try:
+        return load_model(model)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+def _demos(path: Path):
+    from edge_steer.data import Dataset, DatasetError
+    try:
+        return Dataset(path)
+    except (DatasetError, FileNotFoundError) as e:
+        _fail(f"cannot read demos at {path}: {e}")
+
+
+@app.command("identify")
+def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
+                 demos: Path = typer.Option(..., help="few-shot demos of the new task"),
+                 out: Path = typer.Option(Path("heads.json"), help="where to write the heads file"),
+                 method: str = typer.Option("attribution", help="ranking: attribution | ablation | patching | probe"),
+                 top_k: int = typer.Option(6, min=1), coverage: Optional[float] = typer.Option(
+                     None, help="instead of top-k: the fewest heads holding this share of the total effect"),
+                 max_frames: int = typer.Option(256, min=8), baseline: Optional[Path] = typer.Option(
+                     None, help="frames of other tasks for the mean-ablation baseline (default: the demos)"),
+                 probe: str = typer.Option("ridge", help="ridge | knn"),
+                 exact: bool = typer.Option(True, help="also run exact ablation/patching and report agreement"),
+                 seed: int = typer.Option(0)) -> None:
+    """Score every attention head on the demos and select the ones that mediate the task."""
+    from edge_steer.sim.tasks import TASKS
+    from edge_steer.steering.identify import IdentifyConfig, IdentifyError, identify, probe_set
+
+    m = _load(model)
+    ds = _demos(demos)
+    try:
+        cfg = IdentifyConfig(method=method, top_k=top_k, coverage=coverage, max_frames=max_frames, probe=probe,
+                             exact=exact, seed=seed)
+        others = sorted({t.instruction for t in TASKS.values()})
+        ps = probe_set(m, ds, cfg.max_frames, seed, others)
+        base_ps = probe_set(m, _demos(baseline), cfg.max_frames, seed) if baseline else None
+        with _progress() as prog:
+            bar = prog.add_task("identify", total=None)
+            doc = identify(m, ps, cfg, base_ps, demos={"path": str(demos)},
+                           progress=lambda msg: prog.update(bar, description=f"identify: {msg}"))
+    except IdentifyError as e:
+        _fail(str(e))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    table = Table("head", "score", "factors", title=f"selected heads ({method}, {len(ps)} frames)")
+    for s in doc["selected"]:
+        table.add_row(s["head"], f"{s['score']:.4g}", ", ".join(s["factors"]) or "-")
+    console.print(table)
+    if doc["agreement"]:
+        a = doc["agreement"]["ablation"]
+        t = doc["timing"]
+        console.print(f"attribution vs exact ablation: Spearman {a['spearman']:.2f}, top-{a['k']} overlap "
+                      f"{a['topk_overlap']:.2f}; passes {t['attribution_passes']:.0f} vs exhaustive "
+                      f"{t['exhaustive_passes']:.0f}")
+    console.print(f"heads file: {out}")
+
+
+@app.command("finetune")
+def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
+                 demos: Path = typer.Option(..., help="few-shot demos of the new task"),
+                 method: str = typer.Option("steer", help="steer | lora | full"),
+                 heads: Optional[Path] = typer.Option(None, help="heads.json from identify (steer)"),
+                 out: Path = typer.Option(..., help="run directory: model/, steering.safetensors, finetune.json"),
+                 slices: str = typer.Option("qo", help="steer: which of q, k, v, o slices train"),
+                 lora_rank: int = typer.Option(16, min=1), steps: int = typer.Option(300, min=1),
+                 batch_size: int = typer.Option(32, min=1), lr: float = typer.Option(1e-3),
+                 seed: int = typer.Option(0), deterministic: bool = typer.Option(False),
+                 resume: bool = typer.Option(False, help="continue from a checkpoint in OUT")) -> None:
+    """Fine-tune on few-shot demos: only the selected heads (steer), LoRA, or every weight (full)."""
+    from edge_steer.steering.finetune import FinetuneConfig, FinetuneError, finetune, save_result, with_train
+    from edge_steer.steering.identify import IdentifyError, selected_heads
+
+    m = _load(model)
+    ds = _demos(demos)
+    try:
+        cfg = with_train(FinetuneConfig(method=method, slices=slices, lora_rank=lora_rank), steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, deterministic=deterministic)
+        doc, refs = None, None
+        if method == "steer":
+            if heads is None or not heads.is_file():
+                _fail("steer fine-tuning needs --heads (a heads.json written by `edge-steer identify`)")
+            doc = json.loads(heads.read_text())
+            refs = selected_heads(doc, m)
+        res = finetune(m, ds, cfg, out, heads=refs, heads_doc=doc, resume=resume)
+    except (FinetuneError, IdentifyError, FloatingPointError, json.JSONDecodeError) as e:
+        _fail(str(e))
+    paths = save_result(res, out)
+    console.print(f"{method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
+                  f"{res.train.final_loss:.4f}, {res.train.seconds:.0f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+@app.command("apply")
+def apply_cmd(steering: Path = typer.Option(..., help="steering.safetensors from `finetune --method steer`"),
+              out: Path = typer.Option(..., help="where to write the steered checkpoint"),
+              model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)")) -> None:
+    """Merge a steering delta into its base model (refuses any other base model)."""
+    from edge_steer.steering.delta import DeltaError, SteeringDelta
+
+    m = _load(model)
+    try:
+        delta = SteeringDelta.load(steering)
+        delta.apply_(m)
+    except DeltaError as e:
+        _fail(str(e))
+    m.save_pretrained(out)
+    console.print(f"applied {delta.num_values:,} steered values ({len(delta.tensors)} slices); model: {out}")
+
+
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
          task: str = typer.Option("red_cube_in_front_of_blue_plate", help="task to demonstrate"),

@@ -72,7 +72,7 @@ def planted_model(data: Path, steps: int = 150, seed: int = 0, **kw) -> EdgeVLA:
     model.eval()
     for block, keep in zip(model.blocks, masks):   # AdamW-free Adam keeps zeros at zero; make sure
         assert torch.all(block.attn.o_proj.weight[keep == 0] == 0)
-    model.final_loss = float(loss)
+    model.final_loss = float(loss.detach())
     return model
 
 

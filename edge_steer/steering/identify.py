@@ -235,7 +235,7 @@ class _Runner:
                 pred = m.readout(m.trunk(x, mask))
                 err = self.errors(pred, sl)
                 (err.sum() / len(self.ps)).backward()
-            total += float(err.sum())
+            total += float(err.detach().sum())
             for layer, path in enumerate(self.hooks):
                 acts[layer].append(seen[path].detach()[:, self.dec])
                 grads[layer].append(seen[path].grad[:, self.dec])
@@ -275,7 +275,9 @@ def score_heads(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(),
     say("corrupted runs")
     corrupt_acts = {f: run.run(inp)[1] for f, inp in ps.corrupt.items()}
     timing["setup_s"] = time.perf_counter() - t0
-    passes_setup = run.passes
+    # passes both estimates need: the replacement activations (baseline and corrupted runs); the clean
+    # forward they also need is part of the attribution's forward + backward, and of the exact scores
+    shared = run.passes - 1
 
     t1 = time.perf_counter()
     say("attribution (one backward)")
@@ -284,7 +286,7 @@ def score_heads(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(),
     for f, ca in corrupt_acts.items():
         scores.attribution[f] = run.attribute(acts, grads, ca)
     timing["attribution_s"] = time.perf_counter() - t1 + timing["setup_s"]
-    timing["attribution_passes"] = 3 + passes_setup   # clean + baseline/corrupted runs + fwd/bwd
+    timing["attribution_passes"] = 3 + shared          # forward + backward (counted as two) + replacements
 
     if cfg.exact or cfg.method in ("ablation", "patching"):
         t2, p0 = time.perf_counter(), run.passes
@@ -294,9 +296,9 @@ def score_heads(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(),
             say(f"exact patching: {f}")
             scores.patching[f] = run.exact(resid, masks, ca, clean_err)
         timing["exact_s"] = time.perf_counter() - t2 + timing["setup_s"]
-        timing["exact_passes"] = run.passes - p0 + passes_setup
-        n_heads = run.n_layers * run.n_heads
-        timing["exhaustive_passes"] = n_heads * (1 + len(corrupt_acts)) + passes_setup  # one forward per head and replacement
+        timing["exact_passes"] = run.passes - p0 + 1 + shared
+        # the seed's way: one full forward per head and replacement, plus the clean run
+        timing["exhaustive_passes"] = run.n_layers * run.n_heads * (1 + len(corrupt_acts)) + 1 + shared
     if cfg.method == "probe" or cfg.exact:
         t3 = time.perf_counter()
         say(f"{cfg.probe} probe")
