@@ -56,6 +56,25 @@ def tcp_state(pos: np.ndarray, rot: np.ndarray, width: float) -> np.ndarray:
     return np.concatenate([pos, quat, [width]]).astype(np.float32)
 
 
+def advance_target(target_p: np.ndarray, target_r: np.ndarray, action: np.ndarray,
+                   measured_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The action contract, in one place: the next commanded TCP target (position, rotation) from
+    the current one and a finite 7-D action. Used by `SimEnv.step` and by the serve daemon."""
+    dp = action[:3]
+    n = np.linalg.norm(dp)
+    if n > MAX_STEP_TRANSLATION:
+        dp = dp * (MAX_STEP_TRANSLATION / n)
+    dr = action[3:6]
+    n = np.linalg.norm(dr)
+    if n > MAX_STEP_ROTATION:
+        dr = dr * (MAX_STEP_ROTATION / n)
+    p1 = target_p + dp
+    lead = p1 - measured_p
+    if np.linalg.norm(lead) > MAX_TARGET_LEAD:
+        p1 = measured_p + lead * (MAX_TARGET_LEAD / np.linalg.norm(lead))
+    return p1, rotvec_to_mat(dr) @ target_r
+
+
 class SimEnv:
     def __init__(self, task: Task, seed: int, config: EnvConfig = EnvConfig()):
         self.task, self.seed, self.config = task, seed, config
@@ -92,21 +111,8 @@ class SimEnv:
             raise ValueError(f"action must have 7 elements {ACTION_NAMES}, got shape {np.shape(action)}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"action contains NaN/inf: {a}")
-        dp = a[:3]
-        n = np.linalg.norm(dp)
-        if n > MAX_STEP_TRANSLATION:
-            dp = dp * (MAX_STEP_TRANSLATION / n)
-        dr = a[3:6]
-        n = np.linalg.norm(dr)
-        if n > MAX_STEP_ROTATION:
-            dr = dr * (MAX_STEP_ROTATION / n)
-        measured = self.panda.get_position()
-        p1 = self._target_p + dp
-        lead = p1 - measured
-        if np.linalg.norm(lead) > MAX_TARGET_LEAD:
-            p1 = measured + lead * (MAX_TARGET_LEAD / np.linalg.norm(lead))
-        r1 = rotvec_to_mat(dr) @ self._target_r
-        close = a[6] >= 0.5
+        p1, r1 = advance_target(self._target_p, self._target_r, a, self.panda.get_position())
+        close = bool(a[6] >= 0.5)
         if close != self._grip_closed:
             if close:
                 self.gripper.grasp_async(0.04, 0.1, self.config.grasp_force, epsilon_inner=0.04, epsilon_outer=0.04)

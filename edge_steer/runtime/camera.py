@@ -1,0 +1,228 @@
+"""Cameras behind one narrow protocol, and the camera stage that keeps the latest frame of each.
+
+Backends: `realsense` (pyrealsense2, imported only when used) and `sim` (SimCamera over the sim
+robot's world). The stage runs one thread per camera; a read error (timeout, unplugged cable) is
+counted and the camera is reopened, while the stale-frame watchdog decides what the arm does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_steer.runtime.config import CameraConfig
+
+log = logging.getLogger("edge_steer.serve.camera")
+
+
+class CameraError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray      # uint8 H x W x 3 (RGB)
+    stamp: float           # capture time, wall clock (time.time() seconds)
+    number: int
+
+
+@runtime_checkable
+class Camera(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def read(self, timeout_ms: int) -> Frame:
+        """The next new frame; raises CameraError on timeout or disconnect."""
+
+    def stop(self) -> None: ...
+
+
+class SimCameraSource:
+    """A named MuJoCo camera of the sim cell through SimCamera's RealSense-like pipeline."""
+
+    def __init__(self, cfg: CameraConfig, world):
+        from edge_steer.sim.camera import SimCamera, SimConfig
+        self.name = cfg.name
+        self._cfg = cfg
+        self.pipeline = SimCamera(world, cfg.sim_camera or cfg.name, realtime=True)
+        self._sim_config = SimConfig
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        conf = self._sim_config()
+        conf.enable_stream("color", self._cfg.width, self._cfg.height, "rgb8", self._cfg.fps)
+        self.pipeline.start(conf)
+        self._started = True
+
+    def read(self, timeout_ms: int) -> Frame:
+        try:
+            fs = self.pipeline.wait_for_frames(timeout_ms)
+        except RuntimeError as e:
+            raise CameraError(f"camera {self.name!r}: {e}") from e
+        c = fs.get_color_frame()
+        return Frame(c.get_data(), c.get_timestamp() / 1000.0, c.get_frame_number())
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self.pipeline.stop()
+
+
+class RealSenseCamera:
+    """An Intel RealSense colour stream via pyrealsense2 (installed with `.[robot]`)."""
+
+    def __init__(self, cfg: CameraConfig):
+        try:
+            import pyrealsense2 as rs
+        except ImportError as e:  # missing package, or libusb-1.0 missing under it
+            raise CameraError(f"camera {cfg.name!r} needs pyrealsense2 (pip install 'edge-steer[robot]'; it "
+                              f"also needs the system library libusb-1.0-0): {e}") from e
+        self._rs, self._cfg, self.name = rs, cfg, cfg.name
+        self._pipe = None
+
+    def start(self) -> None:
+        rs = self._rs
+        conf = rs.config()
+        if self._cfg.serial:
+            conf.enable_device(self._cfg.serial)
+        conf.enable_stream(rs.stream.color, self._cfg.width, self._cfg.height, rs.format.rgb8, self._cfg.fps)
+        pipe = rs.pipeline()
+        try:
+            pipe.start(conf)
+        except RuntimeError as e:
+            raise CameraError(f"camera {self.name!r} (serial {self._cfg.serial or 'any'}): {e}") from e
+        self._pipe = pipe
+
+    def read(self, timeout_ms: int) -> Frame:
+        if self._pipe is None:
+            raise CameraError(f"camera {self.name!r} is not started")
+        try:
+            fs = self._pipe.wait_for_frames(timeout_ms)
+        except RuntimeError as e:
+            raise CameraError(f"camera {self.name!r}: {e}") from e
+        c = fs.get_color_frame()
+        domain = c.get_frame_timestamp_domain()
+        rs = self._rs
+        wall = domain in (rs.timestamp_domain.system_time, rs.timestamp_domain.global_time)
+        stamp = c.get_timestamp() / 1000.0 if wall else time.time()  # hardware clock: arrival is the best we know
+        return Frame(np.asanyarray(c.get_data()).copy(), stamp, c.get_frame_number())
+
+    def stop(self) -> None:
+        if self._pipe is not None:
+            try:
+                self._pipe.stop()
+            finally:
+                self._pipe = None
+
+
+def open_camera(cfg: CameraConfig, world=None) -> Camera:
+    if cfg.backend == "sim":
+        if world is None:
+            raise CameraError(f"sim camera {cfg.name!r} needs the sim robot's world")
+        return SimCameraSource(cfg, world)
+    return RealSenseCamera(cfg)
+
+
+class CameraStage:
+    """One thread per camera keeping the newest frame; readers never block the capture."""
+
+    def __init__(self, cameras: list[Camera], read_timeout_ms: int = 500, reopen_s: float = 0.5):
+        self.cameras = cameras
+        self._timeout = read_timeout_ms
+        self._reopen = reopen_s
+        self._latest: dict[str, Frame | None] = {c.name: None for c in cameras}
+        self._arrived: dict[str, float] = {c.name: 0.0 for c in cameras}  # perf_counter of arrival
+        self.errors: dict[str, int] = {c.name: 0 for c in cameras}
+        self.last_error: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._running = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self, first_frame_s: float = 10.0) -> None:
+        for cam in self.cameras:
+            cam.start()  # the first open fails loudly at daemon start
+        self._running = True
+        for cam in self.cameras:
+            t = threading.Thread(target=self._loop, args=(cam,), name=f"camera-{cam.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.wait_fresh(after=0.0, timeout=first_frame_s) is None:  # fail at start, not at the first instruction
+            missing = [n for n, f in self._latest.items() if f is None]
+            self.stop()
+            raise CameraError(f"no frame from camera(s) {missing} within {first_frame_s:.0f} s of starting "
+                              f"({self.last_error or 'no error reported'})")
+
+    def _loop(self, cam: Camera) -> None:
+        while self._running:
+            try:
+                frame = cam.read(self._timeout)
+            except Exception as e:  # noqa: BLE001 - a camera error must not kill the stage
+                if not self._running:
+                    break
+                self.errors[cam.name] += 1
+                self.last_error[cam.name] = str(e)
+                log.warning("camera %s: %s", cam.name, e)
+                if not isinstance(e, CameraError) or "didn't arrive" not in str(e):
+                    self._reopen_camera(cam)
+                continue
+            with self._cond:
+                self._latest[cam.name] = frame
+                self._arrived[cam.name] = time.perf_counter()
+                self._cond.notify_all()
+
+    def _reopen_camera(self, cam: Camera) -> None:
+        try:
+            cam.stop()
+        except Exception:  # noqa: BLE001 - it is already broken
+            pass
+        while self._running:
+            time.sleep(self._reopen)
+            try:
+                cam.start()
+                log.info("camera %s reopened", cam.name)
+                return
+            except Exception as e:  # noqa: BLE001
+                self.last_error[cam.name] = str(e)
+
+    def latest(self) -> dict[str, Frame | None]:
+        return dict(self._latest)
+
+    def wait_fresh(self, after: float, timeout: float) -> dict[str, Frame] | None:
+        """Frames of every camera that arrived after perf_counter time `after`, or None on timeout."""
+        deadline = time.perf_counter() + timeout
+        with self._cond:
+            while True:
+                if all(t > after for t in self._arrived.values()):
+                    return dict(self._latest)  # type: ignore[arg-type]
+                rem = deadline - time.perf_counter()
+                if rem <= 0 or not self._running:
+                    return None
+                self._cond.wait(rem)
+
+    def oldest_age(self) -> float | None:
+        """Age (s) of the stalest camera's newest frame, by arrival; None before every camera delivered."""
+        if any(f is None for f in self._latest.values()):
+            return None
+        now = time.perf_counter()
+        return max(now - t for t in self._arrived.values())
+
+    def stop(self) -> None:
+        self._running = False
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=2.0)
+        self._threads.clear()
+        for cam in self.cameras:
+            try:
+                cam.stop()
+            except Exception as e:  # noqa: BLE001
+                log.warning("camera %s stop: %s", cam.name, e)

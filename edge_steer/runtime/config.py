@@ -1,0 +1,297 @@
+"""`edge-steer serve` configuration: one TOML file -> typed, validated dataclasses.
+
+Every section and key is checked at start (unknown keys, wrong types, impossible values), and the
+error names the offending key, so a typo on the robot PC fails loudly instead of running with a
+default. `ServeConfig.sim()` is what `serve --sim` uses when no file is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration the daemon refuses to start with; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RobotConfig:
+    backend: str = "sim"                 # "sim" | "panda"
+    host: str = ""                       # panda: the robot's FCI address
+    impedance: tuple[float, float] = (1000.0, 50.0)   # translational N/m, rotational Nm/rad
+    nullspace_stiffness: float = 2.0
+    grasp_force: float = 40.0            # N
+    # sim only: the scene the simulated cell shows
+    task: str = "red_cube_on_blue_plate"
+    seed: int = 0
+    stop_on_success: bool = True         # sim: RUNNING -> IDLE once the task's success predicate holds
+
+    def check(self) -> None:
+        _one_of("robot.backend", self.backend, ("sim", "panda"))
+        if self.backend == "panda" and not self.host:
+            raise ConfigError("robot.host is required for the panda backend (the FCI address of the arm)")
+        if min(self.impedance) <= 0:
+            raise ConfigError("robot.impedance values must be > 0")
+        if not 0 < self.grasp_force <= 140:
+            raise ConfigError("robot.grasp_force must be in (0, 140] N")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    name: str = "front"                  # the observation key the model reads: observation.images.<name>
+    backend: str = "sim"                 # "sim" | "realsense"
+    serial: str = ""                     # realsense: device serial ("" = the only one attached)
+    width: int = 96
+    height: int = 96
+    fps: int = 30
+    sim_camera: str = ""                 # sim: MuJoCo camera name (default: same as name)
+
+    def check(self, where: str) -> None:
+        _one_of(f"{where}.backend", self.backend, ("sim", "realsense"))
+        if not self.name.isidentifier():
+            raise ConfigError(f"{where}.name must be an identifier, got {self.name!r}")
+        if not (16 <= self.width <= 1920 and 16 <= self.height <= 1080):
+            raise ConfigError(f"{where}: resolution {self.width}x{self.height} outside 16x16..1920x1080")
+        if not 1 <= self.fps <= 90:
+            raise ConfigError(f"{where}.fps must be in 1..90")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "torch"               # torch | onnxruntime | tensorrt | expert (sim: the scripted expert)
+    path: str = ""                       # model / engine path ("" = the embedded default model)
+    steering_dir: str = ""               # set_steering{task} loads <steering_dir>/<task>
+    threads: int = 1                     # intra-op threads: leave a core to the 1 kHz side
+
+    def check(self) -> None:
+        _one_of("engine.backend", self.backend, ("torch", "onnxruntime", "tensorrt", "expert"))
+        if self.threads < 1:
+            raise ConfigError("engine.threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class RatesConfig:
+    control_hz: int = 1000               # setpoint stage rate
+    action_hz: int = 10                  # one chunk action per 1/action_hz s (the model's training fps)
+    policy_hz: float = 10.0              # inference rate (<= action_hz)
+    execute_horizon: int = 5             # at most this many actions of one chunk run before a new one is needed
+    ensemble: bool = False               # temporal ensembling of overlapping chunks (ACT)
+    ensemble_decay: float = 0.1          # ACT's m: weight exp(-m * i), i = 0 for the oldest chunk
+
+    def check(self) -> None:
+        if not 100 <= self.control_hz <= 1000:
+            raise ConfigError("rates.control_hz must be in 100..1000")
+        if self.control_hz % self.action_hz:
+            raise ConfigError("rates.control_hz must be a multiple of rates.action_hz")
+        if not 0 < self.policy_hz <= self.action_hz:
+            raise ConfigError("rates.policy_hz must be in (0, action_hz]")
+        if self.execute_horizon < 1:
+            raise ConfigError("rates.execute_horizon must be >= 1")
+        if self.ensemble_decay < 0:
+            raise ConfigError("rates.ensemble_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    workspace_min: tuple[float, float, float] = (0.20, -0.45, 0.005)   # m, base frame, TCP
+    workspace_max: tuple[float, float, float] = (0.85, 0.45, 0.75)
+    max_speed: float = 0.5               # m/s per axis
+    max_accel: float = 4.0               # m/s^2 per axis
+    max_rot_speed: float = 2.0           # rad/s
+    max_rot_accel: float = 20.0          # rad/s^2
+    joint_margin: float = 0.05           # rad kept from every joint limit
+    stale_frame_ms: float = 250.0        # no fresh frame for this long -> hold
+    camera_fault_ms: float = 2000.0      # ... and for this long -> FAULT
+    inference_deadline_ms: float = 400.0  # a chunk older than this (frame -> ready) is dropped
+    inference_stop_ms: float = 1500.0    # no usable chunk for this long while RUNNING -> FAULT
+
+    def check(self) -> None:
+        lo, hi = self.workspace_min, self.workspace_max
+        if any(a >= b for a, b in zip(lo, hi)):
+            raise ConfigError(f"safety.workspace_min {lo} must be below workspace_max {hi} on every axis")
+        for name in ("max_speed", "max_accel", "max_rot_speed", "max_rot_accel", "stale_frame_ms",
+                     "camera_fault_ms", "inference_deadline_ms", "inference_stop_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"safety.{name} must be > 0")
+        if self.max_speed > 1.7:
+            raise ConfigError("safety.max_speed above the Panda's 1.7 m/s Cartesian limit")
+        if not 0 <= self.joint_margin < 0.5:
+            raise ConfigError("safety.joint_margin must be in [0, 0.5) rad")
+        if self.camera_fault_ms < self.stale_frame_ms:
+            raise ConfigError("safety.camera_fault_ms must be >= stale_frame_ms")
+
+
+@dataclass(frozen=True)
+class ZmqConfig:
+    command: str = "tcp://127.0.0.1:5555"   # ROUTER
+    telemetry: str = "tcp://127.0.0.1:5556"  # PUB
+    telemetry_hz: float = 100.0
+    max_message_bytes: int = 65536
+    curve_secret_key: str = ""           # server certificate (zmq.auth .key_secret file); needed off localhost
+    curve_authorized_keys: str = ""      # directory of client public certificates allowed to connect
+
+    def check(self) -> None:
+        for name in ("command", "telemetry"):
+            ep = getattr(self, name)
+            if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"zmq.{name} must be a tcp://, ipc:// or inproc:// endpoint, got {ep!r}")
+        if not 50 <= self.telemetry_hz <= 1000:
+            raise ConfigError("zmq.telemetry_hz must be in 50..1000")
+        if not 1024 <= self.max_message_bytes <= 16 << 20:
+            raise ConfigError("zmq.max_message_bytes must be in 1 KiB..16 MiB")
+        remote = [ep for ep in (self.command, self.telemetry) if not is_local_endpoint(ep)]
+        if remote and not (self.curve_secret_key and self.curve_authorized_keys):
+            raise ConfigError(f"{remote[0]} is reachable from other hosts: set zmq.curve_secret_key and "
+                              "zmq.curve_authorized_keys (CURVE) or bind to 127.0.0.1")
+        if bool(self.curve_secret_key) != bool(self.curve_authorized_keys):
+            raise ConfigError("zmq.curve_secret_key and zmq.curve_authorized_keys go together")
+        if self.curve_secret_key and not Path(self.curve_secret_key).is_file():
+            raise ConfigError(f"zmq.curve_secret_key: no file at {self.curve_secret_key}")
+        if self.curve_authorized_keys and not Path(self.curve_authorized_keys).is_dir():
+            raise ConfigError(f"zmq.curve_authorized_keys: no directory at {self.curve_authorized_keys}")
+
+    @property
+    def curve(self) -> bool:
+        return bool(self.curve_secret_key)
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    dir: str = "recordings"              # LeRobot dataset written by `record on`
+    image_size: int = 96                 # frames are stored at this size (the model's input size)
+
+    def check(self) -> None:
+        if not 16 <= self.image_size <= 512:
+            raise ConfigError("record.image_size must be in 16..512")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    robot: RobotConfig = field(default_factory=RobotConfig)
+    cameras: tuple[CameraConfig, ...] = (CameraConfig("front"), CameraConfig("wrist"))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rates: RatesConfig = field(default_factory=RatesConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    log_level: str = "INFO"
+
+    def check(self) -> "ServeConfig":
+        self.robot.check()
+        if not self.cameras:
+            raise ConfigError("at least one [[cameras]] entry is needed")
+        names = [c.name for c in self.cameras]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"camera names must be unique, got {names}")
+        for i, c in enumerate(self.cameras):
+            c.check(f"cameras[{i}]")
+        if self.robot.backend == "panda" and any(c.backend == "sim" for c in self.cameras):
+            raise ConfigError("sim cameras need the sim robot (they render its scene)")
+        if self.engine.backend == "expert" and self.robot.backend != "sim":
+            raise ConfigError("engine.backend 'expert' is the sim's scripted expert: it needs robot.backend 'sim'")
+        for part in (self.engine, self.rates, self.safety, self.zmq, self.record):
+            part.check()
+        _one_of("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        return self
+
+    @classmethod
+    def sim(cls, **overrides: Any) -> "ServeConfig":
+        """`serve --sim`: the simulated cell, two sim cameras, the default model, localhost sockets."""
+        return replace(cls(), **overrides).check()
+
+    def with_(self, **sections: Any) -> "ServeConfig":
+        """A copy with some sections' fields replaced: cfg.with_(zmq={"command": ...})."""
+        out = self
+        for name, changes in sections.items():
+            cur = getattr(out, name)
+            out = replace(out, **{name: replace(cur, **changes) if isinstance(changes, dict) else changes})
+        return out.check()
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True  # ipc:// and inproc:// never leave the host
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", interface names, host names: assume reachable
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    try:
+        return _build(ServeConfig, raw, "").check()
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+# ---- typed construction from plain TOML values ------------------------------------------------
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'top level'} must be a table, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where or 'top level'}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    for name, f in known.items():
+        if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"missing key {where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, where: str):
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be an array, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} elements, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")  # pragma: no cover - no unions in the schema
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _one_of(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")

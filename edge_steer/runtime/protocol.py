@@ -1,0 +1,130 @@
+"""The command protocol's schema: msgpack maps with a version field, one reply per request.
+
+Shared by the daemon (decoding, validation) and `edge_steer.client` (encoding); imports nothing but
+msgpack so the client stays light. See docs/protocol.md for the wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_TEXT = 1000         # characters of an instruction
+MAX_NAME = 200          # characters of a steering task name
+
+# command -> {field: (type, required)}
+SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    "instruct": {"text": (str, True), "start": (bool, False)},
+    "start": {},
+    "pause": {},
+    "stop": {},
+    "estop": {},
+    "recover": {},
+    "status": {},
+    "set_steering": {"task": (str, False)},     # absent or "" -> the base model
+    "record": {"on": (bool, True)},
+    "shutdown": {},
+}
+ENVELOPE = {"v", "cmd", "id"}
+
+
+class ProtocolError(ValueError):
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, reason
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+    id: Any = None
+
+
+def encode_request(cmd: str, id: Any = None, **args: Any) -> bytes:
+    msg = {"v": VERSION, "cmd": cmd, **args}
+    if id is not None:
+        msg["id"] = id
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode_request(data: bytes, max_bytes: int) -> Request:
+    """Bytes -> validated Request, or ProtocolError with a code and a reason the operator can act on."""
+    if len(data) > max_bytes:
+        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=max_bytes,
+                              max_bin_len=max_bytes, max_array_len=64, max_map_len=32, max_ext_len=0)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
+        raise ProtocolError("malformed", f"not a single msgpack message: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the sender gets a reason
+        raise ProtocolError("malformed", f"undecodable message: {type(e).__name__}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("malformed", f"a request is a map, got {type(msg).__name__}")
+    rid = msg.get("id")
+    if rid is not None and not isinstance(rid, (int, str)) or isinstance(rid, bool):
+        raise ProtocolError("bad_field", "id must be an integer or a string")
+    if "v" not in msg:
+        raise ProtocolError("bad_version", f"missing version field 'v' (this daemon speaks v{VERSION})")
+    if msg["v"] != VERSION or isinstance(msg["v"], bool):
+        raise ProtocolError("bad_version", f"protocol version {msg['v']!r} not supported (this daemon speaks v{VERSION})")
+    cmd = msg.get("cmd")
+    if not isinstance(cmd, str):
+        raise ProtocolError("bad_field", "cmd must be a string")
+    if cmd not in SCHEMA:
+        raise ProtocolError("unknown_command", f"unknown command {cmd[:40]!r}; known: {sorted(SCHEMA)}")
+    spec = SCHEMA[cmd]
+    args = {k: v for k, v in msg.items() if k not in ENVELOPE}
+    extra = sorted(set(args) - set(spec))
+    if extra:
+        raise ProtocolError("bad_field", f"{cmd} takes no field(s) {[str(e)[:40] for e in extra]}; "
+                                         f"fields: {sorted(spec) or 'none'}")
+    for name, (tp, required) in spec.items():
+        if name not in args:
+            if required:
+                raise ProtocolError("bad_field", f"{cmd} needs field {name!r} ({tp.__name__})")
+            continue
+        v = args[name]
+        if not isinstance(v, tp) or (tp is not bool and isinstance(v, bool)):
+            raise ProtocolError("bad_field", f"{cmd}.{name} must be {tp.__name__}, got {type(v).__name__}")
+    if cmd == "instruct":
+        text = args["text"].strip()
+        if not text:
+            raise ProtocolError("bad_field", "instruct.text is empty")
+        if len(text) > MAX_TEXT:
+            raise ProtocolError("bad_field", f"instruct.text longer than {MAX_TEXT} characters")
+        if any(ord(ch) < 32 for ch in text):
+            raise ProtocolError("bad_field", "instruct.text contains control characters")
+        args["text"] = text
+    if cmd == "set_steering" and len(args.get("task", "")) > MAX_NAME:
+        raise ProtocolError("bad_field", f"set_steering.task longer than {MAX_NAME} characters")
+    return Request(cmd, args, rid)
+
+
+def ok_reply(rid: Any, result: dict[str, Any] | None = None) -> bytes:
+    return msgpack.packb({"v": VERSION, "id": rid, "ok": True, "result": result or {}}, use_bin_type=True)
+
+
+def error_reply(rid: Any, code: str, reason: str) -> bytes:
+    return msgpack.packb({"v": VERSION, "id": rid, "ok": False, "error": code, "reason": reason}, use_bin_type=True)
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    msg = msgpack.unpackb(data, raw=False)
+    if not isinstance(msg, dict) or "ok" not in msg:
+        raise ProtocolError("malformed", "reply is not a protocol map")
+    return msg
+
+
+TELEMETRY_TOPIC = b"telemetry"
+
+
+def encode_telemetry(msg: dict[str, Any]) -> list[bytes]:
+    return [TELEMETRY_TOPIC, msgpack.packb(msg, use_bin_type=True)]
+
+
+def decode_telemetry(frames: list[bytes]) -> dict[str, Any]:
+    return msgpack.unpackb(frames[-1], raw=False)

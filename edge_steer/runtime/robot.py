@@ -1,0 +1,196 @@
+"""The robot behind one narrow protocol: the part of panda-py's API the daemon calls.
+
+`SimPanda` answers it in sim, `panda_py.Panda` on the arm (imported only when used). The 1 kHz
+controller (CartesianImpedance) runs inside the robot side — libfranka's C++ loop on hardware,
+SimPanda's thread in sim — and the setpoint stage only sets its targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_steer.runtime.config import RobotConfig
+
+log = logging.getLogger("edge_steer.serve.robot")
+
+
+class RobotError(RuntimeError):
+    pass
+
+
+@runtime_checkable
+class Robot(Protocol):
+    """panda_py.Panda's subset: the arm's state, its controller, error recovery."""
+
+    def get_state(self) -> Any: ...
+
+    def get_position(self) -> np.ndarray: ...
+
+    def get_orientation(self, scalar_first: bool = False) -> np.ndarray: ...
+
+    def start_controller(self, controller: Any) -> None: ...
+
+    def stop_controller(self) -> None: ...
+
+    def recover(self) -> None: ...
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """panda_py.controllers.CartesianImpedance's setter (position, quaternion x y z w, nullspace q)."""
+
+    def set_control(self, position: np.ndarray, orientation: np.ndarray, q_nullspace: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class RobotReading:
+    q: np.ndarray
+    position: np.ndarray
+    quat: np.ndarray          # x, y, z, w
+    gripper_width: float
+    mode: str
+    errors: list[str]
+
+
+class GripperDriver:
+    """Open/close without blocking the caller. Sim: SimGripper's async calls. Hardware: libfranka's
+    gripper calls block for the whole motion, so a worker thread runs the latest request."""
+
+    def __init__(self, gripper: Any, grasp_force: float, asynchronous: bool):
+        self._g, self._force, self._async = gripper, grasp_force, asynchronous
+        self.closed = False
+        self.width = 0.08
+        self._want: bool | None = None
+        self._cv = threading.Condition()
+        self._running = True
+        self._thread = None
+        if not asynchronous:
+            self._thread = threading.Thread(target=self._worker, name="gripper", daemon=True)
+            self._thread.start()
+
+    def command(self, close: bool) -> None:
+        if close == self.closed:
+            return
+        self.closed = close
+        if self._async:
+            self._do(close)
+        else:
+            with self._cv:
+                self._want = close
+                self._cv.notify()
+
+    def _do(self, close: bool) -> None:
+        if close:  # grasp "anything between 0 and 8 cm", as the sim env and the demos do
+            fn = self._g.grasp_async if self._async else self._g.grasp
+            fn(0.04, 0.1, self._force, 0.04, 0.04)
+        else:
+            fn = self._g.move_async if self._async else self._g.move
+            fn(0.08, 0.1)
+
+    def _worker(self) -> None:
+        while self._running:
+            with self._cv:
+                self._cv.wait_for(lambda: self._want is not None or not self._running, timeout=0.2)
+                want, self._want = self._want, None
+            if want is not None:
+                try:
+                    self._do(want)
+                except Exception as e:  # noqa: BLE001 - reported, the arm side decides
+                    log.error("gripper command failed: %s", e)
+            try:
+                self.width = float(self._g.read_once().width)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def read_width(self) -> float:
+        if self._async:
+            self.width = float(self._g.read_once().width)
+        return self.width
+
+    def close(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            with self._cv:
+                self._cv.notify()
+            self._thread.join(timeout=2.0)
+
+
+@dataclass
+class SimCell:
+    """The simulated cell: task, sampled scene and the world every sim device shares."""
+    task: Any
+    scene: Any
+    world: Any
+
+    def success(self) -> bool:
+        with self.world.lock:
+            return bool(self.task.success(self.world))
+
+
+@dataclass
+class RobotHandle:
+    arm: Robot
+    gripper: GripperDriver
+    make_controller: Callable[[], Controller]
+    q_nullspace: np.ndarray
+    sim: SimCell | None = None
+
+    def read(self) -> RobotReading:
+        st = self.arm.get_state()
+        t = np.asarray(st.O_T_EE, dtype=float).reshape(4, 4, order="F")
+        from edge_steer.geometry import mat_to_quat
+        errors = st.current_errors
+        if not isinstance(errors, list):  # libfranka's Errors: truthy when any flag is set
+            errors = [str(errors)] if bool(errors) else []
+        mode = getattr(st.robot_mode, "name", str(st.robot_mode))
+        return RobotReading(np.asarray(st.q, dtype=float), t[:3, 3].copy(), mat_to_quat(t[:3, :3]),
+                            self.gripper.read_width(), mode.split(".")[-1], list(errors))
+
+    def close(self) -> None:
+        self.gripper.close()
+        close = getattr(self.arm, "close", None)
+        if close is not None:
+            close()
+
+
+def open_robot(cfg: RobotConfig) -> RobotHandle:
+    kt, kr = cfg.impedance
+    impedance = np.diag([kt] * 3 + [kr] * 3)
+    if cfg.backend == "sim":
+        return _open_sim(cfg, impedance)
+    try:
+        import panda_py
+        from panda_py import controllers, libfranka
+    except ImportError as e:
+        raise RobotError(f"the panda backend needs panda-python (pip install 'edge-steer[robot]'): {e}") from e
+    try:
+        arm = panda_py.Panda(cfg.host)
+        gripper = libfranka.Gripper(cfg.host)
+    except Exception as e:  # noqa: BLE001 - libfranka raises its own types
+        raise RobotError(f"cannot connect to the Panda at {cfg.host}: {e}") from e
+    q_null = np.asarray(arm.q, dtype=float)
+    return RobotHandle(arm, GripperDriver(gripper, cfg.grasp_force, asynchronous=False),
+                       lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness), q_null)
+
+
+def _open_sim(cfg: RobotConfig, impedance: np.ndarray) -> RobotHandle:
+    from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
+    from edge_steer.sim.panda_model import Q_START
+    from edge_steer.sim.tasks import get_task
+    from edge_steer.sim.world import World
+
+    task = get_task(cfg.task)
+    rng = np.random.default_rng(cfg.seed)
+    scene = task.sample_scene(rng, 96)
+    world = World(scene.spec)
+    q0 = Q_START + rng.uniform(-0.05, 0.05, 7)
+    world.reset(q0)
+    arm = SimPanda(world, realtime=True)
+    return RobotHandle(arm, GripperDriver(SimGripper(arm), cfg.grasp_force, asynchronous=True),
+                       lambda: CartesianImpedance(impedance, nullspace_stiffness=cfg.nullspace_stiffness), q0,
+                       SimCell(task, scene, world))

@@ -1,0 +1,127 @@
+"""ZMQ sockets: a ROUTER for commands (one reply per request) and a PUB for telemetry.
+
+Localhost by default; a bind reachable from other hosts is only allowed with CURVE (the config
+refuses otherwise): the server's key pair plus a directory of allowed client public keys, checked by
+pyzmq's ZAP authenticator, so an unknown client cannot even complete the handshake.
+Each socket is used by exactly one thread after `start` (ROUTER: this server's thread; PUB: the
+daemon's monitor thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import zmq
+
+from edge_steer.runtime.config import ZmqConfig
+from edge_steer.runtime.protocol import ProtocolError, decode_request, error_reply, ok_reply
+
+log = logging.getLogger("edge_steer.serve.zmq")
+
+
+class CommandServer:
+    def __init__(self, cfg: ZmqConfig, daemon: Any):
+        self.cfg, self.daemon = cfg, daemon
+        self.ctx = zmq.Context()
+        self._auth = None
+        self.requests = 0
+        self.errors = 0
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.router: zmq.Socket | None = None
+        self.pub: zmq.Socket | None = None
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if not self.cfg.curve:
+            return
+        import zmq.auth
+        public, secret = zmq.auth.load_certificate(self.cfg.curve_secret_key)
+        if secret is None:
+            raise ValueError(f"{self.cfg.curve_secret_key} holds no secret key")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_server = True
+
+    def start(self) -> None:
+        if self.cfg.curve:
+            from zmq.auth.thread import ThreadAuthenticator
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.cfg.curve_authorized_keys)
+        try:
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            # hard cap against memory abuse; between max_message_bytes and this we still answer "too_large"
+            self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            self._secure(self.router)
+            self.router.bind(self.cfg.command)
+            self.pub = self.ctx.socket(zmq.PUB)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses telemetry, never stalls us
+            self._secure(self.pub)
+            self.pub.bind(self.cfg.telemetry)
+        except (zmq.ZMQError, ValueError, OSError) as e:
+            self._close_sockets()
+            raise RuntimeError(f"cannot bind the ZMQ sockets ({self.cfg.command}, {self.cfg.telemetry}): {e}") from e
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="commands", daemon=True)
+        self._thread.start()
+
+    def make_pub(self) -> zmq.Socket:
+        return self.pub
+
+    def _loop(self) -> None:
+        sock = self.router
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while self._running:
+            if not poller.poll(50):
+                continue
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            if len(frames) < 2:
+                continue  # no routing envelope: nobody to answer
+            envelope, payload = frames[:-1], frames[-1]
+            reply = self.handle_bytes(payload)
+            try:
+                sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # the client went away
+                log.debug("reply not delivered: %s", e)
+
+    def handle_bytes(self, payload: bytes) -> bytes:
+        """Decode, validate, dispatch; always returns a reply (ok or error with a reason)."""
+        self.requests += 1
+        rid = None
+        try:
+            req = decode_request(payload, self.cfg.max_message_bytes)
+            rid = req.id
+            result = self.daemon.handle(req)
+            return ok_reply(rid, result)
+        except ProtocolError as e:
+            self.errors += 1
+            return error_reply(rid, e.code, e.reason)
+        except Exception as e:  # noqa: BLE001 - CommandError and anything unexpected still get an answer
+            self.errors += 1
+            code = getattr(e, "code", "internal")
+            reason = getattr(e, "reason", f"{type(e).__name__}: {e}")
+            if code == "internal":
+                log.exception("command failed")
+            return error_reply(rid, code, reason)
+
+    def _close_sockets(self) -> None:
+        for s in (self.router, self.pub):
+            if s is not None and not s.closed:
+                s.close(linger=0)
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._close_sockets()  # the monitor thread (PUB's user) has been joined by the daemon
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
