@@ -402,6 +402,39 @@ def send(text: Optional[str] = typer.Argument(None, help="instruction for the ro
         console.print(f"{cmd}: ok " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 
+
+@app.command("export")
+def export_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
+               steering: Optional[Path] = typer.Option(None, help="steering delta (.safetensors) to bake in"),
+               format: str = typer.Option("onnx", "--format", help="onnx | trt"),
+               out: Path = typer.Option(..., help="engine file: .onnx, or .plan for trt (its .onnx is written beside)"),
+               dynamic_batch: bool = typer.Option(False, help="dynamic batch axis (default: static batch 1)"),
+               steerable: str = typer.Option("qo", help="projections switchable at run time without re-export"),
+               precision: str = typer.Option("fp32", help="onnx: fp32 | fp16; trt: fp32 | fp16 | bf16")) -> None:
+    """Export the (steered) model to an engine with a metadata sidecar, then check it loads and predicts."""
+    from edge_steer.export import EngineError, ExportError, OnnxExportConfig, export_onnx
+    from edge_steer.export.onnx_export import describe
+    from edge_steer.models import CheckpointError, load_model
+    from edge_steer.runtime.engine import load_engine
+    from edge_steer.steering.delta import DeltaError
+
+    if format not in ("onnx", "trt"):
+        _fail(f"--format must be onnx or trt, got {format!r}")
+    try:
+        m = load_model(model)
+        onnx_out = out if format == "onnx" else out.with_suffix(".onnx")
+        meta = export_onnx(m, onnx_out, steering, OnnxExportConfig(
+            dynamic_batch=dynamic_batch, steerable=steerable, precision=precision if format == "onnx" else "fp32"))
+        if format == "trt":
+            from edge_steer.export.tensorrt import TrtBuildConfig, build_engine
+            meta = build_engine(onnx_out, out, TrtBuildConfig(precision=precision))
+        engine = load_engine(out)
+    except (CheckpointError, DeltaError, EngineError, ExportError, ValueError) as e:
+        from rich.markup import escape
+        _fail(escape(str(e)))
+    print(json.dumps({**describe(meta), "load_seconds": round(engine.load_seconds, 3), "sidecar": str(out) + ".json"}))
+
+
 def main() -> None:
     app()
 
