@@ -173,7 +173,31 @@ def _to_fp16(proto, keep_float: list[str]):
     from onnxruntime.transformers.float16 import convert_float_to_float16
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+        proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    _toposort(proto.graph)           # the converter appends its input casts at the end
+    return proto
+
+
+def _toposort(graph) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (stable otherwise)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError(f"graph has a cycle or dangling inputs at {rest[0].name}")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _language_fingerprint(config) -> str | None:
