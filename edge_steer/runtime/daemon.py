@@ -492,6 +492,7 @@ class Daemon:
                 self.setpoint.hold_reason = "stale_frame"
             elif not v.hold and hr == "stale_frame":
                 log.info("fresh frames again: resuming")
+                self._last_chunk_at = time.perf_counter()  # the inference deadline restarts with the frames
                 self.setpoint.hold_reason = None
             if self.cfg.robot.stop_on_success and self.robot.sim is not None and k % 10 == 0 and self._sim_success():
                 with self._lock:

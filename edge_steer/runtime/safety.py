@@ -237,12 +237,14 @@ def check_watchdogs(cfg: SafetyConfig, now: float, frame_age_s: float | None, ru
     v = WatchdogVerdict()
     if running_since is None:
         return v
-    age_ms = (now - running_since if frame_age_s is None else frame_age_s) * 1000.0  # no frame yet: since start
+    # the staleness clock starts when RUNNING starts: frames missed while idle or faulted don't count
+    age_ms = (now - running_since if frame_age_s is None else min(frame_age_s, now - running_since)) * 1000.0
     if age_ms > cfg.stale_frame_ms:
         if age_ms > cfg.camera_fault_ms:
             v.fault = f"camera_stale: no fresh frame for {age_ms:.0f} ms"
             return v
         v.hold = f"stale_frame: newest frame is {age_ms:.0f} ms old"
+        return v  # no frames, no chunks: the camera's watchdog governs until frames return
     since = now - (last_chunk_at if last_chunk_at is not None and last_chunk_at > running_since else running_since)
     if since * 1000.0 > cfg.inference_stop_ms:
         v.fault = f"inference_deadline: no usable action chunk for {since * 1000.0:.0f} ms"

@@ -1,0 +1,129 @@
+"""Serve configuration and the command protocol's decoder: every bad input gets a clear reason."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_steer.runtime.config import ConfigError, ServeConfig, is_local_endpoint, load_config
+from edge_steer.runtime.protocol import SCHEMA, ProtocolError, decode_request, encode_request
+
+GOOD = """
+log_level = "INFO"
+[robot]
+backend = "panda"
+host = "172.16.0.2"
+[[cameras]]
+name = "front"
+backend = "realsense"
+serial = "123456"
+width = 640
+height = 480
+fps = 30
+[engine]
+backend = "onnxruntime"
+path = "/opt/edge-steer/engine.onnx"
+[rates]
+policy_hz = 5
+ensemble = true
+[safety]
+workspace_min = [0.3, -0.3, 0.02]
+workspace_max = [0.7, 0.3, 0.5]
+max_speed = 0.3
+[zmq]
+command = "tcp://127.0.0.1:6000"
+"""
+
+
+def test_sim_defaults_are_valid_and_local():
+    cfg = ServeConfig.sim()
+    assert cfg.robot.backend == "sim" and [c.name for c in cfg.cameras] == ["front", "wrist"]
+    assert is_local_endpoint(cfg.zmq.command) and is_local_endpoint(cfg.zmq.telemetry)
+
+
+def test_toml_file_round_trip(tmp_path):
+    p = tmp_path / "serve.toml"
+    p.write_text(GOOD)
+    cfg = load_config(p)
+    assert cfg.robot.host == "172.16.0.2" and cfg.cameras[0].serial == "123456"
+    assert cfg.rates.policy_hz == 5.0 and cfg.rates.ensemble is True
+    assert cfg.safety.workspace_min == (0.3, -0.3, 0.02) and cfg.zmq.command.endswith(":6000")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("[robot]\nbakend = 'sim'\n", "unknown key"),
+    ("[rates]\npolicy_hz = 'fast'\n", "rates.policy_hz must be a number"),
+    ("[rates]\nexecute_horizon = 1.5\n", "must be an integer"),
+    ("[safety]\nworkspace_min = [1.0, 0.0, 0.0]\nworkspace_max = [0.5, 1.0, 1.0]\n", "below workspace_max"),
+    ("[safety]\nworkspace_min = [0.1, 0.0]\n", "must have 3 elements"),
+    ("[robot]\nbackend = 'panda'\n[[cameras]]\nname = 'front'\nbackend = 'realsense'\n", "robot.host is required"),
+    ("[zmq]\ncommand = 'tcp://0.0.0.0:5555'\n", "CURVE"),
+    ("[zmq]\ntelemetry = 'tcp://*:5556'\n", "CURVE"),
+    ("[zmq]\ntelemetry_hz = 10\n", "telemetry_hz"),
+    ("[engine]\nbackend = 'magic'\n", "engine.backend must be one of"),
+    ("[[cameras]]\nname = 'a'\n[[cameras]]\nname = 'a'\n", "unique"),
+    ("robot = 3\n", "must be a table"),
+    ("this is not toml", "not valid TOML"),
+])
+def test_bad_configs_name_the_key(tmp_path, edit, message):
+    p = tmp_path / "bad.toml"
+    p.write_text(edit)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+# ---- protocol ------------------------------------------------------------------------------------
+def _code(data: bytes, limit: int = 65536) -> str:
+    with pytest.raises(ProtocolError) as e:
+        decode_request(data, limit)
+    return e.value.code
+
+
+def test_every_command_decodes():
+    args = {"instruct": {"text": "put the red cube on the blue plate"}, "record": {"on": True},
+            "set_steering": {"task": "red_cube_in_front_of_blue_plate"}}
+    for cmd in SCHEMA:
+        req = decode_request(encode_request(cmd, id=7, **args.get(cmd, {})), 65536)
+        assert req.cmd == cmd and req.id == 7
+
+
+@pytest.mark.parametrize("msg, code", [
+    (b"\xc1garbage", "malformed"),
+    (msgpack.packb([1, 2, 3]), "malformed"),
+    (msgpack.packb({"cmd": "status"}), "bad_version"),
+    (msgpack.packb({"v": 2, "cmd": "status"}), "bad_version"),
+    (msgpack.packb({"v": 1, "cmd": "dance"}), "unknown_command"),
+    (msgpack.packb({"v": 1, "cmd": 5}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "instruct"}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "instruct", "text": 42}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "instruct", "text": "   "}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "instruct", "text": "a\x00b"}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "instruct", "text": "x" * 5000}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "record", "on": "yes"}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "record", "on": 1}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "start", "speed": 9}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "status", "id": [1]}), "bad_field"),
+    (msgpack.packb({"v": 1, "cmd": "status"}) + b"\x01", "malformed"),
+])
+def test_bad_requests_get_a_code(msg, code):
+    assert _code(msg) == code
+
+
+def test_oversized_request():
+    assert _code(encode_request("instruct", text="x" * 900), limit=512) == "too_large"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_only_ever_raise_protocol_errors(data):
+    try:
+        decode_request(data, 4096)
+    except ProtocolError:
+        pass

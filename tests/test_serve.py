@@ -1,0 +1,298 @@
+"""The daemon in-process on the sim cell: every command over ZMQ, each watchdog, faults, recording,
+telemetry, and the setpoint stage's hand-over. A scripted fake engine keeps it fast."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from edge_steer.client import Client, ClientError
+from edge_steer.runtime.config import ServeConfig
+from edge_steer.runtime.daemon import Daemon
+from edge_steer.runtime.safety import SafetyFilter
+from edge_steer.runtime.setpoint import Chunk, SetpointStage
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeEngine:
+    """Moves the target +x by `dx` per step; `mode` injects the failures the daemon must survive."""
+    backend = "fake"
+
+    def __init__(self):
+        self.mode, self.dx, self.calls, self.steering, self.delay = "ok", 0.002, 0, None, 0.0
+
+    def predict(self, obs, instruction):
+        self.calls += 1
+        assert obs["observation.images.front"].dtype == np.uint8 and obs["observation.state"].shape == (8,)
+        if self.mode == "raise":
+            raise RuntimeError("engine exploded")
+        if self.mode == "slow":
+            time.sleep(0.6)
+        time.sleep(self.delay)
+        a = np.zeros((10, 7))
+        a[:, 0] = self.dx
+        if self.mode == "nan":
+            a[3, 1] = np.nan
+        return a
+
+    def metadata(self):
+        return {"backend": self.backend}
+
+    def set_steering(self, delta):
+        self.steering = delta
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    steer = tmp_path_factory.mktemp("steering")
+    (steer / "red_cube_in_front_of_blue_plate").mkdir()
+    cfg = ServeConfig.sim().with_(
+        zmq={"command": cmd, "telemetry": tel},
+        engine={"steering_dir": str(steer)},
+        safety={"stale_frame_ms": 300.0, "camera_fault_ms": 1200.0, "inference_deadline_ms": 400.0,
+                "inference_stop_ms": 1000.0},
+        record={"dir": str(tmp_path_factory.mktemp("rec") / "ds")},
+        robot={"stop_on_success": False})
+    engine = FakeEngine()
+    d = Daemon(cfg, engine=engine).start()
+    c = Client(cmd, tel, timeout_ms=5000)
+    yield d, c, engine
+    c.close()
+    d.close()
+
+
+@pytest.fixture
+def daemon(served):
+    d, c, e = served
+    e.mode, e.delay = "ok", 0.0
+    for cam in d.cameras.cameras:
+        cam.pipeline.stalled = False
+    yield d, c, e
+    st = c.status()["state"]
+    if st == "FAULT":
+        c.recover()
+    elif st != "IDLE":
+        c.stop()
+
+
+def test_instruct_runs_pause_holds_stop_idles(daemon):
+    d, c, e = daemon
+    with pytest.raises(ClientError, match="no_instruction"):
+        c.start() if d.instruction is None else (_ for _ in ()).throw(ClientError("no_instruction", ""))
+    x0 = c.status()["tcp"][0]
+    assert c.instruct("push forward")["state"] == "RUNNING"
+    wait_for(lambda: c.status()["chunks"] > 5)
+    wait_for(lambda: c.status()["tcp"][0] > x0 + 0.01)
+    assert c.pause()["state"] == "PAUSED"
+    time.sleep(0.3)
+    p1 = c.status()["tcp"][0]
+    time.sleep(0.5)
+    assert abs(c.status()["tcp"][0] - p1) < 2e-3  # held
+    with pytest.raises(ClientError, match="bad_state"):
+        c.pause()
+    assert c.start()["state"] == "RUNNING"
+    assert c.stop()["state"] == "IDLE"
+    s = c.status()
+    assert [t["to"] for t in s["transitions"]][-4:] == ["RUNNING", "PAUSED", "RUNNING", "IDLE"]
+    assert s["setpoint_loop"]["rejected"] == 0
+
+
+def test_estop_stops_the_controller_and_recover_needs_command(daemon):
+    d, c, e = daemon
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 2)
+    r = c.estop()
+    assert r["state"] == "FAULT" and d.setpoint.controller is None and d.robot.arm._controller is None
+    with pytest.raises(ClientError, match="recover first"):
+        c.instruct("go again")
+    with pytest.raises(ClientError, match="bad_state"):
+        c.start()
+    time.sleep(0.3)
+    assert c.status()["state"] == "FAULT"  # stays until told
+    assert c.recover()["state"] == "IDLE"
+    assert d.robot.arm._controller is not None
+
+
+def test_robot_reflex_faults(daemon):
+    d, c, e = daemon
+    c.instruct("push forward")
+    d.robot.arm.inject_fault("cartesian_reflex")
+    wait_for(lambda: c.status()["state"] == "FAULT")
+    assert "cartesian_reflex" in c.status()["fault"]
+    assert c.recover()["state"] == "IDLE"
+
+
+@pytest.mark.parametrize("mode, reason", [("raise", "engine exploded"), ("nan", "invalid chunk")])
+def test_engine_errors_fault_and_move_nothing(daemon, mode, reason):
+    d, c, e = daemon
+    e.mode = mode
+    p0 = np.array(c.status()["tcp"][:3])
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["state"] == "FAULT")
+    assert reason in c.status()["fault"]
+    time.sleep(0.2)
+    assert np.linalg.norm(np.array(c.status()["tcp"][:3]) - p0) < 3e-3
+
+
+def test_slow_engine_chunks_dropped_then_inference_deadline(daemon):
+    d, c, e = daemon
+    e.mode = "slow"
+    dropped = c.status()["chunks_dropped"]
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["state"] == "FAULT", timeout=8)
+    s = c.status()
+    assert s["fault"].startswith("inference_deadline") and s["chunks_dropped"] > dropped
+
+
+def test_stale_camera_holds_then_faults(daemon):
+    d, c, e = daemon
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 0)
+    d.cameras.cameras[0].pipeline.stalled = True
+    wait_for(lambda: c.status()["hold"] == "stale_frame", timeout=3)
+    p = c.status()["tcp"][0]
+    wait_for(lambda: c.status()["state"] == "FAULT", timeout=5)
+    assert c.status()["fault"].startswith("camera_stale")
+    assert abs(c.status()["tcp"][0] - p) < 0.01
+
+
+def test_stale_camera_recovers_by_itself_when_frames_return(daemon):
+    d, c, e = daemon
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 0)
+    d.cameras.cameras[1].pipeline.stalled = True
+    wait_for(lambda: c.status()["hold"] == "stale_frame", timeout=3)
+    d.cameras.cameras[1].pipeline.stalled = False
+    wait_for(lambda: c.status()["hold"] is None, timeout=3)
+    assert c.status()["state"] == "RUNNING"
+
+
+def test_set_steering(daemon):
+    d, c, e = daemon
+    assert c.set_steering("red_cube_in_front_of_blue_plate")["steering"] == "red_cube_in_front_of_blue_plate"
+    assert str(e.steering).endswith("red_cube_in_front_of_blue_plate")
+    with pytest.raises(ClientError, match="no_steering"):
+        c.set_steering("no_such_task")
+    with pytest.raises(ClientError, match="bad_field"):
+        c.set_steering("../etc")
+    assert c.set_steering(None)["steering"] is None and e.steering is None
+
+
+def test_record_on_off_writes_episodes(daemon):
+    from edge_steer.data import Dataset
+    d, c, e = daemon
+    assert c.record(True)["recording"] is True
+    c.instruct("record this")
+    wait_for(lambda: c.status()["chunks"] > 0)
+    time.sleep(1.0)
+    c.stop()
+    c.instruct("and this")
+    time.sleep(0.8)
+    c.record(False)
+    c.stop()
+    wait_for(lambda: c.status()["recorder"]["saved_episodes"] >= 2)
+    ds = Dataset(d.cfg.record.dir)
+    assert ds.num_episodes >= 2 and len(ds) > 5
+    assert set(ds.tasks) >= {"record this", "and this"}
+
+
+def test_bad_messages_get_error_replies_and_move_nothing(daemon):
+    d, c, e = daemon
+    p0 = np.array(c.status()["tcp"][:3])
+    cases = [b"\xc1", msgpack.packb({"v": 1, "cmd": "fly"}), msgpack.packb({"v": 9, "cmd": "start"}),
+             msgpack.packb({"v": 1, "cmd": "instruct", "text": 3}), b"x" * (2 * d.cfg.zmq.max_message_bytes)]
+    for payload in cases:
+        r = c.request_raw(payload)
+        assert r["ok"] is False and r["error"] and r["reason"]
+    assert c.status()["state"] == "IDLE"
+    assert np.linalg.norm(np.array(c.status()["tcp"][:3]) - p0) < 2e-3
+
+
+def test_telemetry_at_least_50_hz(daemon):
+    d, c, e = daemon
+    t0 = time.time()
+    msgs = list(c.telemetry(max_messages=60))
+    rate = len(msgs) / (time.time() - t0)
+    assert len(msgs) == 60 and rate >= 50, rate
+    m = msgs[-1]
+    assert {"state", "tcp", "setpoint", "q", "seq"} <= set(m)
+
+
+# ---- the setpoint stage without threads -----------------------------------------------------------
+class RecordingController:
+    def __init__(self):
+        self.p = []
+
+    def set_control(self, position, orientation, q_nullspace):
+        self.p.append(np.array(position))
+
+
+def _stage(**rates):
+    cfg = ServeConfig.sim().with_(rates=rates)
+    f = SafetyFilter(cfg.safety, 0.001)
+    sp = SetpointStage(cfg.rates, f, lambda close: None)
+    sp.reset((0.4, 0.0, 0.3), (1.0, 0.0, 0.0, 0.0))
+    sp.controller = RecordingController()
+    sp.measured_p = np.array([0.4, 0.0, 0.3])
+    sp.hold_reason = None
+    return sp
+
+
+def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
+    sp = _stage()
+    for _ in range(30):
+        sp.tick()
+    a = np.zeros((10, 7))
+    a[:, 0] = 0.01
+    sp.inbox = Chunk(a, sp.segment, time.time(), 1)
+    sp.tick()
+    sp.tick()
+    assert sp.controller.p[-1][0] > 0.4  # moving one tick after arrival
+    for _ in range(250):
+        sp.tick()
+    b = np.zeros((10, 7))
+    b[:, 1] = 0.01  # a different direction: hand-over mid-segment
+    sp.inbox = Chunk(b, sp.segment, time.time(), 2)
+    for _ in range(600):
+        sp.tick()
+    p = np.array(sp.controller.p)
+    v = np.diff(p, axis=0)
+    assert np.abs(v).max() <= 0.5e-3 + 1e-12 and np.abs(np.diff(v, axis=0)).max() <= 4e-6 + 1e-12
+    assert p[-1][1] > 0.005
+    x_after_a = p[-1][0]
+    # nothing covers the segments beyond the execution horizon: it glides to a stop
+    for _ in range(1000):
+        sp.tick()
+    assert abs(sp.controller.p[-1][0] - sp.controller.p[-2][0]) < 1e-9 and sp.controller.p[-1][0] >= x_after_a
+
+
+def test_temporal_ensemble_averages_overlapping_chunks():
+    sp = _stage(ensemble=True, ensemble_decay=0.0)
+    a, b = np.zeros((10, 7)), np.zeros((10, 7))
+    a[:, 0], b[:, 0] = 0.01, 0.03
+    sp._chunks.extend([Chunk(a, 0, 0.0, 1), Chunk(b, 1, 0.0, 2)])
+    assert sp._select(1)[0] == pytest.approx(0.02)
+    sp.rates = sp.rates.__class__(ensemble=False)
+    assert sp._select(1)[0] == pytest.approx(0.03)
