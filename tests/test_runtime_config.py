@@ -127,3 +127,9 @@ def test_random_bytes_only_ever_raise_protocol_errors(data):
         decode_request(data, 4096)
     except ProtocolError:
         pass
+
+
+def test_the_documented_example_config_is_valid():
+    from pathlib import Path
+    cfg = load_config(Path(__file__).parent.parent / "docs" / "serve.example.toml")
+    assert cfg.robot.backend == "panda" and len(cfg.cameras) == 2

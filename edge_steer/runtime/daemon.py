@@ -163,11 +163,11 @@ class Daemon:
         """One inference before serving, so the first real one meets its deadline."""
         if getattr(self.engine, "backend", "") == "expert":
             return
-        meta = self.engine.metadata()
-        size = int(meta.get("image_size", 96))
-        obs = {f"observation.images.{c}": np.zeros((size, size, 3), np.uint8) for c in meta.get("cameras", ["front"])}
-        obs["observation.state"] = np.zeros(int(meta.get("state_dim", 8)), np.float32)
-        obs["observation.state"][6] = 1.0
+        obs: dict[str, Any] = {f"observation.images.{c.name}": np.zeros((c.height, c.width, 3), np.uint8)
+                               for c in self.cfg.cameras}
+        obs["observation.state"] = np.array([0.4, 0, 0.3, 1, 0, 0, 0, 0.08], np.float32)
+        obs["observation.joints"] = np.zeros(7, np.float32)
+        obs.update({"runtime.target": np.array([0.4, 0, 0.3, 1, 0, 0, 0]), "runtime.step": 0, "runtime.episode": 0})
         with self.engine_lock:
             self.engine.predict(obs, "warm up")
 

@@ -1,0 +1,143 @@
+"""Benchmark the serve daemon in sim under inference load; prints a JSON summary (docs/serve.md).
+
+    .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|expert+load|expert] [--out FILE]
+
+Engines: `model` runs the embedded default model (its motion is the model's); `expert+load` runs a
+default-size EdgeVLA with random weights for the inference load and latency and takes the motion
+from the scripted expert, so the arm does the task while the CPU carries a real model's load;
+`expert` has no model load. The arm is re-instructed whenever a task ends, so it moves throughout.
+Measured: the sim robot's 1 kHz loop (SimPanda, libfranka's stand-in) and the daemon's setpoint loop
+period error and missed ticks, camera-frame -> first-setpoint latency, `status` round trip over
+ZMQ (20 Hz), telemetry rate seen by a subscriber.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoadedExpert:
+    """The expert's chunk, after a full model forward pass on the same observation (the load)."""
+
+    def __init__(self, expert, model_engine):
+        self.expert, self.model = expert, model_engine
+        self.backend = "expert+load"
+
+    def predict(self, obs, instruction):
+        self.model.predict(obs, instruction)
+        return self.expert.predict(obs, instruction)
+
+    def metadata(self):
+        return {"backend": self.backend, "model": self.model.metadata()}
+
+    def set_steering(self, delta):
+        self.model.set_steering(delta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--engine", choices=["model", "expert+load", "expert"], default="expert+load")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import logging
+    logging.basicConfig(level="WARNING", stream=sys.stderr)
+    sys.setswitchinterval(0.0005)  # as `edge-steer serve` does
+    from edge_steer.client import Client
+    from edge_steer.runtime.config import ServeConfig
+    from edge_steer.runtime.daemon import Daemon
+    from edge_steer.runtime.engine import TorchEngine
+    from edge_steer.runtime.expert_engine import ExpertEngine
+    from edge_steer.runtime.robot import open_robot
+
+    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel})
+    robot = open_robot(cfg.robot)
+    import torch
+    torch.set_num_threads(cfg.engine.threads)
+    if args.engine == "model":
+        engine = TorchEngine.load(None)
+    elif args.engine == "expert+load":
+        from edge_steer.models import EdgeVLA, EdgeVLAConfig
+        engine = LoadedExpert(ExpertEngine(robot.sim), TorchEngine(EdgeVLA(EdgeVLAConfig())))
+    else:
+        engine = ExpertEngine(robot.sim)
+    d = Daemon(cfg, engine=engine, robot=robot).start()
+    c = Client(cmd, tel, timeout_ms=5000)
+    stop = threading.Event()
+    tele = {"n": 0}
+
+    def subscriber():
+        sub = Client(cmd, tel)
+        for _ in sub.telemetry(timeout_ms=1000):
+            tele["n"] += 1
+            if stop.is_set():
+                break
+        sub.close()
+
+    ts = threading.Thread(target=subscriber, daemon=True)
+    ts.start()
+    time.sleep(1.0)
+    # reset the timing windows so start-up is not measured
+    d.setpoint.periods.clear()
+    d.setpoint.latencies.clear()
+    d.setpoint.missed_ticks = 0
+    d.robot.arm.tick_periods.clear()
+    d.robot.arm.missed_ticks = 0
+    tele["n"] = 0
+    t0 = time.perf_counter()
+    rtts, episodes, successes = [], 0, 0
+    instruction = robot.sim.task.instruction
+    while time.perf_counter() - t0 < args.seconds:
+        a = time.perf_counter()
+        s = c.status()
+        rtts.append((time.perf_counter() - a) * 1e3)
+        if s["state"] == "IDLE":
+            if episodes and s["transitions"] and s["transitions"][-1]["why"] == "task_success":
+                successes += 1
+            c.instruct(instruction)
+            episodes += 1
+        elif s["state"] == "FAULT":
+            print("FAULT:", s["fault"], file=sys.stderr)
+            c.recover()
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    tele_rate = tele["n"] / elapsed
+    stop.set()
+    s = c.status()
+    c.close()
+    d.close()
+    rtt = np.array(rtts)
+    out = {
+        "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
+        "load_avg_1min_at_end": os.getloadavg()[0],
+        "robot_loop_1khz (SimPanda)": s["robot_loop"], "setpoint_loop_1khz": s["setpoint_loop"],
+        "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
+        "zmq_status_rtt_ms": {"p50": float(np.percentile(rtt, 50)), "p99": float(np.percentile(rtt, 99)),
+                              "max": float(rtt.max()), "n": int(rtt.size)},
+        "telemetry_hz": round(tele_rate, 1), "episodes_started": episodes, "task_successes": successes,
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
