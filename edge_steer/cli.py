@@ -18,6 +18,8 @@ tasks_app = typer.Typer(help="The task registry.", no_args_is_help=True)
 demos_app = typer.Typer(help="Scripted demonstrations in LeRobot format.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(demos_app, name="demos")
+bench_app = typer.Typer(help="Benchmarks that write their results into docs/.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console(soft_wrap=True)  # long paths and messages stay on one line in logs
 
 
@@ -320,6 +322,68 @@ def apply_cmd(steering: Path = typer.Option(..., help="steering.safetensors from
     console.print(f"applied {delta.num_values:,} steered values ({len(delta.tensors)} slices); model: {out}")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        _fail(f"expected comma-separated integers, got {text!r}")
+
+
+@bench_app.command("adapt")
+def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work directory (resumable)"),
+                quick: bool = typer.Option(False, help="one variant, one K, one seed, few episodes (minutes)"),
+                variants: Optional[str] = typer.Option(None, help="comma-separated held-out tasks (default: all)"),
+                shots: Optional[str] = typer.Option(None, help="K values, e.g. 5,10,20"),
+                seeds: Optional[str] = typer.Option(None, help="e.g. 0,1,2"),
+                methods: Optional[str] = typer.Option(None, help="subset of zero-shot,steer,lora,full"),
+                episodes: Optional[int] = typer.Option(None, min=1, help="evaluation episodes per cell"),
+                steps: Optional[int] = typer.Option(None, min=1), lr: Optional[float] = typer.Option(None),
+                top_k: Optional[int] = typer.Option(None, min=1),
+                perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation"),
+                ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
+                model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
+                docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
+    """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
+    import subprocess
+    import sys
+
+    from edge_steer.bench import adapt
+
+    base = adapt.AdaptConfig.quick() if quick else adapt.AdaptConfig()
+    cfg = adapt.with_overrides(
+        base, variants=tuple(variants.split(",")) if variants else None, shots=_ints(shots) if shots else None,
+        seeds=_ints(seeds) if seeds else None, methods=tuple(methods.split(",")) if methods else None,
+        episodes=episodes, steps=steps, lr=lr, top_k=top_k, perturb_episodes=perturb_episodes,
+        ablations=ablations or None, model=str(model) if model else None)
+    if bad := set(cfg.methods) - set(adapt.METHODS):
+        _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
+    cells = adapt.run(cfg, out, say=console.print)
+    summary = adapt.summarise(cells)
+    plots = adapt.plot(summary, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    text = adapt.markdown(summary, cfg, "edge-steer " + " ".join(sys.argv[1:]), commit or "unknown")
+    (out / "results.md").write_text(text)
+    console.print(text)
+    console.print(f"plots: {', '.join(str(p) for p in plots)}; raw cells: {out / 'cells.json'}")
+    if docs:
+        import shutil
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        for p in plots:
+            shutil.copy(p, docs.parent / p.name)
+        shutil.copy(out / "cells.json", docs.parent / "adapt_cells.json")
+        heading = "## Few-shot adaptation" + (" (quick)" if quick else "")
+        body = docs.read_text() if docs.exists() else "# Results\n\n"
+        start = body.find(heading + "\n")
+        section = heading + "\n\n" + text + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        if start >= 0:
+            end = body.find("\n## ", start + len(heading))
+            body = body[:start] + section + (body[end:] if end >= 0 else "")
+        else:
+            body = body.rstrip() + "\n\n" + section
+        docs.write_text(body)
+
+
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
          task: str = typer.Option("red_cube_in_front_of_blue_plate", help="task to demonstrate"),
@@ -402,7 +466,6 @@ def send(text: Optional[str] = typer.Argument(None, help="instruction for the ro
         console.print(f"{cmd}: ok " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 
-
 @app.command("export")
 def export_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
                steering: Optional[Path] = typer.Option(None, help="steering delta (.safetensors) to bake in"),
@@ -433,6 +496,30 @@ def export_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint direc
         from rich.markup import escape
         _fail(escape(str(e)))
     print(json.dumps({**describe(meta), "load_seconds": round(engine.load_seconds, 3), "sidecar": str(out) + ".json"}))
+
+
+@app.command("report")
+def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge-steer identify`"),
+               model: Optional[Path] = typer.Option(None, help="the checkpoint identified (default: embedded model)"),
+               demos: Path = typer.Option(..., help="demos to draw the sample frames from"),
+               out: Path = typer.Option(..., help="report directory: report.md, heatmap.png, attention_<head>.png"),
+               frames: int = typer.Option(3, min=1, max=8, help="sample frames per attention map")) -> None:
+    """Explain identified heads: effect heatmaps per factor, the top heads' attention on demo frames, a summary."""
+    from edge_steer.steering.identify import IdentifyError
+    from edge_steer.steering.report import ReportError, write_report
+
+    try:
+        doc = json.loads(heads.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        _fail(f"cannot read heads file {heads}: {e}")
+    m = _load(model)
+    ds = _demos(demos)
+    try:
+        with console.status("drawing the report"):
+            path = write_report(doc, m, ds, out, n_frames=frames)
+    except (IdentifyError, ReportError, KeyError) as e:
+        _fail(str(e))
+    console.print(f"report: {path}")
 
 
 def main() -> None:

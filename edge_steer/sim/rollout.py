@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_steer.sim.env import EnvConfig, SimEnv
+from edge_steer.sim.panda import ControlException
 from edge_steer.sim.tasks import Task
 
 
@@ -27,28 +28,30 @@ class EpisodeResult:
     success: bool
     steps: int
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    error: str | None = None      # why the episode ended early (a robot reflex), if it did
 
 
 def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvConfig = EnvConfig(),
                        execute: int = 5, max_steps: int | None = None, keep_frames: bool = False) -> EpisodeResult:
-    """Run until the success predicate holds or max_steps; re-plan every `execute` actions."""
+    """Run until the success predicate holds or max_steps; re-plan every `execute` actions.
+    A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode."""
     max_steps = max_steps or config.max_steps
-    frames = []
+    frames: list[np.ndarray] = []
     with SimEnv(task, seed, config) as env:
-        steps = 0
-        while steps < max_steps:
-            obs = env.observe()
-            if keep_frames:
-                frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
-            chunk = policy.predict(obs, task.instruction)
-            for action in chunk[:execute]:
-                env.step(action)
-                steps += 1
-                if env.success():
-                    return EpisodeResult(task.name, seed, True, steps, frames)
-                if steps >= max_steps:
-                    break
-        return EpisodeResult(task.name, seed, False, steps, frames)
+        try:
+            while env.steps < max_steps:
+                obs = env.observe()
+                if keep_frames:
+                    frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
+                for action in policy.predict(obs, task.instruction)[:execute]:
+                    env.step(action)
+                    if env.success():
+                        return EpisodeResult(task.name, seed, True, env.steps, frames)
+                    if env.steps >= max_steps:
+                        break
+        except ControlException as e:
+            return EpisodeResult(task.name, seed, False, env.steps, frames, error=str(e))
+        return EpisodeResult(task.name, seed, False, env.steps, frames)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

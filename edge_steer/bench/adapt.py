@@ -1,0 +1,346 @@
+"""The few-shot adaptation benchmark: zero-shot vs steer vs LoRA vs full fine-tuning on held-out variants.
+
+For every (variant, seed): record the largest K of expert demos once (demo seeds), then for each K
+take the first K episodes; steer identifies heads on those K demos only; every method gets the same
+steps, batch size and learning rate; every fine-tuned model is evaluated closed loop on evaluation
+seeds disjoint from the demo seeds, and optionally under test-time perturbations none trained on.
+Fine-tunes run in a spawned process each, so their peak memory (max RSS) is measured per run.
+
+Ablations vary one thing of the steer arm: the number of heads, which slices train, and how heads
+are chosen (attribution / exact mean ablation / factor patching / probe / random).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METHODS = ("zero-shot", "steer", "lora", "full")
+SELECTIONS = ("attribution", "ablation", "patching", "probe", "random")
+# test-time perturbations: none of the fine-tunes saw these
+PERTURBATIONS = {"dim_light": {"lighting": "dim"}, "distractors": {"distractors": 4},
+                 "camera_jitter": {"camera_jitter": 0.03}}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    variants: tuple[str, ...] = ()               # empty: every held-out task
+    shots: tuple[int, ...] = (5, 10, 20)
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    episodes: int = 50                           # closed-loop evaluation episodes per cell
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    top_k: int = 6
+    selection: str = "attribution"
+    slices: str = "qo"
+    lora_rank: int = 16
+    perturb_episodes: int = 0                    # per perturbation and cell; 0: no robustness runs
+    ablations: bool = False                      # k / slices / selection sweeps at the smallest K, seed 0
+    ablation_k: tuple[int, ...] = (2, 4, 8, 12)
+    ablation_slices: tuple[str, ...] = ("o", "qkvo")
+    workers: int = 2
+    isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
+    model: str | None = None                     # base checkpoint (None: the embedded default)
+
+    @classmethod
+    def quick(cls, **kw) -> "AdaptConfig":
+        # in-process and single-worker: spawning processes costs more than the few episodes it runs
+        base = dict(variants=("purple_cylinder_in_yellow_bowl",), shots=(5,), seeds=(0,), episodes=4, steps=20,
+                    batch_size=16, perturb_episodes=0, workers=1, isolate=False)
+        return cls(**{**base, **kw})
+
+
+@dataclass
+class Cell:
+    variant: str
+    factor: str
+    shots: int
+    method: str
+    seed: int
+    arm: str = "main"                       # main | k=<n> | slices=<s> | select=<m>
+    successes: int = 0
+    episodes: int = 0
+    trainable_params: int = 0
+    finetune_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    final_loss: float = float("nan")
+    heads: list[str] = field(default_factory=list)
+    robustness: dict[str, list[int]] = field(default_factory=dict)   # perturbation -> [successes, episodes]
+    episode_log: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# one fine-tune, in its own process
+# ------------------------------------------------------------------------------------------------
+def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from edge_steer.data import Dataset, EpisodeFilter
+    from edge_steer.models import load_model
+    from edge_steer.models.heads import HeadRef
+    from edge_steer.steering.finetune import FinetuneConfig, finetune, save_result, with_train
+    from edge_steer.steering.identify import IdentifyConfig, identify, probe_set
+    from edge_steer.sim.tasks import TASKS
+
+    if args["isolate"]:
+        torch.set_num_threads(args["threads"])
+    base = load_model(args["model"])
+    demos = Dataset(args["demos"], EpisodeFilter(limit=args["shots"]))
+    out = Path(args["out"])
+    heads, doc = None, None
+    if args["method"] == "steer":
+        if args["selection"] == "random":
+            rng = np.random.default_rng(args["seed"])
+            c = base.config
+            flat = rng.choice(c.n_layers * c.n_heads, args["top_k"], replace=False)
+            heads = [HeadRef(int(i) // c.n_heads, int(i) % c.n_heads) for i in flat]
+            doc = {"method": "random", "selected": [{"head": str(h)} for h in heads]}
+        else:
+            others = sorted({t.instruction for t in TASKS.values()})
+            ps = probe_set(base, demos, 128, args["seed"], others)
+            icfg = IdentifyConfig(method=args["selection"], top_k=args["top_k"], exact=args["selection"] != "attribution"
+                                  and args["selection"] != "probe", batch_size=32)
+            doc = identify(base, ps, icfg, demos={"path": args["demos"], "shots": args["shots"]})
+            heads = [HeadRef(s["layer"], s["index"]) for s in doc["selected"]]
+    cfg = with_train(FinetuneConfig(method=args["method"], slices=args["slices"], lora_rank=args["lora_rank"]),
+                     steps=args["steps"], batch_size=args["batch_size"], lr=args["lr"], seed=args["seed"],
+                     checkpoint_every=10**9)
+    t0 = time.perf_counter()
+    res = finetune(base, demos, cfg, out / "run", heads=heads, heads_doc=doc, progress=False)
+    seconds = time.perf_counter() - t0
+    save_result(res, out)
+    return {"trainable_params": res.trainable_params, "finetune_s": seconds, "final_loss": res.train.final_loss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "heads": [str(h) for h in heads or []], "model_dir": str(out / "model")}
+
+
+def _call(fn, arg, isolate: bool):
+    if not isolate:
+        return fn(arg)
+    from edge_steer.sim.demos import process_pool
+    with process_pool(1) as pool:
+        return pool.submit(fn, arg).result()
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print) -> list[Cell]:
+    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.sim.demos import generate_demos
+    from edge_steer.sim.env import EnvConfig
+    from edge_steer.sim.rollout import evaluate
+    from edge_steer.sim.tasks import get_task, tasks_by_split
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
+    variants = [get_task(v) for v in cfg.variants] if cfg.variants else tasks_by_split("heldout")
+    cells: list[Cell] = []
+    results_file = out / "cells.json"
+    done = {_key(c) for c in _load_cells(results_file)}
+    cells = _load_cells(results_file)
+
+    def evaluate_cell(cell: Cell, model_dir: Path, task) -> None:
+        load = partial(EdgeVLA.from_pretrained, model_dir)
+        res = evaluate(load, [task], cfg.episodes, cell.seed, workers=cfg.workers)
+        cell.successes, cell.episodes = sum(r.success for r in res), len(res)
+        cell.episode_log = [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
+        for name, change in PERTURBATIONS.items() if cfg.perturb_episodes else ():
+            pres = evaluate(load, [task.vary(**change)], cfg.perturb_episodes, cell.seed, workers=cfg.workers)
+            cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
+
+    def record(cell: Cell) -> None:
+        cells.append(cell)
+        results_file.write_text(json.dumps([asdict(c) for c in cells], indent=1))   # resumable after a crash
+        say(f"{cell.variant} K={cell.shots} {cell.method} [{cell.arm}] seed {cell.seed}: "
+            f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
+                                                   if cell.method != "zero-shot" else ""))
+
+    arms = [("main", {})]
+    if cfg.ablations:
+        arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
+        arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
+        arms += [(f"select={m}", {"selection": m}) for m in SELECTIONS if m != cfg.selection]
+    for task in variants:
+        for seed in cfg.seeds:
+            demos = out / "demos" / f"{task.name}_seed{seed}"
+            if not (demos / "meta" / "info.json").exists():
+                say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
+                generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
+            for k in cfg.shots:
+                for method in cfg.methods:
+                    for arm, change in (arms if method == "steer" else arms[:1]):
+                        if arm != "main" and k != min(cfg.shots):
+                            continue
+                        if arm != "main" and seed != cfg.seeds[0]:
+                            continue
+                        cell = Cell(task.name, task.factor or "", k, method, seed, arm)
+                        if _key(cell) in done:
+                            continue
+                        if method == "zero-shot":
+                            if k != min(cfg.shots):
+                                continue           # zero-shot does not depend on K
+                            evaluate_cell(cell, base_dir, task)
+                            record(cell)
+                            continue
+                        ft = _call(_finetune_job, {
+                            "model": str(base_dir), "demos": str(demos), "shots": k, "method": method,
+                            "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                            "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
+                            "slices": change.get("slices", cfg.slices), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
+                            "out": str(out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}")}, cfg.isolate)
+                        for key in ("trainable_params", "finetune_s", "peak_rss_mb", "final_loss", "heads"):
+                            setattr(cell, key, ft[key])
+                        evaluate_cell(cell, Path(ft["model_dir"]), task)
+                        record(cell)
+    return cells
+
+
+def _key(c: Cell) -> tuple:
+    return (c.variant, c.shots, c.method, c.seed, c.arm)
+
+
+def _load_cells(path: Path) -> list[Cell]:
+    if not path.exists():
+        return []
+    return [Cell(**d) for d in json.loads(path.read_text())]
+
+
+# ------------------------------------------------------------------------------------------------
+# tables and plots
+# ------------------------------------------------------------------------------------------------
+def summarise(cells: list[Cell]) -> dict[str, Any]:
+    """Pooled success with a Wilson 95 % interval per (factor, K, method) of the main arm, the
+    zero-shot row repeated for every K; plus resource means per method and the ablation rows."""
+    from edge_steer.sim.rollout import wilson_interval
+
+    main = [c for c in cells if c.arm == "main"]
+    shots = sorted({c.shots for c in main if c.method != "zero-shot"}) or sorted({c.shots for c in main})
+    rows = []
+    for factor in sorted({c.factor for c in main}):
+        for k in shots:
+            for method in METHODS:
+                sel = [c for c in main if c.factor == factor and c.method == method
+                       and (c.shots == k or method == "zero-shot")]
+                if not sel:
+                    continue
+                s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
+                lo, hi = wilson_interval(s, n)
+                rob = {}
+                for name in PERTURBATIONS:
+                    rs = [c.robustness[name] for c in sel if name in c.robustness]
+                    if rs:
+                        rob[name] = sum(r[0] for r in rs) / max(1, sum(r[1] for r in rs))
+                rows.append({"factor": factor, "shots": k, "method": method, "success": s / max(n, 1),
+                             "ci": [lo, hi], "n": n, "cells": len(sel),
+                             "trainable_params": float(np.mean([c.trainable_params for c in sel])),
+                             "finetune_s": float(np.mean([c.finetune_s for c in sel])),
+                             "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
+    ablations = []
+    for arm in sorted({c.arm for c in cells} - {"main"}) + ["main"]:
+        sel = [c for c in cells if c.arm == arm and c.method == "steer"
+               and (arm != "main" or (c.shots == min(shots) and c.seed == min(x.seed for x in cells)))]
+        if not sel or (arm == "main" and len({c.arm for c in cells}) == 1):
+            continue
+        s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
+        ablations.append({"arm": arm, "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
+                          "trainable_params": float(np.mean([c.trainable_params for c in sel]))})
+    return {"rows": rows, "ablations": ablations}
+
+
+def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    paths = []
+    factors = sorted({r["factor"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(factors)), figsize=(4.2 * max(1, len(factors)), 3.4), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        for method in METHODS:
+            rs = sorted((r for r in rows if r["factor"] == factor and r["method"] == method), key=lambda r: r["shots"])
+            if not rs:
+                continue
+            x = [r["shots"] for r in rs]
+            y = [100 * r["success"] for r in rs]
+            err = [[100 * (r["success"] - r["ci"][0]) for r in rs], [100 * (r["ci"][1] - r["success"]) for r in rs]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_title(f"{factor} variants")
+        ax.set_xlabel("demonstrations K")
+        ax.set_ylabel("success %")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "adapt_success_vs_k.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    rob = [r for r in rows if r["robustness"]]
+    if rob:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        names = list(PERTURBATIONS)
+        width = 0.8 / len(METHODS)
+        for i, method in enumerate(METHODS):
+            rs = [r for r in rob if r["method"] == method]
+            if not rs:
+                continue
+            clean = np.mean([r["success"] for r in rs])
+            drops = [100 * (clean - np.mean([r["robustness"].get(n, np.nan) for r in rs])) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, drops, width, label=method)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+        ax.set_ylabel("success drop (pp)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        p = out_dir / "adapt_robustness.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: str) -> str:
+    lines = [f"Command: `{command}` at commit `{commit}`.", "",
+             f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
+             f"{cfg.episodes} evaluation episodes per cell, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
+             f"steer top-{cfg.top_k} heads by {cfg.selection}, slices {cfg.slices}, LoRA rank {cfg.lora_rank} on q/k/v/o.", ""]
+    for factor in sorted({r["factor"] for r in summary["rows"]}):
+        lines += [f"#### {factor} variants", "",
+                  "| K | method | success | 95 % CI | episodes | trainable params | fine-tune s | peak RSS MB |"
+                  + (" robustness (dim / distractors / jitter) |" if any(r["robustness"] for r in summary["rows"]) else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if any(r["robustness"] for r in summary["rows"]) else "")]
+        for r in summary["rows"]:
+            if r["factor"] != factor:
+                continue
+            rob = ""
+            if any(x["robustness"] for x in summary["rows"]):
+                rob = " " + " / ".join(f"{100 * r['robustness'].get(n, float('nan')):.0f} %" for n in PERTURBATIONS) + " |"
+            lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
+                         f"{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f} % | {r['n']} | {r['trainable_params']:,.0f} | "
+                         f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
+        lines.append("")
+    if summary["ablations"]:
+        lines += ["#### Ablations of the steer arm (smallest K, first seed)", "",
+                  "| arm | success | 95 % CI | episodes | trainable params |", "|---|---|---|---|---|"]
+        for a in summary["ablations"]:
+            lines.append(f"| {a['arm']} | {100 * a['success']:.1f} % | {100 * a['ci'][0]:.0f}–{100 * a['ci'][1]:.0f} % "
+                         f"| {a['n']} | {a['trainable_params']:,.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def with_overrides(cfg: AdaptConfig, **kw) -> AdaptConfig:
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

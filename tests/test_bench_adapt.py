@@ -1,0 +1,43 @@
+"""`edge-steer bench adapt --quick` runs end to end (tiny model, few episodes), so the benchmark
+cannot silently break."""
+
+import json
+
+from typer.testing import CliRunner
+
+from edge_steer.bench.adapt import Cell, summarise
+from edge_steer.cli import app
+from steering_fixtures import tiny_model
+
+runner = CliRunner()
+
+
+def test_quick_adaptation_benchmark_end_to_end(tmp_path):
+    m = tiny_model(language="minilm")
+    m.save_pretrained(tmp_path / "base")
+    args = ["bench", "adapt", "--quick", "--model", tmp_path / "base", "--out", tmp_path / "run", "--shots", "2",
+            "--episodes", "2", "--steps", "3", "--methods", "zero-shot,steer,lora", "--docs", tmp_path / "docs" / "results.md"]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
+    assert {c["method"] for c in cells} == {"zero-shot", "steer", "lora"}
+    assert all(c["episodes"] == 2 for c in cells)
+    steer = next(c for c in cells if c["method"] == "steer")
+    lora = next(c for c in cells if c["method"] == "lora")
+    assert 0 < steer["trainable_params"] < lora["trainable_params"] and steer["heads"]
+    assert steer["peak_rss_mb"] > 50
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Few-shot adaptation (quick)" in doc and "| 2 | steer |" in doc
+    assert (tmp_path / "docs" / "adapt_success_vs_k.png").stat().st_size > 5000
+    # resumable: a second run finds every cell done and trains nothing
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0 and "recording" not in res.output and "seed 0:" not in res.output
+
+
+def test_summary_pools_episodes_with_wilson_intervals():
+    cells = [Cell("v", "entity", 5, "steer", s, successes=k, episodes=10) for s, k in [(0, 8), (1, 6)]]
+    cells.append(Cell("v", "entity", 5, "zero-shot", 0, successes=0, episodes=10))
+    rows = {r["method"]: r for r in summarise(cells)["rows"]}
+    assert rows["steer"]["success"] == 0.7 and rows["steer"]["n"] == 20
+    lo, hi = rows["steer"]["ci"]
+    assert lo < 0.7 < hi and rows["zero-shot"]["ci"][0] == 0.0
