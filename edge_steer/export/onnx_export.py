@@ -45,6 +45,7 @@ class OnnxExportConfig:
     precision: str = "fp32"         # "fp16": weights and compute in half, inputs/outputs stay float32
     intra_op_threads: int = 2       # recorded as the session options the engine uses
     graph_optimization: str = "ORT_ENABLE_ALL"
+    allow_spinning: bool = False    # idle ORT threads busy-wait by default: off, the robot's other threads need the cores
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -142,7 +143,7 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
                        "code": "edge_steer.models.vla.prepare_inputs / action_chunk"},
         session_options={"graph_optimization_level": config.graph_optimization,
                          "intra_op_num_threads": config.intra_op_threads, "inter_op_num_threads": 1,
-                         "execution_mode": "ORT_SEQUENTIAL"},
+                         "execution_mode": "ORT_SEQUENTIAL", "allow_spinning": config.allow_spinning},
         versions=_versions())
     meta.save(out)
     return meta

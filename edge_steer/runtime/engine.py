@@ -191,6 +191,9 @@ class OnnxEngine(_ExportedEngine):
         so.inter_op_num_threads = int(opts.get("inter_op_num_threads", 1))
         so.execution_mode = getattr(ort.ExecutionMode, opts.get("execution_mode", "ORT_SEQUENTIAL"))
         so.log_severity_level = 3        # the steerable inputs' "initializer is also an input" notice is intended
+        # idle intra-op threads spin by default, taking the cores from the daemon's other threads
+        # (camera, control, and torch in a side-by-side benchmark) between frames
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("allow_spinning") else "0")
         self.session_options = opts
         self.session = ort.InferenceSession(str(self.path), so, providers=self._providers or ["CPUExecutionProvider"])
         self._output = self.meta.outputs[0].name
