@@ -305,3 +305,19 @@ def test_cli_export(tmp_path):
     r = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "other"), "--steering", str(tmp_path / "d.safetensors"),
                                  "--out", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "trained on base model" in r.output
+
+
+def test_default_model_exports_loads_and_predicts(tmp_path):
+    """The embedded checkpoint when it is installed, else a default-config model (same graph)."""
+    from edge_steer.models import DEFAULT_MODEL_DIR, load_model
+    if DEFAULT_MODEL_DIR.exists():
+        model = load_model()
+    else:
+        torch.manual_seed(0)
+        model = EdgeVLA(EdgeVLAConfig()).eval()
+    meta = export_onnx(model, tmp_path / "default.onnx")
+    assert meta.fused_attention["nodes"] == model.config.n_layers
+    engine = load_engine(tmp_path / "default.onnx")
+    obs = observation(9, size=model.config.image_size)
+    assert rel_err(engine.predict(obs, "put the red cube on the blue plate"),
+                   model.predict(obs, "put the red cube on the blue plate")) <= RTOL

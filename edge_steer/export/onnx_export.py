@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, steerable_params
