@@ -212,6 +212,7 @@ class TensorRTEngine(_ExportedEngine):
     def _open(self) -> None:
         from edge_steer.export.tensorrt import TrtSession
         self.session = TrtSession(self.path, self.meta)
+        self.session.upload(self.steer.feeds())        # device copies start as the base weights
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(feeds)
