@@ -386,16 +386,113 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
 
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
-         task: str = typer.Option("red_cube_in_front_of_blue_plate", help="task to demonstrate"),
-         episodes: int = typer.Option(5, min=1, help="few-shot demonstrations to record")) -> None:
-    """The main job end to end in simulation: record few-shot demos, then replay one and report."""
-    data = out / "demos" / task
-    if data.exists():
-        import shutil
-        shutil.rmtree(data)
-    demos_generate(task=task, episodes=episodes, seed=0, out=data, image_size=96, workers=0, keep_failed=False,
-                   action_noise=0.0)
-    demos_replay(data=data, episode=0)
+         task: str = typer.Option("purple_cylinder_in_yellow_bowl", help="held-out variant to adapt to"),
+         episodes: int = typer.Option(10, min=1, help="few-shot demonstrations to record"),
+         eval_episodes: int = typer.Option(10, min=1, help="closed-loop episodes before and after steering"),
+         steps: int = typer.Option(300, min=1, help="steer fine-tuning steps"),
+         model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
+         serve_seconds: float = typer.Option(60.0, help="how long the served arm may take (0: skip serving)")) -> None:
+    """The main job end to end in simulation: few-shot demos of a held-out variant -> identify ->
+    steer fine-tune -> report -> ONNX export -> closed-loop success before/after -> serve over ZMQ."""
+    import shutil
+    from functools import partial
+
+    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.runtime.engine import load_engine
+    from edge_steer.sim.tasks import TaskError, get_task
+
+    try:
+        t = get_task(task)
+    except TaskError as e:
+        _fail(str(e))
+    if out.exists():
+        shutil.rmtree(out)
+    base = model or DEFAULT_MODEL_DIR
+    _load(base)
+    console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
+    demos_generate(task=task, episodes=episodes, seed=0, out=out / "demos", image_size=96, workers=0,
+                   keep_failed=False, action_noise=0.0)
+    console.rule("2/7 the base model on the new task (zero-shot)")
+    before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
+    console.rule("3/7 identify the heads that mediate it")
+    identify_cmd(model=base, demos=out / "demos", out=out / "heads.json", method="attribution", top_k=6,
+                 coverage=None, max_frames=256, baseline=None, probe="ridge", exact=False, seed=0)
+    console.rule("4/7 fine-tune only those heads")
+    finetune_cmd(model=base, demos=out / "demos", method="steer", heads=out / "heads.json", out=out / "steer",
+                 slices="qo", lora_rank=16, steps=steps, batch_size=32, lr=1e-3, seed=0, deterministic=False,
+                 resume=False)
+    report_cmd(heads=out / "heads.json", model=base, demos=out / "demos", out=out / "report", frames=3)
+    console.rule("5/7 export base + steering delta to ONNX")
+    export_cmd(model=base, steering=out / "steer" / "steering.safetensors", format="onnx",
+               out=out / "steered.onnx", dynamic_batch=False, steerable="qo", precision="fp32")
+    console.rule("6/7 the exported, steered engine on the new task")
+    after = _eval_report(partial(load_engine, out / "steered.onnx"), [t], eval_episodes, 0, 2, out / "eval_after.json")
+    served = _demo_serve(out, t, out / "steered.onnx", serve_seconds) if serve_seconds > 0 else None
+    console.rule("summary")
+    b, a = before[0], after[0]
+    console.print(f"{task}: success {b['successes']}/{b['episodes']} zero-shot -> {a['successes']}/{a['episodes']} "
+                  f"after steering (ONNX engine); report: {out / 'report' / 'report.md'}")
+    if served is not None:
+        console.print(served)
+
+
+def _demo_serve(out: Path, task, engine: Path, seconds: float) -> str:
+    """Start `edge-steer serve` on the steered engine, instruct it over ZMQ, report outcome and timing."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from edge_steer.client import Client, ClientTimeout
+
+    console.rule(f"7/7 serve the engine in sim and send the instruction over ZMQ")
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    cmd, tel = f"tcp://127.0.0.1:{port()}", f"tcp://127.0.0.1:{port()}"
+    cfg = out / "serve.toml"
+    cfg.write_text(f'[zmq]\ncommand = "{cmd}"\ntelemetry = "{tel}"\n[engine]\nbackend = "onnxruntime"\n'
+                   f'path = "{engine}"\n[robot]\ntask = "{task.name}"\n')
+    log = open(out / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_steer.cli", "serve", "--config", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    client = Client(cmd, tel, timeout_ms=2000)
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                return f"serve exited early (code {proc.returncode}); see {out / 'serve.log'}"
+            try:
+                client.status()
+                break
+            except ClientTimeout:
+                if time.time() > deadline:
+                    return f"serve did not come up; see {out / 'serve.log'}"
+        client.instruct(task.instruction)
+        t0 = time.time()
+        st = client.status()
+        while st["state"] == "RUNNING" and time.time() - t0 < seconds:
+            time.sleep(0.5)
+            st = client.status()
+        (out / "serve_status.json").write_text(json.dumps(st, indent=1, default=str))
+        loop = st.get("setpoint_loop", {})
+        ok = (st.get("sim") or {}).get("success")
+        return (f"served: '{task.instruction}' -> {'success' if ok else 'no success'} after {time.time() - t0:.1f} s "
+                f"(state {st['state']}); setpoint loop: " + json.dumps({k: v for k, v in loop.items()
+                                                                       if not isinstance(v, (list, dict))})
+                + f"; full status: {out / 'serve_status.json'}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        client.close()
+        log.close()
 
 
 @app.command("serve")
