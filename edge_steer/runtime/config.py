@@ -153,6 +153,10 @@ class ZmqConfig:
             raise ConfigError("zmq.curve_secret_key and zmq.curve_authorized_keys go together")
         if self.curve_secret_key and not Path(self.curve_secret_key).is_file():
             raise ConfigError(f"zmq.curve_secret_key: no file at {self.curve_secret_key}")
+        if self.curve_secret_key and Path(self.curve_secret_key).stat().st_mode & 0o037:
+            # as ssh does with private keys: a key others can read (or its group write) is not secret
+            raise ConfigError(f"zmq.curve_secret_key {self.curve_secret_key} is readable by other users: "
+                              "chmod 600 (or 640 for the service's group)")
         if self.curve_authorized_keys and not Path(self.curve_authorized_keys).is_dir():
             raise ConfigError(f"zmq.curve_authorized_keys: no directory at {self.curve_authorized_keys}")
 

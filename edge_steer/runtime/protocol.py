@@ -14,6 +14,7 @@ import msgpack
 VERSION = 1
 MAX_TEXT = 1000         # characters of an instruction
 MAX_NAME = 200          # characters of a steering task name
+MAX_ID = 128            # characters of a string request id (echoed in the reply)
 
 # command -> {field: (type, required)}
 SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
@@ -67,10 +68,14 @@ def decode_request(data: bytes, max_bytes: int) -> Request:
     rid = msg.get("id")
     if rid is not None and not isinstance(rid, (int, str)) or isinstance(rid, bool):
         raise ProtocolError("bad_field", "id must be an integer or a string")
+    if isinstance(rid, str) and len(rid) > MAX_ID:  # the id is echoed: a reply must not grow with the request
+        raise ProtocolError("bad_field", f"id longer than {MAX_ID} characters")
     if "v" not in msg:
         raise ProtocolError("bad_version", f"missing version field 'v' (this daemon speaks v{VERSION})")
-    if msg["v"] != VERSION or isinstance(msg["v"], bool):
-        raise ProtocolError("bad_version", f"protocol version {msg['v']!r} not supported (this daemon speaks v{VERSION})")
+    if type(msg["v"]) is not int or msg["v"] != VERSION:  # 1.0 and true are not versions
+        # the sender's value is echoed cut short: a reply must not grow with the request
+        raise ProtocolError("bad_version", f"protocol version {repr(msg['v'])[:40]} not supported "
+                                           f"(this daemon speaks v{VERSION})")
     cmd = msg.get("cmd")
     if not isinstance(cmd, str):
         raise ProtocolError("bad_field", "cmd must be a string")
