@@ -533,6 +533,8 @@ def send(text: Optional[str] = typer.Argument(None, help="instruction for the ro
          shutdown: bool = typer.Option(False, "--shutdown", help="stop the daemon"),
          no_start: bool = typer.Option(False, "--no-start", help="with TEXT: set the instruction only"),
          endpoint: str = typer.Option("tcp://127.0.0.1:5555", help="daemon command endpoint"),
+         server_key: Optional[Path] = typer.Option(None, help="CURVE: the daemon's public key file (server.key)"),
+         client_key: Optional[Path] = typer.Option(None, help="CURVE: this client's secret key file (*.key_secret)"),
          timeout_ms: int = typer.Option(3000, min=1), as_json: bool = typer.Option(False, "--json")) -> None:
     """Send a command to a running `edge-steer serve` (one per call)."""
     from edge_steer.client import Client, ClientError, ClientTimeout
@@ -550,7 +552,17 @@ def send(text: Optional[str] = typer.Argument(None, help="instruction for the ro
     if record is not None and record not in ("on", "off"):
         _fail("--record takes on or off")
     cmd, args = chosen[0]
-    with Client(endpoint, timeout_ms=timeout_ms) as client:
+    server_public = None
+    if (server_key is None) != (client_key is None):
+        _fail("--server-key and --client-key go together (CURVE)")
+    if server_key is not None:
+        import zmq.auth
+        try:
+            server_public = zmq.auth.load_certificate(server_key)[0]
+        except (OSError, ValueError) as e:
+            _fail(f"cannot read the server key {server_key}: {e}")
+    with Client(endpoint, timeout_ms=timeout_ms, server_public_key=server_public,
+                client_certificate=str(client_key) if client_key else None) as client:
         try:
             result = client.request(cmd, **args)
         except ClientTimeout as e:
@@ -617,6 +629,34 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
     except (IdentifyError, ReportError, KeyError) as e:
         _fail(str(e))
     console.print(f"report: {path}")
+
+
+keys_app = typer.Typer(help="CURVE key pairs for remote control of `edge-steer serve`", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(out: Path = typer.Option(..., help="directory for NAME.key (public) and NAME.key_secret"),
+                  name: str = typer.Option("server", help="key pair name: 'server', or one per operator/client")) -> None:
+    """Write a CURVE key pair (zmq.auth certificate format); the secret file is readable by its owner only."""
+    import os
+
+    import zmq.auth
+    if not name.isidentifier():
+        _fail(f"--name must be a plain name, got {name!r}")
+    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        _fail(f"{public} or {secret} exists already; remove it to replace the key pair")
+    out.mkdir(parents=True, exist_ok=True)
+    old = os.umask(0o077)  # the secret is never world-readable, not even for an instant
+    try:
+        zmq.auth.create_certificates(str(out), name)
+    finally:
+        os.umask(old)
+    secret.chmod(0o600)
+    public.chmod(0o644)
+    console.print(f"public key: {public} (give it to the other side; clients' go in zmq.curve_authorized_keys)")
+    console.print(f"secret key: {secret} (mode 600; never copy it off this machine)")
 
 
 def main() -> None:
