@@ -1036,7 +1036,13 @@ def curve_checks(tmp: Path) -> dict[str, bool | str]:
             res["allowed key: telemetry"] = len(list(op.telemetry(max_messages=5))) == 5
             op.stop()
             op.close()
-            res["only the allowed client's 3 requests reached the handler"] = d.server.requests == 3
+            from typer.testing import CliRunner
+
+            from edge_steer.cli import app
+            cli = CliRunner().invoke(app, ["send", "--status", "--endpoint", cmd, "--server-key",
+                                           str(keys["server"][0]), "--client-key", str(keys["operator"][1])])
+            res["`edge-steer send --server-key --client-key` works"] = cli.exit_code == 0 and '"state"' in cli.output
+            res["only the allowed client's 4 requests reached the handler"] = d.server.requests == 4
         finally:
             cell.daemon.close()
     finally:

@@ -1,0 +1,64 @@
+"""Authenticated remote control (issue 8): CURVE keys from the CLI, who gets an effect, secrets kept
+out of the logs, the config's refusals, and the systemd unit's privileges."""
+
+from __future__ import annotations
+
+import configparser
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edge_steer.cli import app
+from edge_steer.runtime.config import ConfigError, ServeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_reliability as rel  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_keys_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path):
+    r = CliRunner().invoke(app, ["keys", "generate", "--out", str(tmp_path / "k"), "--name", "server"])
+    assert r.exit_code == 0, r.output
+    secret = tmp_path / "k" / "server.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and (tmp_path / "k" / "server.key").is_file()
+    assert "secret-key" in secret.read_text() and "secret-key" not in (tmp_path / "k" / "server.key").read_text()
+    r = CliRunner().invoke(app, ["keys", "generate", "--out", str(tmp_path / "k"), "--name", "server"])
+    assert r.exit_code == 2 and "exists already" in r.output
+    r = CliRunner().invoke(app, ["keys", "generate", "--out", str(tmp_path / "k"), "--name", "../x"])
+    assert r.exit_code == 2
+
+
+def test_curve_only_the_allowed_client_gets_an_effect_and_secrets_are_never_logged(tmp_path):
+    res = rel.curve_checks(tmp_path)
+    assert all(v is True for v in res.values()), res
+
+
+def test_config_binds_remote_only_with_curve_and_refuses_a_readable_secret(tmp_path):
+    keys = rel.make_keys(tmp_path / "k", "server")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    with pytest.raises(ConfigError, match="CURVE"):
+        ServeConfig.sim().with_(zmq={"command": "tcp://0.0.0.0:5555"})
+    curve = {"curve_secret_key": str(keys["server"][1]), "curve_authorized_keys": str(allowed)}
+    assert ServeConfig.sim().with_(zmq={"command": "tcp://0.0.0.0:5555", **curve}).zmq.curve
+    keys["server"][1].chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        ServeConfig.sim().with_(zmq={"command": "tcp://0.0.0.0:5555", **curve})
+    assert ServeConfig.sim().zmq.command.startswith("tcp://127.0.0.1:")  # localhost by default
+
+
+def test_systemd_unit_is_unprivileged_except_for_rt_limits():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "systemd" / "edge-steer.service")
+    svc = unit["Service"]
+    assert svc["User"] == "edge-steer" and svc["Group"] == "edge-steer"
+    assert svc["NoNewPrivileges"] == "yes" and svc["CapabilityBoundingSet"] == "" and svc["AmbientCapabilities"] == ""
+    assert svc["LimitRTPRIO"] and svc["LimitMEMLOCK"] == "infinity"
+    assert "CPUSchedulingPolicy" not in svc  # libfranka raises its own thread; the rest stays SCHED_OTHER
+    assert svc.get("RestrictRealtime", "no") == "no" and svc["ProtectSystem"] == "strict"
+    assert "PermissionsStartOnly" not in svc and svc.get("PrivilegedStartUp", "") == ""
