@@ -67,16 +67,9 @@ def build_engine(cfg: ServeConfig, robot: RobotHandle):
         torch.set_num_threads(ec.threads)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    from edge_steer.runtime import engine as engine_mod
+    from edge_steer.runtime.engine import load_engine
     try:
-        if ec.backend == "torch":
-            return engine_mod.TorchEngine.load(ec.path or None)
-        load = getattr(engine_mod, "load_engine", None)
-        if load is None:
-            raise ConfigError(f"engine.backend {ec.backend!r} is not available in this build (no load_engine)")
-        return load(ec.path or None, backend=ec.backend)
-    except ConfigError:
-        raise
+        return load_engine(ec.path or None, backend=ec.backend)
     except Exception as e:  # noqa: BLE001 - missing checkpoint, corrupt file, missing library
         raise ConfigError(f"cannot load the {ec.backend} engine from {ec.path or 'the default model'}: {e}") from e
 
