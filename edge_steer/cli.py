@@ -120,6 +120,8 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              language: str = typer.Option("minilm", help="minilm | embedding"),
              n_kv_heads: int = typer.Option(0, help="key/value heads (0 = as many as query heads; fewer = GQA)"),
              resume: bool = typer.Option(True, help="continue from the latest checkpoint in OUT"),
+             state_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="share of samples trained without the state"),
+             init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
              workers: int = typer.Option(2, min=1)) -> None:
     """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
@@ -134,13 +136,23 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
         ds = Dataset(data)
     except DatasetError as e:
         _fail(str(e))
+    from dataclasses import replace as _replace
+
     base = EdgeVLAConfig()
+    start = _load(init) if init is not None else None
     try:
-        cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads)
+        if start is not None:
+            cfg = _replace(start.config, state_dropout=state_dropout)
+        else:
+            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads, state_dropout=state_dropout)
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)
     model.set_stats(ds.stats)  # a resumed run restores these from its checkpoint
+    if start is not None:   # new parameters (e.g. the null state token) keep their fresh init
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected:
+            _fail(f"--init checkpoint has weights this model lacks: {unexpected[:5]}")
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters")

@@ -220,3 +220,20 @@ def test_nan_loss_stops_training(tmp_path):
 def test_reference_vla_implements_the_model_interface():
     from edge_steer.models import VLAPolicy
     assert isinstance(tiny(), VLAPolicy)
+
+
+def test_state_dropout_uses_a_learned_null_token_in_training_only():
+    m = tiny(state_dropout=1.0)
+    b = batch(m)
+    x = m.prepare(b)
+    with torch.no_grad():
+        dropped = m(**x, state_drop=torch.ones(3, dtype=torch.bool))
+        x2 = dict(x, state=x["state"] + 5.0)
+        # with the state dropped, the state value cannot matter ...
+        torch.testing.assert_close(dropped, m(**x2, state_drop=torch.ones(3, dtype=torch.bool)))
+        # ... and without it (inference), it does
+        assert not torch.allclose(m(**x), m(**x2))
+    loss = m.loss(b)
+    loss.backward()
+    assert m.state_null.grad is not None and m.state_null.grad.abs().sum() > 0
+    assert not hasattr(tiny(), "state_null")   # old checkpoints keep loading
