@@ -48,11 +48,14 @@ class IdentifyConfig:
     batch_size: int = 32
     probe: str = "ridge"              # ridge | knn
     exact: bool = True                # also run exact ablation + patching (needed to report agreement)
+    attribution: str = "shift"        # what attribution differentiates: "shift" (action) | "error" (see _Runner.gradients)
     seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise IdentifyError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.attribution not in ("shift", "error"):
+            raise IdentifyError(f"attribution must be shift or error, got {self.attribution!r}")
         if self.probe not in ("ridge", "knn"):
             raise IdentifyError(f"probe must be ridge or knn, got {self.probe!r}")
         if self.coverage is not None and not 0 < self.coverage <= 1:
@@ -222,19 +225,28 @@ class _Runner:
             self.passes += H * (self.n_layers - layer) / self.n_layers
         return total / len(self.ps) - clean_err
 
-    def gradients(self) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
-        """One forward + backward of the mean error: clean head inputs and their gradients at the
-        decision tokens, per layer."""
+    def gradients(self, metric: str = "shift", seed: int = 0) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        """One forward + backward: clean head inputs and their gradients at the decision tokens, per layer.
+
+        metric "error": the gradient of the mean action error. Near a good fit it is mostly the sign
+        of each residual, so its first-order estimate of an ablation barely tracks the exact one.
+        metric "shift": the gradient of <prediction, u> with a random Gaussian u per sample; each
+        sample's projection (delta a . gradient) then has expectation-of-square |J delta a|^2, the
+        squared action shift the replacement causes, which is what the error grows by near a fit."""
         m = self.model
         acts, grads = [[] for _ in range(self.n_layers)], [[] for _ in range(self.n_layers)]
         total = 0.0
+        gen = torch.Generator().manual_seed(seed)
         for sl in self.batches():
             with torch.no_grad():
                 x, mask = m.embed(**{k: v[sl] for k, v in self.ps.inputs.items()})
             with record_head_inputs(m, self.hooks, keep_grad=True) as seen:
                 pred = m.readout(m.trunk(x, mask))
                 err = self.errors(pred, sl)
-                (err.sum() / len(self.ps)).backward()
+                if metric == "shift":
+                    (pred.float() * torch.randn(pred.shape, generator=gen)).sum().backward()
+                else:
+                    (err.sum() / len(self.ps)).backward()
             total += float(err.detach().sum())
             for layer, path in enumerate(self.hooks):
                 acts[layer].append(seen[path].detach()[:, self.dec])
@@ -244,11 +256,15 @@ class _Runner:
         return total / len(self.ps), [torch.cat(a) for a in acts], [torch.cat(g) for g in grads]
 
     def attribute(self, acts: list[torch.Tensor], grads: list[torch.Tensor],
-                  replacement: list[torch.Tensor]) -> np.ndarray:
+                  replacement: list[torch.Tensor], metric: str = "shift") -> np.ndarray:
         out = np.zeros((self.n_layers, self.n_heads))
         for layer in range(self.n_layers):
             diff = (replacement[layer] - acts[layer]) * grads[layer]          # (N, Tdec, H*hd)
-            out[layer] = diff.unflatten(-1, (self.n_heads, self.hd)).sum((0, 1, 3)).numpy()
+            per = diff.unflatten(-1, (self.n_heads, self.hd)).sum((1, 3))     # (N, H)
+            if metric == "shift":   # RMS action shift (normalised units) over the probe set
+                out[layer] = per.pow(2).mean(0).sqrt().numpy()
+            else:                   # first-order change of the mean error
+                out[layer] = per.sum(0).numpy()
         return out
 
 
@@ -281,10 +297,10 @@ def score_heads(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(),
 
     t1 = time.perf_counter()
     say("attribution (one backward)")
-    _, acts, grads = run.gradients()
-    scores.attribution["ablation"] = run.attribute(acts, grads, mean_repl)
+    _, acts, grads = run.gradients(cfg.attribution, cfg.seed)
+    scores.attribution["ablation"] = run.attribute(acts, grads, mean_repl, cfg.attribution)
     for f, ca in corrupt_acts.items():
-        scores.attribution[f] = run.attribute(acts, grads, ca)
+        scores.attribution[f] = run.attribute(acts, grads, ca, cfg.attribution)
     timing["attribution_s"] = time.perf_counter() - t1 + timing["setup_s"]
     timing["attribution_passes"] = 3 + shared          # forward + backward (counted as two) + replacements
 
