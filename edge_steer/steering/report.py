@@ -218,7 +218,8 @@ def plot_heatmaps(panels: Sequence[Panel], chosen: Sequence[HeadRef], path: Path
     axes[0].set_ylabel("layer")
     if "effect" in ims:
         fig.colorbar(ims["effect"], ax=[a for a, p in zip(axes, panels) if p.kind == "effect"], location="bottom",
-                     shrink=0.6, aspect=40, label="action-error increase when the head is replaced (normalised L1)")
+                     shrink=0.6, aspect=40, label="effect of replacing the head, normalised action units (exact: L1 error increase; "
+                           "attribution est.: RMS action shift)")
     if "r2" in ims:
         fig.colorbar(ims["r2"], ax=[a for a, p in zip(axes, panels) if p.kind == "r2"], location="bottom",
                      shrink=0.9, aspect=20, label="probe R² (leave-one-episode-out)")
