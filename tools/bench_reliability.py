@@ -1065,8 +1065,8 @@ def _fmt(x, nd: int = 1) -> str:
 def write_report(r: dict, path: Path, command: str) -> None:
     L = ["# Reliability and security of `edge-steer serve`", "",
          f"Command: `{command}`  ",
-         f"Commit: {r['commit']}; machine: {r['cpus']} CPU cores, no GPU, shared with a model training in "
-         f"parallel (1-minute load average {r['loadavg'][0]:.1f} at the start, {r['loadavg_end'][0]:.1f} at the end). "
+         f"Commit: {r['commit']}; machine: {r['cpus']} CPU cores, no GPU "
+         f"(1-minute load average {r['loadavg'][0]:.1f} at the start, {r['loadavg_end'][0]:.1f} at the end). "
          f"Total wall time {r['wall_s']:.0f} s. Short durations by design ({r['seconds']:.0f} s per load level) "
          "to limit the load on a shared 2-core machine; rerun with `--seconds 60` on the robot PC.", "",
          "The same functions run, smaller, in `tests/test_reliability*.py`.", "",
