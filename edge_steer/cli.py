@@ -360,6 +360,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     import sys
 
     from edge_steer.bench import adapt
+    from edge_steer.bench.docs import upsert_section
 
     base = adapt.AdaptConfig.quick() if quick else adapt.AdaptConfig()
     cfg = adapt.with_overrides(
@@ -385,15 +386,8 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
             shutil.copy(p, docs.parent / p.name)
         shutil.copy(out / "cells.json", docs.parent / "adapt_cells.json")
         heading = "## Few-shot adaptation" + (" (quick)" if quick else "")
-        body = docs.read_text() if docs.exists() else "# Results\n\n"
-        start = body.find(heading + "\n")
         section = heading + "\n\n" + text + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
-        if start >= 0:
-            end = body.find("\n## ", start + len(heading))
-            body = body[:start] + section + (body[end:] if end >= 0 else "")
-        else:
-            body = body.rstrip() + "\n\n" + section
-        docs.write_text(body)
+        upsert_section(str(docs), section, title="# Results")
 
 
 @app.command("demo")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
+
+from edge_steer.bench.docs import upsert_section  # noqa: F401  (re-exported for the tools)
 
 
 def git_commit() -> str:
@@ -11,18 +12,3 @@ def git_commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True).stdout.strip()
     return out + ("+dirty" if dirty else "")
-
-
-def upsert_section(path: str, text: str) -> None:
-    """Replace the `## ` section whose heading is text's first line, or append it."""
-    heading = text.splitlines()[0]
-    body = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    start = body.find(heading + "\n")
-    if start >= 0:
-        end = body.find("\n## ", start + len(heading))
-        body = body[:start] + text.rstrip() + "\n" + (body[end:] if end >= 0 else "")
-    else:
-        body = body.rstrip() + "\n\n" + text.rstrip() + "\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(body)

@@ -218,9 +218,7 @@ class _Runner:
 
                 with edit_head_inputs(m, {self.hooks[layer]: edit}):
                     pred = m.readout(m.trunk(x.repeat(H, 1, 1), masks[sl].repeat(H, 1), start=layer))
-                err = (pred.float().unflatten(0, (H, b)) - self.ps.target[sl]).abs().mean(-1)
-                valid = self.ps.valid[sl]
-                per = (err * valid).sum(-1) / valid.sum(-1).clamp_min(1)               # (H, B)
+                per = self.errors(pred.unflatten(0, (H, b)), sl)                      # (H, B)
                 total[layer] += per.sum(-1).numpy()
             self.passes += H * (self.n_layers - layer) / self.n_layers
         return total / len(self.ps) - clean_err
