@@ -121,6 +121,8 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              n_kv_heads: int = typer.Option(0, help="key/value heads (0 = as many as query heads; fewer = GQA)"),
              resume: bool = typer.Option(True, help="continue from the latest checkpoint in OUT"),
              state_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="share of samples trained without the state"),
+             keypoints: int = typer.Option(0, min=0, help="spatial-softmax keypoint token per camera with K maps (0 = none)"),
+             augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
              init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
              workers: int = typer.Option(2, min=1)) -> None:
@@ -144,7 +146,8 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
         if start is not None:
             cfg = _replace(start.config, state_dropout=state_dropout)
         else:
-            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads, state_dropout=state_dropout)
+            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads, state_dropout=state_dropout,
+                                keypoints=keypoints, augment_shift=base.augment_shift if augment_shift is None else augment_shift)
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)

@@ -142,6 +142,15 @@ def test_parity_random_and_real_inputs(exported):
     assert rel_err(a, b) <= RTOL
 
 
+def test_parity_with_keypoint_tokens(tmp_path):
+    model = tiny(seed=3, keypoints=4)
+    export_onnx(model, tmp_path / "kp.onnx")
+    engine = load_engine(tmp_path / "kp.onnx")
+    obs = observation(seed=5)
+    assert rel_err(engine.predict(obs, "put the red cube on the blue plate"),
+                   model.predict(obs, "put the red cube on the blue plate")) <= RTOL
+
+
 def test_dynamic_batch(tmp_path):
     model = tiny(seed=2)
     meta = export_onnx(model, tmp_path / "dyn.onnx", config=OnnxExportConfig(dynamic_batch=True))

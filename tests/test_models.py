@@ -29,9 +29,9 @@ def batch(model: EdgeVLA, b: int = 3, seed: int = 0, task="put the red cube on t
     return out
 
 
-@pytest.mark.parametrize("language", ["minilm", "embedding"])
-def test_save_load_round_trip_is_bitwise(tmp_path, language):
-    m = tiny(language=language)
+@pytest.mark.parametrize("language,keypoints", [("minilm", 0), ("embedding", 0), ("embedding", 4)])
+def test_save_load_round_trip_is_bitwise(tmp_path, language, keypoints):
+    m = tiny(language=language, keypoints=keypoints)
     m.set_stats({"action": {"mean": np.arange(7.0), "std": np.full(7, 2.0)},
                  "observation.state": {"mean": np.ones(8), "std": np.full(8, 3.0)}})
     m.save_pretrained(tmp_path / "ckpt")
@@ -237,3 +237,42 @@ def test_state_dropout_uses_a_learned_null_token_in_training_only():
     loss.backward()
     assert m.state_null.grad is not None and m.state_null.grad.abs().sum() > 0
     assert not hasattr(tiny(), "state_null")   # old checkpoints keep loading
+
+
+def test_a_state_dropout_model_can_run_without_the_state():
+    m = tiny(state_dropout=0.5)
+    blind = EdgeVLA(EdgeVLAConfig(**{**TINY, "state_dropout": 0.5, "use_state": False}))
+    blind.load_state_dict(m.state_dict())
+    x = m.prepare(batch(m))
+    with torch.no_grad():
+        torch.testing.assert_close(blind(**x), m(**x, state_drop=torch.ones(3, dtype=torch.bool)))
+        torch.testing.assert_close(blind(**x), blind(**dict(x, state=x["state"] - 2.0)))
+    with pytest.raises(ValueError, match="state_dropout"):
+        EdgeVLAConfig(use_state=False)
+
+
+def test_keypoint_token_is_the_expected_location_of_each_map():
+    """A map peaked at feature cell (r, c) must give that cell's (row, col) coordinate in [-1, 1],
+    one token per camera placed after the camera's patches."""
+    m = tiny(keypoints=3).eval()
+    grid = m.config.image_size // 4
+    peaks = [(0, 0), (2, 5), (grid - 1, 1)]
+
+    def peaked(_mod, _inp, out):
+        out = torch.full_like(out, -1e4)
+        for k, (r, c) in enumerate(peaks):
+            out[:, k, r, c] = 0.0
+        return out
+
+    seen = {}
+    m.keypoint_maps.register_forward_hook(peaked)
+    m.keypoint_in.register_forward_pre_hook(lambda _mod, inp: seen.setdefault("where", inp[0]))
+    with torch.no_grad():
+        m(**m.prepare(batch(m, b=2)))
+    ramp = torch.linspace(-1, 1, grid)
+    expected = torch.tensor([[ramp[r], ramp[c]] for r, c in peaks]).flatten()
+    torch.testing.assert_close(seen["where"], expected.expand(2 * len(m.config.cameras), -1))
+    layout = m.token_layout()
+    cams = [layout[f"camera:{c}"] for c in m.config.cameras]
+    assert all(s.stop - s.start == m.config.patches_per_camera + 1 for s in cams)
+    assert layout["decision"] == m.decision_slice and m.decision_slice.stop == cams[-1].stop + m.config.chunk

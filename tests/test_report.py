@@ -17,7 +17,6 @@ from edge_steer.steering.report import (
     decision_attention,
     instruction_tokens,
     score_panels,
-    token_layout,
     write_report,
 )
 from steering_fixtures import RIGHT, task_demos, tiny_model, write_demos
@@ -73,7 +72,7 @@ def test_decision_attention_rows_sum_to_one_and_flag_is_reset(setup):
     inputs = model.prepare(ds.sample(np.arange(3), chunk=model.config.chunk))
     heads = [HeadRef(0, 1), HeadRef(1, 3)]
     maps = decision_attention(model, inputs, heads)
-    layout = token_layout(model)
+    layout = model.token_layout()
     n_tokens = layout["decision"].stop
     for h in heads:
         w = maps[h]

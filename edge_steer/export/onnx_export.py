@@ -3,7 +3,8 @@
 How the fusion is done: `graph.fused_attention` swaps each attention layer's forward, for the trace
 only, for one whose core is an autograd Function with an ONNX `symbolic` that emits
 `com.microsoft::MultiHeadAttention` (torch.onnx's TorchScript exporter, which needs no extra
-package). `check_fused` then counts the nodes: exactly one per layer, and no Softmax left.
+package). `check_fused` then counts the nodes: exactly one per layer, and no attention Softmax left
+(the one Softmax a keypoint stem has is over its feature maps, not attention).
 
 Steering: the q/o projections (or those named by `steerable`) of every layer are graph inputs whose
 default values (ONNX initialisers of the same names) are the base weights, so the file runs alone,
@@ -104,7 +105,7 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
     proto.producer_name, proto.producer_version = "edge-steer", _version()
     if config.precision == "fp16":
         proto = _to_fp16(proto, [input_name(n) for n in names])
-    counts = check_fused(proto, model.config.n_layers)
+    counts = check_fused(proto, model.config.n_layers, other_softmax=int(model.config.keypoints > 0))
     onnx.checker.check_model(proto)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(tmp))
@@ -148,12 +149,13 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
     return meta
 
 
-def check_fused(proto, n_layers: int) -> Counter:
-    """Op counts of the graph; raises unless attention is exactly one fused node per layer."""
+def check_fused(proto, n_layers: int, other_softmax: int = 0) -> Counter:
+    """Op counts of the graph; raises unless attention is exactly one fused node per layer and the
+    only Softmax nodes are the `other_softmax` ones outside attention."""
     counts = Counter(n.op_type for n in proto.graph.node)
     fused = sum(1 for n in proto.graph.node if n.op_type == FUSED_OP and n.domain == FUSED_DOMAIN)
-    if fused != n_layers or counts["Softmax"]:
-        raise ExportError(f"expected {n_layers} fused {FUSED_DOMAIN}.{FUSED_OP} nodes and no Softmax, got "
+    if fused != n_layers or counts["Softmax"] != other_softmax:
+        raise ExportError(f"expected {n_layers} fused {FUSED_DOMAIN}.{FUSED_OP} nodes and {other_softmax} Softmax, got "
                           f"{fused} fused and {counts['Softmax']} Softmax: attention was not fused")
     return counts
 

@@ -59,6 +59,13 @@ class EdgeVLAConfig:
     # it the policy reads where the expert was heading from the TCP position alone and ignores the
     # images (attempts 1-2: 3 % closed-loop success at a low offline loss)
     state_dropout: float = 0.0
+    # spatial-softmax keypoints per camera (0 = none): the expected (x, y) of K learned feature maps
+    # of the stem, one extra token per camera. It hands the trunk object coordinates directly instead
+    # of leaving it to decode them from 16 px patch tokens (attempts 1-3 localised poorly)
+    keypoints: int = 0
+    # False: the state token is always the null token, so a model trained with state dropout acts
+    # from the images and the instruction alone
+    use_state: bool = True
 
     def __post_init__(self):
         if self.image_size % 16:
@@ -67,10 +74,18 @@ class EdgeVLAConfig:
             raise ValueError(f"language must be one of {ENCODERS}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
+        if self.keypoints < 0:
+            raise ValueError("keypoints must be >= 0")
+        if not self.use_state and self.state_dropout <= 0:
+            raise ValueError("use_state=False needs a model trained with state_dropout > 0 (its null token)")
 
     @property
     def patches_per_camera(self) -> int:
         return (self.image_size // 16) ** 2
+
+    @property
+    def tokens_per_camera(self) -> int:
+        return self.patches_per_camera + (1 if self.keypoints else 0)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EdgeVLAConfig":
@@ -98,7 +113,13 @@ class EdgeVLA(nn.Module):
         ramp = torch.linspace(-1.0, 1.0, c.image_size)
         self.register_buffer("pixel_coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="ij")),
                              persistent=False)
-        self.patch_pos = nn.Parameter(torch.zeros(c.patches_per_camera, d))
+        if c.keypoints:
+            self.keypoint_maps = nn.Conv2d(c2, c.keypoints, 1)
+            self.keypoint_in = nn.Linear(2 * c.keypoints, d)
+            grid = torch.linspace(-1.0, 1.0, c.image_size // 4)   # the stem's stride-4 feature grid
+            self.register_buffer("feature_coords", torch.stack(torch.meshgrid(grid, grid, indexing="ij")).flatten(1).T,
+                                 persistent=False)              # (H*W, 2)
+        self.patch_pos = nn.Parameter(torch.zeros(c.tokens_per_camera, d))
         self.camera_embed = nn.Parameter(torch.zeros(len(c.cameras), d))
         if c.language == "minilm":
             self.lang_in = nn.Linear(384, d)
@@ -126,9 +147,19 @@ class EdgeVLA(nn.Module):
     @property
     def decision_slice(self) -> slice:
         """Token positions of the action queries (the decision tokens) in the sequence."""
+        return self.token_layout()["decision"]
+
+    def token_layout(self) -> dict[str, slice]:
+        """Named token ranges of the sequence: instruction, state, one per camera (its patches, then
+        its keypoint token if any), decision."""
         c = self.config
-        start = c.max_lang_tokens + 1 + len(c.cameras) * c.patches_per_camera
-        return slice(start, start + c.chunk)
+        lang, p = c.max_lang_tokens, c.tokens_per_camera
+        out = {"instruction": slice(0, lang), "state": slice(lang, lang + 1)}
+        for i, cam in enumerate(c.cameras):
+            out[f"camera:{cam}"] = slice(lang + 1 + i * p, lang + 1 + (i + 1) * p)
+        start = lang + 1 + len(c.cameras) * p
+        out["decision"] = slice(start, start + c.chunk)
+        return out
 
     def heads(self) -> list[HeadSlices]:
         c = self.config
@@ -166,11 +197,18 @@ class EdgeVLA(nn.Module):
         b, n_cam = images.shape[:2]
         flat = images.flatten(0, 1)
         flat = torch.cat([flat, self.pixel_coords.expand(flat.shape[0], -1, -1, -1).to(flat.dtype)], 1)
-        patches = self.stem(flat)                                        # (B*n, D, s, s)
+        features = self.stem[:-1](flat)                                  # (B*n, c2, S/4, S/4)
+        patches = self.stem[-1](features)                                # (B*n, D, S/16, S/16)
         patches = patches.flatten(2).transpose(1, 2).reshape(b, n_cam, -1, c.d_model)
+        if c.keypoints:   # spatial softmax: each map's expected feature-grid coordinate
+            where = self.keypoint_maps(features).flatten(2).float().softmax(-1) @ self.feature_coords
+            keypoints = self.keypoint_in(where.flatten(1).to(patches.dtype)).reshape(b, n_cam, 1, c.d_model)
+            patches = torch.cat([patches, keypoints], 2)
         patches = (patches + self.patch_pos + self.camera_embed[:n_cam, None]).flatten(1, 2)
         lang_tok = self.lang_in(lang) + self.lang_pos[: lang.shape[1]]
         state_tok = self.state_in(state)
+        if state_drop is None and not c.use_state:
+            state_drop = torch.ones(b, dtype=torch.bool, device=state.device)
         if state_drop is not None:
             state_tok = torch.where(state_drop[:, None], self.state_null.to(state_tok.dtype), state_tok)
         x = torch.cat([lang_tok, state_tok[:, None], patches,

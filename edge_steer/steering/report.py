@@ -99,17 +99,6 @@ def factor_shares(doc: dict[str, Any], heads: Sequence[HeadRef] | None = None) -
 # ------------------------------------------------------------------------------------------------
 # Attention of the decision tokens
 # ------------------------------------------------------------------------------------------------
-def token_layout(model) -> dict[str, slice]:
-    """Named token ranges of the model's sequence: instruction, state, one per camera, decision."""
-    c = model.config
-    lang, p = c.max_lang_tokens, c.patches_per_camera
-    out = {"instruction": slice(0, lang), "state": slice(lang, lang + 1)}
-    for i, cam in enumerate(c.cameras):
-        out[f"camera:{cam}"] = slice(lang + 1 + i * p, lang + 1 + (i + 1) * p)
-    out["decision"] = model.decision_slice
-    return out
-
-
 def _attention_modules(model, layers: set[int]) -> dict[int, torch.nn.Module]:
     """The attention module of each layer: the parent of the head locator's hook (the o projection)."""
     modules = dict(model.named_modules())
@@ -246,7 +235,7 @@ def plot_attention(head: HeadRef, weights: np.ndarray, frames: dict[str, Any], m
     """Rows: frames; columns: one per camera (attention over its patches on the image), then the
     instruction and state tokens as bars."""
     c = model.config
-    layout = token_layout(model)
+    layout = model.token_layout()
     g = c.image_size // 16
     n, n_cam = weights.shape[0], len(c.cameras)
     fig = _figure(3.0 * n_cam + 5.0, 2.9 * n)
