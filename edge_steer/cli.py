@@ -447,61 +447,28 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
 
 def _demo_serve(out: Path, task, engine: Path, seconds: float) -> str:
     """Start `edge-steer serve` on the steered engine, instruct it over ZMQ, report outcome and timing."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
+    from edge_steer.runtime.launch import ServeProcess
 
-    from edge_steer.client import Client, ClientTimeout
-
-    console.rule(f"7/7 serve the engine in sim and send the instruction over ZMQ")
-
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    cmd, tel = f"tcp://127.0.0.1:{port()}", f"tcp://127.0.0.1:{port()}"
-    cfg = out / "serve.toml"
-    cfg.write_text(f'[zmq]\ncommand = "{cmd}"\ntelemetry = "{tel}"\n[engine]\nbackend = "onnxruntime"\n'
-                   f'path = "{engine}"\n[robot]\ntask = "{task.name}"\n')
-    log = open(out / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_steer.cli", "serve", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    client = Client(cmd, tel, timeout_ms=2000)
+    console.rule("7/7 serve the engine in sim and send the instruction over ZMQ")
+    serve = ServeProcess(out, f'[engine]\nbackend = "onnxruntime"\npath = "{engine}"\n[robot]\ntask = "{task.name}"\n')
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                return f"serve exited early (code {proc.returncode}); see {out / 'serve.log'}"
-            try:
-                client.status()
-                break
-            except ClientTimeout:
-                if time.time() > deadline:
-                    return f"serve did not come up; see {out / 'serve.log'}"
-        client.instruct(task.instruction)
-        t0 = time.time()
-        st = client.status()
-        while st["state"] == "RUNNING" and time.time() - t0 < seconds:
-            time.sleep(0.5)
+        with serve:
+            client = serve.client
+            client.instruct(task.instruction)
+            t0 = time.time()
             st = client.status()
-        (out / "serve_status.json").write_text(json.dumps(st, indent=1, default=str))
-        loop = st.get("setpoint_loop", {})
-        ok = (st.get("sim") or {}).get("success")
-        return (f"served: '{task.instruction}' -> {'success' if ok else 'no success'} after {time.time() - t0:.1f} s "
-                f"(state {st['state']}); setpoint loop: " + json.dumps({k: v for k, v in loop.items()
-                                                                       if not isinstance(v, (list, dict))})
-                + f"; full status: {out / 'serve_status.json'}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        client.close()
-        log.close()
+            while st["state"] == "RUNNING" and time.time() - t0 < seconds:
+                time.sleep(0.5)
+                st = client.status()
+    except (RuntimeError, TimeoutError) as e:
+        return f"serve failed: {e}; see {serve.log_path}"
+    (out / "serve_status.json").write_text(json.dumps(st, indent=1, default=str))
+    loop = st.get("setpoint_loop", {})
+    ok = (st.get("sim") or {}).get("success")
+    return (f"served: '{task.instruction}' -> {'success' if ok else 'no success'} after {time.time() - t0:.1f} s "
+            f"(state {st['state']}); setpoint loop: " + json.dumps({k: v for k, v in loop.items()
+                                                                   if not isinstance(v, (list, dict))})
+            + f"; full status: {out / 'serve_status.json'}")
 
 
 @app.command("serve")

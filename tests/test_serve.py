@@ -3,7 +3,6 @@ telemetry, and the setpoint stage's hand-over. A scripted fake engine keeps it f
 
 from __future__ import annotations
 
-import socket
 import time
 
 import msgpack
@@ -13,16 +12,11 @@ import pytest
 from edge_steer.client import Client, ClientError
 from edge_steer.runtime.config import ServeConfig
 from edge_steer.runtime.daemon import Daemon
+from edge_steer.runtime.launch import free_endpoint, wait_for
 from edge_steer.runtime.safety import SafetyFilter
 from edge_steer.runtime.setpoint import Chunk, SetpointStage
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeEngine:
@@ -53,19 +47,9 @@ class FakeEngine:
         self.steering = delta
 
 
-def wait_for(pred, timeout=10.0, step=0.05):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd, tel = free_endpoint(), free_endpoint()
     steer = tmp_path_factory.mktemp("steering")
     (steer / "red_cube_in_front_of_blue_plate").mkdir()
     cfg = ServeConfig.sim().with_(

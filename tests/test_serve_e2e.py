@@ -5,54 +5,31 @@ model paths have their own tests below."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from edge_steer.client import Client, ClientTimeout
 from edge_steer.cli import app
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import free_port, wait_for  # noqa: E402
+from edge_steer.runtime.launch import ServeProcess, free_endpoint, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _serve(tmp_path: Path, *args: str):
-    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    cfg = tmp_path / "serve.toml"
-    cfg.write_text(f'[zmq]\ncommand = "{cmd}"\ntelemetry = "{tel}"\n[record]\ndir = "{tmp_path / "rec"}"\n'
-                   + "\n".join(args))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_steer.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    client = Client(cmd, tel, timeout_ms=2000)
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited early:\n{proc.stdout.read()}")
-        try:
-            return client.status()
-        except ClientTimeout:
-            return None
-    wait_for(up, timeout=90, step=0.5)
-    return proc, client, cmd
+def _serve(tmp_path: Path, *args: str) -> ServeProcess:
+    return ServeProcess(tmp_path, f'[record]\ndir = "{tmp_path / "rec"}"\n' + "\n".join(args), up_timeout=90).start()
 
 
-def _terminate(proc) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
-    return proc.returncode, out
+def _terminate(serve: ServeProcess) -> tuple[int, str]:
+    code = serve.signal(signal.SIGTERM)
+    serve.close()
+    return code, serve.log()
 
 
 def test_daemon_completes_the_task_records_it_and_stops_on_sigterm(tmp_path):
-    proc, c, endpoint = _serve(tmp_path, '[engine]\nbackend = "expert"\n[robot]\ntask = "red_cube_on_blue_plate"\n')
+    proc = _serve(tmp_path, '[engine]\nbackend = "expert"\n[robot]\ntask = "red_cube_on_blue_plate"\n')
+    c, endpoint = proc.client, proc.command
     try:
         assert c.record(True)["recording"]
         c.instruct("put the red cube on the blue plate")
@@ -67,7 +44,6 @@ def test_daemon_completes_the_task_records_it_and_stops_on_sigterm(tmp_path):
         wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1)
     finally:
         code, out = _terminate(proc)
-        c.close()
     assert code == 0, out
     assert "signal SIGTERM: shutting down" in out and "stopped" in out
     from edge_steer.data import Dataset
@@ -77,7 +53,7 @@ def test_daemon_completes_the_task_records_it_and_stops_on_sigterm(tmp_path):
 
 
 def test_send_without_daemon_fails_clearly():
-    r = CliRunner().invoke(app, ["send", "--status", "--endpoint", f"tcp://127.0.0.1:{free_port()}",
+    r = CliRunner().invoke(app, ["send", "--status", "--endpoint", free_endpoint(),
                                  "--timeout-ms", "300"])
     assert r.exit_code == 2 and "is `edge-steer serve` running" in r.output
     r = CliRunner().invoke(app, ["send", "--status", "--stop"])
@@ -89,8 +65,9 @@ def test_serve_with_a_model_checkpoint_runs_the_loop(tmp_path):
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
     model = EdgeVLA(EdgeVLAConfig(language="embedding", d_model=32, n_layers=2, n_heads=2, n_kv_heads=2))
     model.save_pretrained(tmp_path / "model")
-    proc, c, _ = _serve(tmp_path, f'[engine]\nbackend = "torch"\npath = "{tmp_path / "model"}"\n'
+    proc = _serve(tmp_path, f'[engine]\nbackend = "torch"\npath = "{tmp_path / "model"}"\n'
                                   '[robot]\nstop_on_success = false\n')
+    c = proc.client
     try:
         c.instruct("put the red cube on the blue plate")
         wait_for(lambda: c.status()["chunks"] >= 10, timeout=60, step=0.5)
@@ -99,7 +76,6 @@ def test_serve_with_a_model_checkpoint_runs_the_loop(tmp_path):
         c.stop()
     finally:
         code, out = _terminate(proc)
-        c.close()
     assert code == 0, out
 
 
@@ -108,11 +84,11 @@ def test_default_model_completes_the_task(tmp_path):
     """The issue's acceptance test with the embedded default model. Fails (never skips) when it is missing."""
     from edge_steer.models import DEFAULT_MODEL_DIR
     assert (DEFAULT_MODEL_DIR / "config.json").is_file(), f"default model missing at {DEFAULT_MODEL_DIR}"
-    proc, c, _ = _serve(tmp_path, '[robot]\ntask = "red_cube_on_blue_plate"\n')
+    proc = _serve(tmp_path, '[robot]\ntask = "red_cube_on_blue_plate"\n')
+    c = proc.client
     try:
         c.instruct("put the red cube on the blue plate")
         s = wait_for(lambda: (st := c.status())["state"] != "RUNNING" and st, timeout=120, step=1.0)
         assert s["sim"]["success"] is True, s
     finally:
         _terminate(proc)
-        c.close()

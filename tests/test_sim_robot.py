@@ -9,7 +9,6 @@ import json
 import re
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import edge_steer.sim  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)

@@ -6,7 +6,6 @@ Usage: .venv/bin/python tools/bench_expert.py --seeds 30 [--out docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from rich.progress import track

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,25 +28,11 @@ import msgpack
 import numpy as np
 import zmq
 
+from edge_steer.runtime.launch import ServeProcess, free_endpoint, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_CODES = {"malformed", "too_large", "bad_version", "unknown_command", "bad_field", "bad_state",
                "no_instruction", "no_steering", "steering_failed", "recover_failed"}  # "internal" = a bug
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise TimeoutError("condition not reached in time")
 
 
 def pct(a, q: float) -> float | None:
@@ -228,7 +213,7 @@ def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None =
     from edge_steer.runtime.expert_engine import ExpertEngine
     from edge_steer.runtime.robot import open_robot
 
-    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd, tel = free_endpoint(), free_endpoint()
     sf = {"stale_frame_ms": 300.0, "camera_fault_ms": 1500.0, "inference_deadline_ms": 400.0,
           "inference_stop_ms": 1200.0, **safety}
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel, **(curve or {})}, safety=sf,
@@ -754,26 +739,9 @@ def run_faults(cell: Cell, names: list[str] | None = None) -> list[FaultResult]:
 
 
 # ---- 2b. killing the daemon while it records (a separate process) -----------------------------------------
-def serve_process(tmp: Path, rec: Path, extra: str = "") -> tuple[subprocess.Popen, Any]:
-    from edge_steer.client import Client, ClientTimeout
-    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    cfg = tmp / f"serve_{cmd.rsplit(':', 1)[1]}.toml"
-    cfg.write_text(f'[zmq]\ncommand = "{cmd}"\ntelemetry = "{tel}"\n[record]\ndir = "{rec}"\n'
-                   f'[engine]\nbackend = "expert"\n[robot]\nstop_on_success = false\n{extra}')
-    log = open(tmp / f"serve_{cmd.rsplit(':', 1)[1]}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_steer.cli", "serve", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    client = Client(cmd, tel, timeout_ms=2000)
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited early: {Path(log.name).read_text()[-2000:]}")
-        try:
-            return client.status()
-        except ClientTimeout:
-            return None
-    wait_for(up, timeout=120, step=0.3)
-    return proc, client
+def serve_process(tmp: Path, rec: Path, name: str) -> ServeProcess:
+    return ServeProcess(tmp, f'[record]\ndir = "{rec}"\n[engine]\nbackend = "expert"\n[robot]\nstop_on_success = false\n',
+                        name=name).start()
 
 
 def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
@@ -781,7 +749,8 @@ def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
     dataset and record a third. Returns what the dataset holds after each step."""
     from edge_steer.data import Dataset
     rec = tmp / f"rec_{signal.Signals(sig).name}"
-    proc, c = serve_process(tmp, rec)
+    serve = serve_process(tmp, rec, f"serve_{rec.name}_killed")
+    c = serve.client
     try:
         c.record(True)
         c.instruct("first episode")
@@ -792,17 +761,15 @@ def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
         c.instruct("killed mid-episode")
         n = c.status()["chunks"]
         wait_for(lambda: c.status()["chunks"] >= n + 5, timeout=30)
-        proc.send_signal(sig)
-        code = proc.wait(timeout=30)
+        code = serve.signal(sig, timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        c.close()
+        serve.close()
     ds = Dataset(rec)
     after_kill = {"exit_code": code, "episodes": ds.num_episodes, "tasks": list(ds.tasks),
                   "frames": len(ds), "lengths": [e.length for e in ds.episodes],
                   "tmp_files_left": len(list(rec.rglob(".*.tmp")))}
-    proc, c = serve_process(tmp, rec)
+    serve = serve_process(tmp, rec, f"serve_{rec.name}_restarted")
+    c = serve.client
     try:
         c.record(True)
         c.instruct("after restart")
@@ -811,11 +778,9 @@ def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
         c.stop()
         wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1, timeout=20)
         c.shutdown()
-        proc.wait(timeout=30)
+        serve.proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        c.close()
+        serve.close()
     ds = Dataset(rec)
     frames = 0
     for e in ds.episodes:  # every feature of every frame decoded, images included

@@ -16,18 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edge_steer.runtime.launch import free_endpoint
 
 
 class LoadedExpert:
@@ -65,7 +60,7 @@ def main() -> None:
     from edge_steer.runtime.expert_engine import ExpertEngine
     from edge_steer.runtime.robot import open_robot
 
-    cmd, tel = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, robot={"stop_on_success": False})
     robot = open_robot(cfg.robot)

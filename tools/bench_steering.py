@@ -34,7 +34,6 @@ def main() -> None:
     ap.add_argument("--docs", default="docs/steering.md")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from edge_steer.bench.adapt import _call, _finetune_job

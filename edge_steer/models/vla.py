@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -246,10 +246,8 @@ class EdgeVLA(nn.Module):
         inputs = self.prepare(batch, train=train)
         if train and self.config.state_dropout > 0:
             inputs["state_drop"] = torch.rand(target.shape[0]) < self.config.state_dropout
-        pred = self(**inputs)
-        err = (pred - (target - self.action_mean) / self.action_std).abs().mean(-1)
         valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
-        return (err * valid).sum() / valid.sum().clamp_min(1)
+        return masked_l1(self(**inputs), (target - self.action_mean) / self.action_std, valid)
 
     @torch.no_grad()
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
@@ -359,6 +357,15 @@ def prepare_inputs(config: EdgeVLAConfig, batch: Mapping[str, Any], state_mean: 
     lang, lang_mask = encoder(list(batch["task"]))
     return {"images": torch.stack(imgs, 1), "state": (state - state_mean) / state_std,
             "lang": lang, "lang_mask": lang_mask}
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """L1 over action dims, averaged over the valid (unpadded) chunk steps: of the whole batch, or of
+    each sample (B,). Training and head identification score actions with this one error."""
+    err = (pred - target).abs().mean(-1) * valid
+    if per_sample:
+        return err.sum(-1) / valid.sum(-1).clamp_min(1)
+    return err.sum() / valid.sum().clamp_min(1)
 
 
 def observation_batch(observation: Mapping[str, Any], instruction: str) -> dict[str, Any]:

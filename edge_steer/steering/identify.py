@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from edge_steer.models.heads import HeadRef
+from edge_steer.models.vla import masked_l1
 from edge_steer.steering.hooks import edit_head_inputs, record_head_inputs
 
 FACTORS = ("visual", "language", "physical")
@@ -172,9 +173,7 @@ class _Runner:
         return [slice(i, min(n, i + self.bs)) for i in range(0, n, self.bs)]
 
     def errors(self, pred: torch.Tensor, sl: slice) -> torch.Tensor:
-        err = (pred.float() - self.ps.target[sl]).abs().mean(-1)
-        valid = self.ps.valid[sl]
-        return (err * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+        return masked_l1(pred.float(), self.ps.target[sl], self.ps.valid[sl], per_sample=True)
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor], keep_resid: bool = False):

@@ -190,7 +190,7 @@ def plot_heatmaps(panels: Sequence[Panel], chosen: Sequence[HeadRef], path: Path
         # grey: heads the file has no score for
         cmap = colormaps["RdBu_r" if p.kind == "effect" else "viridis"].with_extremes(bad="#d0d0d0")
         vmin, vmax = (-lim, lim) if p.kind == "effect" else (r2_lo, 1.0)
-        ims[p.kind] = im = ax.imshow(np.ma.masked_invalid(p.values), cmap=cmap, vmin=vmin, vmax=vmax,
+        ims[p.kind] = ax.imshow(np.ma.masked_invalid(p.values), cmap=cmap, vmin=vmin, vmax=vmax,
                                      aspect="equal", origin="upper", interpolation="nearest")
         for h in chosen:
             ax.add_patch(Rectangle((h.head - 0.5, h.layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=2.2))
