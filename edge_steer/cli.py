@@ -359,11 +359,10 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
-    import subprocess
     import sys
 
     from edge_steer.bench import adapt
-    from edge_steer.bench.docs import upsert_section
+    from edge_steer.bench.docs import git_commit, upsert_section
 
     base = adapt.AdaptConfig.quick() if quick else adapt.AdaptConfig()
     cfg = adapt.with_overrides(
@@ -377,8 +376,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     summary = adapt.summarise(cells)
     plots = adapt.plot(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    text = adapt.markdown(summary, cfg, "edge-steer " + " ".join(sys.argv[1:]), commit or "unknown")
+    text = adapt.markdown(summary, cfg, "edge-steer " + " ".join(sys.argv[1:]), git_commit())
     (out / "results.md").write_text(text)
     console.print(text)
     console.print(f"plots: {', '.join(str(p) for p in plots)}; raw cells: {out / 'cells.json'}")

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with "+dirty" when tracked files differ from it: the stamp results carry."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return (out or "unknown") + ("+dirty" if dirty else "")
 
 
 def upsert_section(path: str, text: str, title: str = "# Benchmarks") -> None:
