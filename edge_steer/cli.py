@@ -122,6 +122,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              resume: bool = typer.Option(True, help="continue from the latest checkpoint in OUT"),
              state_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="share of samples trained without the state"),
              keypoints: int = typer.Option(0, min=0, help="spatial-softmax keypoint token per camera with K maps (0 = none)"),
+             scene_aux: float = typer.Option(0.0, min=0.0, help="weight of the auxiliary pick/goal position loss (sim demos)"),
              augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
              init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
@@ -144,10 +145,11 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     start = _load(init) if init is not None else None
     try:
         if start is not None:
-            cfg = _replace(start.config, state_dropout=state_dropout)
+            cfg = _replace(start.config, state_dropout=state_dropout, scene_aux=scene_aux)
         else:
+            shift = base.augment_shift if augment_shift is None else augment_shift
             cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads, state_dropout=state_dropout,
-                                keypoints=keypoints, augment_shift=base.augment_shift if augment_shift is None else augment_shift)
+                                keypoints=keypoints, scene_aux=scene_aux, augment_shift=shift)
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)
@@ -160,8 +162,17 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters")
     ds.preload()
-    result = fit(model, list(model.parameters()),
-                 lambda start: batches(ds, batch_size, cfg.chunk, seed, start), tcfg, out, resume=resume)
+
+    def make_batches(start: int):
+        stream = batches(ds, batch_size, cfg.chunk, seed, start)
+        return with_scene_targets(stream, targets) if cfg.scene_aux else stream
+    if cfg.scene_aux:
+        from edge_steer.sim.demos import scene_targets, with_scene_targets
+        try:
+            targets = scene_targets(ds)
+        except ValueError as e:
+            _fail(f"--scene-aux needs demos recorded in sim: {e}")
+    result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
     model.save_pretrained(out / "model")
     console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
                   f"{result.samples_per_s:.0f} samples/s; model saved to {out / 'model'}")

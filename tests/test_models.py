@@ -276,3 +276,23 @@ def test_keypoint_token_is_the_expected_location_of_each_map():
     cams = [layout[f"camera:{c}"] for c in m.config.cameras]
     assert all(s.stop - s.start == m.config.patches_per_camera + 1 for s in cams)
     assert layout["decision"] == m.decision_slice and m.decision_slice.stop == cams[-1].stop + m.config.chunk
+
+
+def test_scene_loss_counts_only_valid_targets_and_only_in_training():
+    m = tiny(scene_aux=1.0)
+    b = batch(m)
+    b["scene_xy"] = np.zeros((3, 4), np.float32)
+    b["scene_xy_valid"] = np.array([[True, True, True, True], [False, False, True, True], [True] * 4])
+    torch.manual_seed(0)
+    base = m.loss(b)
+    moved = dict(b, scene_xy=b["scene_xy"] + np.array([[0, 0, 0, 0], [5, 5, 0, 0], [0, 0, 0, 0]], np.float32))
+    torch.manual_seed(0)
+    torch.testing.assert_close(m.loss(moved), base)       # invalid entries do not count
+    torch.manual_seed(0)
+    assert m.loss(dict(b, scene_xy=b["scene_xy"] + 1.0)) > base
+    no_scene = {k: v for k, v in b.items() if not k.startswith("scene")}
+    torch.manual_seed(0)
+    assert m.loss(no_scene) < base                          # the scene term is added ...
+    torch.testing.assert_close(m.loss(b, train=False), m.loss(no_scene, train=False))   # ... in training only
+    m.loss(b).backward()
+    assert m.scene_out.weight.grad.abs().sum() > 0

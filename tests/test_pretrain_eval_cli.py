@@ -54,3 +54,33 @@ def test_eval_reports_success_with_interval_log_and_gif(run_dir, tmp_path):
 def test_eval_refuses_a_bad_model_dir(tmp_path):
     res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--task", "red_cube_on_blue_plate"])
     assert res.exit_code == 2 and "not an edge-steer checkpoint" in res.output
+
+
+def test_scene_targets_are_where_the_sim_put_the_objects(run_dir):
+    import numpy as np
+
+    from edge_steer.data import Dataset
+    from edge_steer.sim.demos import scene_targets
+    from edge_steer.sim.env import SimEnv
+    from edge_steer.sim.tasks import get_task
+    ds = Dataset(run_dir / "data")
+    targets = scene_targets(ds)
+    assert sorted(targets) == [e.index for e in ds.episodes]
+    for ep in ds.episodes:
+        with SimEnv(get_task(ep.extra["task_name"]), int(ep.extra["seed"]), EnvConfig(image_size=48)) as env:
+            np.testing.assert_allclose(targets[ep.index][:2], env.world.object_pos(0)[:2], atol=2e-3)
+            np.testing.assert_allclose(targets[ep.index][2:4], env.scene.goal_xy, atol=1e-6)
+        actions = ds.episode(ep.index)["action"]
+        assert targets[ep.index][4] == np.flatnonzero(actions[:, 6] > 0.5)[0]
+
+
+def test_pretrain_with_keypoints_state_dropout_and_scene_loss(run_dir, tmp_path):
+    from edge_steer.models import EdgeVLA
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "run"),
+                              "--steps", "3", "--batch-size", "4", "--eval-episodes", "0", "--keypoints", "4",
+                              "--state-dropout", "0.5", "--scene-aux", "0.5", "--augment-shift", "1"])
+    assert res.exit_code == 0, res.output
+    m = EdgeVLA.from_pretrained(tmp_path / "run" / "model")
+    c = m.config
+    assert (c.keypoints, c.state_dropout, c.scene_aux, c.augment_shift) == (4, 0.5, 0.5, 1)
+    assert hasattr(m, "scene_out") and hasattr(m, "keypoint_maps")

@@ -33,6 +33,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
+# the scene targets' normalisation: table xy of the object region's centre, and its half-width
+SCENE_CENTER = torch.tensor([0.5, 0.0, 0.5, 0.0])
+SCENE_SCALE = 0.15
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -66,6 +71,10 @@ class EdgeVLAConfig:
     # False: the state token is always the null token, so a model trained with state dropout acts
     # from the images and the instruction alone
     use_state: bool = True
+    # weight of an auxiliary training loss (0 = none): predict, from the decision tokens, where the
+    # instructed object starts and where it must go (table xy, known to the sim that recorded the
+    # demos). It makes the trunk find the instructed objects in the images; inference never uses it
+    scene_aux: float = 0.0
 
     def __post_init__(self):
         if self.image_size % 16:
@@ -76,6 +85,8 @@ class EdgeVLAConfig:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.keypoints < 0:
             raise ValueError("keypoints must be >= 0")
+        if self.scene_aux < 0:
+            raise ValueError("scene_aux must be >= 0")
         if not self.use_state and self.state_dropout <= 0:
             raise ValueError("use_state=False needs a model trained with state_dropout > 0 (its null token)")
 
@@ -134,6 +145,8 @@ class EdgeVLA(nn.Module):
                                     for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, c.action_dim)
+        if c.scene_aux:
+            self.scene_out = nn.Linear(d, 4)   # (pick x, pick y, goal x, goal y), normalised
         for p in (self.patch_pos, self.camera_embed, self.lang_pos, self.queries):
             nn.init.normal_(p, std=0.02)
         # normalisation statistics, part of the checkpoint (set by `set_stats`)
@@ -224,6 +237,10 @@ class EdgeVLA(nn.Module):
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         return self.action_out(self.ln_f(x[:, -self.config.chunk:]))
 
+    def scene_readout(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary scene prediction (B, 4) from the trunk's output (training only)."""
+        return self.scene_out(self.ln_f(x[:, -self.config.chunk:]).mean(1))
+
     # --- preprocessing (owned by the model) ---------------------------------------------------------
     def set_stats(self, stats: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
         """Normalisation from dataset stats ({'action': {'mean', 'std'}, 'observation.state': ...})."""
@@ -238,7 +255,8 @@ class EdgeVLA(nn.Module):
         return prepare_inputs(self.config, batch, self.state_mean, self.state_std, self.encoder, train)
 
     def loss(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
-        """Masked L1 between predicted and demonstrated (normalised) action chunks."""
+        """Masked L1 between predicted and demonstrated (normalised) action chunks, plus the weighted
+        scene loss when the config asks for it and the batch carries `scene_xy` / `scene_xy_valid`."""
         target = torch.as_tensor(np.asarray(batch["action"], dtype=np.float32))
         if target.shape[1:] != (self.config.chunk, self.config.action_dim):
             raise ValueError(f"action chunks must be (B, {self.config.chunk}, {self.config.action_dim}), "
@@ -247,7 +265,13 @@ class EdgeVLA(nn.Module):
         if train and self.config.state_dropout > 0:
             inputs["state_drop"] = torch.rand(target.shape[0]) < self.config.state_dropout
         valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
-        return masked_l1(self(**inputs), (target - self.action_mean) / self.action_std, valid)
+        x = self.trunk(*self.embed(**inputs))
+        loss = masked_l1(self.readout(x), (target - self.action_mean) / self.action_std, valid)
+        if train and self.config.scene_aux and "scene_xy" in batch:
+            xy = (torch.as_tensor(np.asarray(batch["scene_xy"], dtype=np.float32)) - SCENE_CENTER) / SCENE_SCALE
+            ok = torch.as_tensor(np.asarray(batch["scene_xy_valid"], dtype=bool))
+            loss = loss + self.config.scene_aux * masked_l1(self.scene_readout(x)[..., None], xy[..., None], ok)
+        return loss
 
     @torch.no_grad()
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:

@@ -129,3 +129,32 @@ def replay_episode(dataset_root: str | Path, episode_index: int, config: EnvConf
         for a in actions:
             env.step(a)
         return env.success()
+
+
+def scene_targets(dataset) -> dict[int, np.ndarray]:
+    """episode_index -> [pick x, pick y, goal x, goal y, frame the gripper first closes] for every
+    episode recorded in sim: the layout is re-sampled from the task and scene seed the episode's
+    metadata carries, so nothing beyond the demos is needed. (For the model's auxiliary scene loss.)"""
+    frames = dataset.sample(np.arange(len(dataset)), chunk=1, keys=[])
+    closes = frames["action"][:, 0, 6] > 0.5
+    out = {}
+    for ep in dataset.episodes:
+        task_name, seed = ep.extra.get("task_name"), ep.extra.get("seed")
+        if task_name is None or seed is None:
+            raise ValueError(f"episode {ep.index} carries no task_name/seed; it was not recorded in sim")
+        scene = get_task(task_name).sample_scene(np.random.default_rng(int(seed)))
+        mine = frames["episode_index"] == ep.index
+        shut = frames["frame_index"][mine & closes]
+        close = int(shut.min()) if len(shut) else ep.length
+        out[ep.index] = np.array([*scene.spec.objects[0].xy, *scene.goal_xy, close], dtype=np.float32)
+    return out
+
+
+def with_scene_targets(batches: Iterator[dict], targets: dict[int, np.ndarray]) -> Iterator[dict]:
+    """Add `scene_xy` (B, 4) and `scene_xy_valid` (B, 4) to each batch: the pick position counts only
+    before the gripper closes (afterwards the object is in the hand), the goal always."""
+    for batch in batches:
+        rows = np.stack([targets[int(e)] for e in batch["episode_index"]])
+        valid = np.ones((len(rows), 4), dtype=bool)
+        valid[:, :2] = (batch["frame_index"] < rows[:, 4])[:, None]
+        yield {**batch, "scene_xy": rows[:, :4], "scene_xy_valid": valid}
