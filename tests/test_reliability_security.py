@@ -62,3 +62,47 @@ def test_systemd_unit_is_unprivileged_except_for_rt_limits():
     assert "CPUSchedulingPolicy" not in svc  # libfranka raises its own thread; the rest stays SCHED_OTHER
     assert svc.get("RestrictRealtime", "no") == "no" and svc["ProtectSystem"] == "strict"
     assert "PermissionsStartOnly" not in svc and svc.get("PrivilegedStartUp", "") == ""
+
+
+def test_only_operators_move_the_arm_but_anyone_allowed_can_stop_it(tmp_path):
+    import zmq.auth
+
+    from edge_steer.client import Client, ClientError
+    keys = rel.make_keys(tmp_path / "keys", "server", "operator", "observer")
+    allowed, operators = tmp_path / "allowed", tmp_path / "operators"
+    allowed.mkdir()
+    operators.mkdir()
+    for name in ("operator", "observer"):
+        (allowed / f"{name}.key").write_bytes(keys[name][0].read_bytes())
+    (operators / "operator.key").write_bytes(keys["operator"][0].read_bytes())
+    cell = rel.start_cell(tmp_path, curve={"curve_secret_key": str(keys["server"][1]),
+                                           "curve_authorized_keys": str(allowed),
+                                           "curve_operator_keys": str(operators)})
+    d, z = cell.daemon, cell.daemon.cfg.zmq
+    server_pub = zmq.auth.load_certificate(keys["server"][0])[0]
+    clients = {n: Client(z.command, z.telemetry, timeout_ms=5000, server_public_key=server_pub,
+                         client_certificate=str(keys[n][1])) for n in ("operator", "observer")}
+    obs, op = clients["observer"], clients["operator"]
+    try:
+        for call in (lambda: obs.instruct("put the red cube on the blue plate"), obs.start, obs.recover,
+                     lambda: obs.record(True), obs.shutdown):
+            with pytest.raises(ClientError, match="forbidden"):
+                call()
+        assert obs.status()["state"] == "IDLE"                        # nothing moved
+        assert op.instruct("put the red cube on the blue plate")["state"] == "RUNNING"
+        obs.estop()                                                    # an observer can still stop the arm
+        assert op.status()["state"] == "FAULT"
+        with pytest.raises(ClientError, match="forbidden"):
+            obs.recover()
+        rel.wait_for(lambda: rel._try(op.recover), timeout=10, step=0.2)
+        assert obs.status()["state"] == "IDLE"
+    finally:
+        for c in clients.values():
+            c.close()
+        d.close()
+
+
+def test_operator_keys_need_curve(tmp_path):
+    (tmp_path / "ops").mkdir()
+    with pytest.raises(ConfigError, match="needs CURVE"):
+        ServeConfig.sim().with_(zmq={"curve_operator_keys": str(tmp_path / "ops")})

@@ -31,7 +31,7 @@ import zmq
 from edge_steer.runtime.launch import ServeProcess, free_endpoint, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-ERROR_CODES = {"malformed", "too_large", "bad_version", "unknown_command", "bad_field", "bad_state",
+ERROR_CODES = {"forbidden", "malformed", "too_large", "bad_version", "unknown_command", "bad_field", "bad_state",
                "no_instruction", "no_steering", "steering_failed", "recover_failed"}  # "internal" = a bug
 
 

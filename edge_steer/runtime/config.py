@@ -135,6 +135,7 @@ class ZmqConfig:
     max_message_bytes: int = 65536
     curve_secret_key: str = ""           # server certificate (zmq.auth .key_secret file); needed off localhost
     curve_authorized_keys: str = ""      # directory of client public certificates allowed to connect
+    curve_operator_keys: str = ""        # directory of the clients that may move the arm (default: all allowed)
 
     def check(self) -> None:
         for name in ("command", "telemetry"):
@@ -159,6 +160,11 @@ class ZmqConfig:
                               "chmod 600 (or 640 for the service's group)")
         if self.curve_authorized_keys and not Path(self.curve_authorized_keys).is_dir():
             raise ConfigError(f"zmq.curve_authorized_keys: no directory at {self.curve_authorized_keys}")
+        if self.curve_operator_keys and not self.curve_secret_key:
+            raise ConfigError("zmq.curve_operator_keys needs CURVE (zmq.curve_secret_key and curve_authorized_keys): "
+                              "without keys no client can be told apart")
+        if self.curve_operator_keys and not Path(self.curve_operator_keys).is_dir():
+            raise ConfigError(f"zmq.curve_operator_keys: no directory at {self.curve_operator_keys}")
 
     @property
     def curve(self) -> bool:

@@ -30,6 +30,9 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "shutdown": {},
 }
 ENVELOPE = {"v", "cmd", "id"}
+# what any authenticated client may send: look, or make the arm stop. The rest can move the arm, and
+# with zmq.curve_operator_keys set only operators may send it (anyone must be able to stop a robot)
+OBSERVER_COMMANDS = frozenset({"status", "pause", "stop", "estop"})
 
 
 class ProtocolError(ValueError):

@@ -2,7 +2,9 @@
 
 Localhost by default; a bind reachable from other hosts is only allowed with CURVE (the config
 refuses otherwise): the server's key pair plus a directory of allowed client public keys, checked by
-pyzmq's ZAP authenticator, so an unknown client cannot even complete the handshake.
+pyzmq's ZAP authenticator, so an unknown client cannot even complete the handshake. With
+`curve_operator_keys` the allowed clients split in two: operators may send every command, the others
+only what looks or stops (protocol.OBSERVER_COMMANDS); the key comes from ZAP's User-Id on each message.
 Each socket is used by exactly one thread after `start` (ROUTER: this server's thread; PUB: the
 daemon's monitor thread).
 """
@@ -16,7 +18,7 @@ from typing import Any
 import zmq
 
 from edge_steer.runtime.config import ZmqConfig
-from edge_steer.runtime.protocol import ProtocolError, decode_request, error_reply, ok_reply
+from edge_steer.runtime.protocol import OBSERVER_COMMANDS, ProtocolError, decode_request, error_reply, ok_reply
 
 log = logging.getLogger("edge_steer.serve.zmq")
 
@@ -26,6 +28,7 @@ class CommandServer:
         self.cfg, self.daemon = cfg, daemon
         self.ctx = zmq.Context()
         self._auth = None
+        self._operators: set[str] | None = None   # z85 public keys; None: every allowed client operates
         self.requests = 0
         self.errors = 0
         self._running = False
@@ -49,6 +52,10 @@ class CommandServer:
             self._auth = ThreadAuthenticator(self.ctx)
             self._auth.start()
             self._auth.configure_curve(domain="*", location=self.cfg.curve_authorized_keys)
+            if self.cfg.curve_operator_keys:
+                from zmq.auth import load_certificates
+                # ZAP's User-Id for a CURVE client is its z85 public key, as the certificates store it
+                self._operators = {k.decode() for k in load_certificates(self.cfg.curve_operator_keys)}
         try:
             self.router = self.ctx.socket(zmq.ROUTER)
             self.router.setsockopt(zmq.LINGER, 0)
@@ -80,25 +87,31 @@ class CommandServer:
             if not poller.poll(50):
                 continue
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
                 continue
             if len(frames) < 2:
                 continue  # no routing envelope: nobody to answer
-            envelope, payload = frames[:-1], frames[-1]
-            reply = self.handle_bytes(payload)
+            envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
+            user = payload.get("User-Id") if self._operators is not None else None
+            reply = self.handle_bytes(payload.bytes, user)
             try:
                 sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # the client went away
                 log.debug("reply not delivered: %s", e)
 
-    def handle_bytes(self, payload: bytes) -> bytes:
-        """Decode, validate, dispatch; always returns a reply (ok or error with a reason)."""
+    def handle_bytes(self, payload: bytes, user: str | None = None) -> bytes:
+        """Decode, validate, check the sender's role, dispatch; always returns a reply (ok or error
+        with a reason). `user`: the client's public key (z85) when operators are configured."""
         self.requests += 1
         rid = None
         try:
             req = decode_request(payload, self.cfg.max_message_bytes)
             rid = req.id
+            if self._operators is not None and req.cmd not in OBSERVER_COMMANDS and user not in self._operators:
+                raise ProtocolError("forbidden", f"'{req.cmd}' can move the arm and needs an operator key "
+                                                 f"(zmq.curve_operator_keys); this client may only send "
+                                                 f"{', '.join(sorted(OBSERVER_COMMANDS))}")
             result = self.daemon.handle(req)
             return ok_reply(rid, result)
         except ProtocolError as e:
