@@ -182,14 +182,14 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 
 
 def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
-                 gif: Path | None = None) -> list:
+                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None) -> list:
     from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
 
     t0 = time.perf_counter()
     with _progress() as prog:
         bar = prog.add_task("eval episodes", total=episodes * len(tasks))
         results = evaluate(load, tasks, episodes, seed, workers=workers, gif_first=gif is not None,
-                           on_result=lambda r: prog.advance(bar))
+                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble)
     table = Table("task", "split", "success", "95 % CI", "mean steps")
     summary = []
     for t in tasks:
@@ -209,7 +209,7 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
             console.print(f"GIF of one episode: {gif}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps({"summary": summary, "episodes": [
+        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, "summary": summary, "episodes": [
             {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps} for r in results]}, indent=1))
         console.print(f"per-episode log: {out_json}")
     return summary
@@ -220,7 +220,10 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout"),
              episodes: int = typer.Option(50, min=1), seed: int = typer.Option(0),
              workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
-             gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode")) -> None:
+             gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
+             execute: int = typer.Option(5, min=1, help="actions of each chunk executed before re-planning"),
+             ensemble: Optional[float] = typer.Option(None, min=0.0, help="ACT temporal-ensemble decay (off by default)")
+             ) -> None:
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
 
@@ -233,7 +236,7 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         tasks = tasks_by_split(task) if task in ("base", "heldout") else [get_task(n) for n in task.split(",")]
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
-    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif)
+    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble)
 
 
 def _load(model: Optional[Path]):

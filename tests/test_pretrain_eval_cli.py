@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from typer.testing import CliRunner
 
@@ -84,3 +86,51 @@ def test_pretrain_with_keypoints_state_dropout_and_scene_loss(run_dir, tmp_path)
     c = m.config
     assert (c.keypoints, c.state_dropout, c.scene_aux, c.augment_shift) == (4, 0.5, 0.5, 1)
     assert hasattr(m, "scene_out") and hasattr(m, "keypoint_maps")
+
+
+class _FakeEnv:
+    """Records the actions a rollout executes; never succeeds."""
+    def __init__(self, task, seed, config):
+        self.steps, self.actions = 0, []
+
+    def __enter__(self):
+        _FakeEnv.last = self
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def observe(self):
+        return {}
+
+    def step(self, action):
+        self.actions.append(float(action[0]))
+        self.steps += 1
+
+    def success(self):
+        return False
+
+
+class _CountingPolicy:
+    """Chunk n (the n-th call) holds the value n in every entry."""
+    def __init__(self, chunk=4):
+        self.calls, self.chunk = 0, chunk
+
+    def predict(self, observation, instruction):
+        out = np.full((self.chunk, 7), float(self.calls), np.float32)
+        self.calls += 1
+        return out
+
+
+def test_rollout_executes_chunks_or_their_temporal_ensemble(monkeypatch):
+    from edge_steer.models.interface import ensemble_actions
+    from edge_steer.sim import rollout
+    from edge_steer.sim.tasks import get_task
+    monkeypatch.setattr(rollout, "SimEnv", _FakeEnv)
+    task = get_task("red_cube_on_blue_plate")
+    rollout.run_policy_episode(_CountingPolicy(), task, 0, execute=2, max_steps=6)
+    assert _FakeEnv.last.actions == [0, 0, 1, 1, 2, 2]             # plain: 2 actions of each chunk
+    rollout.run_policy_episode(_CountingPolicy(), task, 0, execute=1, max_steps=6, ensemble=0.0)
+    # step s averages the chunks made at steps s-3..s that still cover it (chunk length 4)
+    assert _FakeEnv.last.actions == pytest.approx([np.mean(range(max(0, s - 3), s + 1)) for s in range(6)])
+    np.testing.assert_allclose(ensemble_actions([np.zeros(7), np.ones(7)], 50.0), np.zeros(7), atol=1e-12)

@@ -32,6 +32,17 @@ def main() -> None:
     err = [np.abs(m.predict({k: ep[k][t] for k in ep if k.startswith("observation.")}, task.instruction)[0]
                   - ep["action"][t]) for t in range(len(ep["action"]))]
     print("offline |pred - expert| per action dim:", np.mean(err, 0).round(4), " expert std:", ep["action"].std(0).round(4))
+    if getattr(m.config, "scene_aux", 0):   # the auxiliary head: where the model thinks the objects are
+        from edge_steer.models.vla import SCENE_CENTER, SCENE_SCALE
+        from edge_steer.sim.demos import scene_targets
+        truth = scene_targets(ds)[args.episode][:4]
+        with torch.no_grad():
+            obs0 = {k: ep[k][0] for k in ep if k.startswith("observation.")}
+            from edge_steer.models.vla import observation_batch
+            x = m.trunk(*m.embed(**m.prepare(observation_batch(obs0, task.instruction))))
+            guess = (m.scene_readout(x)[0] * SCENE_SCALE + SCENE_CENTER).numpy()
+        print(f"scene head on frame 0: pick {guess[:2].round(3)} (true {truth[:2].round(3)}), "
+              f"goal {guess[2:].round(3)} (true {truth[2:].round(3)})")
     grasp = int(np.flatnonzero(ep["action"][:, 6] > 0.5)[0])
     print(f"expert closes the gripper at frame {grasp}, TCP {ep['observation.state'][grasp][:3].round(3)}")
     with SimEnv(task, int(info.extra["seed"]), EnvConfig()) as env:

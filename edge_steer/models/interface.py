@@ -35,3 +35,11 @@ class VLAPolicy(Protocol):
         """Hash of the weights: steering deltas and exported engines refer to the base model by it."""
 
     def save_pretrained(self, directory: str | Path) -> Path: ...
+
+
+def ensemble_actions(actions: list[np.ndarray], decay: float) -> np.ndarray:
+    """ACT's temporal ensemble: the actions that overlapping chunks predicted for one time step, oldest
+    chunk first, averaged with weights exp(-decay * i) (i = 0 the oldest), so the plan changes gradually
+    instead of jumping at each new chunk."""
+    w = np.exp(-decay * np.arange(len(actions)))
+    return (w[:, None] * np.stack(actions)).sum(0) / w.sum()

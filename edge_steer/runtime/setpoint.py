@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
+from edge_steer.models.interface import ensemble_actions
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
 from edge_steer.sim.env import advance_target
@@ -233,10 +234,7 @@ class SetpointStage:
         if not self.rates.ensemble or len(live) == 1:
             c, i = live[-1]
             return c.actions[i]
-        m = self.rates.ensemble_decay
-        w = np.exp(-m * np.arange(len(live)))  # i = 0: the oldest chunk, as in ACT
-        acts = np.stack([c.actions[i] for c, i in live])
-        return (w[:, None] * acts).sum(0) / w.sum()
+        return ensemble_actions([c.actions[i] for c, i in live], self.rates.ensemble_decay)
 
     def _plan(self) -> None:
         a = self._select(self.segment)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_steer.models.interface import ensemble_actions
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.panda import ControlException
 from edge_steer.sim.tasks import Task
@@ -32,18 +33,29 @@ class EpisodeResult:
 
 
 def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvConfig = EnvConfig(),
-                       execute: int = 5, max_steps: int | None = None, keep_frames: bool = False) -> EpisodeResult:
+                       execute: int = 5, max_steps: int | None = None, keep_frames: bool = False,
+                       ensemble: float | None = None) -> EpisodeResult:
     """Run until the success predicate holds or max_steps; re-plan every `execute` actions.
+    `ensemble` (a decay): each step's action is ACT's temporal ensemble of every chunk that covers it.
     A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode."""
     max_steps = max_steps or config.max_steps
     frames: list[np.ndarray] = []
+    chunks: list[tuple[int, np.ndarray]] = []     # (step it was predicted at, chunk), oldest first
     with SimEnv(task, seed, config) as env:
         try:
             while env.steps < max_steps:
                 obs = env.observe()
                 if keep_frames:
                     frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
-                for action in policy.predict(obs, task.instruction)[:execute]:
+                chunk = policy.predict(obs, task.instruction)
+                if ensemble is None:
+                    plan = chunk[:execute]
+                else:
+                    now = env.steps
+                    chunks = [(t, c) for t, c in chunks if now - t < len(c)] + [(now, chunk)]
+                    plan = [ensemble_actions([c[now + k - t] for t, c in chunks if now + k - t < len(c)], ensemble)
+                            for k in range(min(execute, len(chunk)))]
+                for action in plan:
                     env.step(action)
                     if env.success():
                         return EpisodeResult(task.name, seed, True, env.steps, frames)
@@ -83,18 +95,19 @@ def _init_worker(load_policy) -> None:
 
 
 def _run_one(args) -> EpisodeResult:
-    task, seed, config, execute, keep = args
-    return run_policy_episode(_worker_policy, task, seed, config, execute, keep_frames=keep)
+    task, seed, config, execute, keep, ensemble = args
+    return run_policy_episode(_worker_policy, task, seed, config, execute, keep_frames=keep, ensemble=ensemble)
 
 
 def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, config: EnvConfig = EnvConfig(),
-             execute: int = 5, workers: int = 2, on_result=None, gif_first: bool = False) -> list[EpisodeResult]:
+             execute: int = 5, workers: int = 2, on_result=None, gif_first: bool = False,
+             ensemble: float | None = None) -> list[EpisodeResult]:
     """Closed-loop evaluation of `episodes` per task in `workers` spawned processes.
 
     `load_policy` is a picklable zero-argument callable that each worker calls once."""
     from edge_steer.sim.demos import episode_seed, process_pool
 
-    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == 0)
+    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == 0, ensemble)
             for t in tasks for i in range(episodes)]
     results = []
     if workers <= 1:
