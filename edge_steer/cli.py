@@ -65,7 +65,11 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                    workers: int = typer.Option(0, help="worker processes (0 = one per core, at most 2)"),
                    keep_failed: bool = typer.Option(False, help="also store episodes the expert failed"),
                    action_noise: float = typer.Option(0.0, min=0.0, max=0.02,
-                                                      help="m/step of noise on executed (not recorded) actions")) -> None:
+                                                      help="m/step of noise on executed (not recorded) actions"),
+                   push: float = typer.Option(0.0, min=0.0, max=0.2, help="m: one sideways shove of the arm during the reach"),
+                   start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
+                                                               help="rad of joint noise on the start pose (default: the sim's)")
+                   ) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe)."""
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
@@ -87,9 +91,10 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                 prog.advance(bar)
 
         for name in names:
-            summary = generate_demos(name, episodes, seed, out, EnvConfig(image_size=image_size),
-                                     workers=workers or None, keep_failed=keep_failed, on_episode=tick,
-                                     action_noise=action_noise)
+            env = EnvConfig(image_size=image_size) if start_noise is None else \
+                EnvConfig(image_size=image_size, start_noise=start_noise)
+            summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
+                                     keep_failed=keep_failed, on_episode=tick, action_noise=action_noise, push=push)
             saved, failed = saved + summary["saved"], failed + summary["failed"]
     dt = time.perf_counter() - t0
     console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "

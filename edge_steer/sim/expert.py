@@ -109,15 +109,26 @@ class ScriptedExpert:
         return int(np.ceil(self.duration * self.env.config.fps)) + 3  # a few steps to settle
 
 
+PUSH_STEPS = 3
+
+
 def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
-                       rng: np.random.Generator | None = None) -> bool:
+                       rng: np.random.Generator | None = None, push: float = 0.0) -> bool:
     """Run the expert to the end of its plan; `record(obs, action)` is called at each step.
 
     With `action_noise` (m, per step) the executed translation is perturbed while the clean expert
     action is recorded (DART-style): because actions are relative to the commanded target, the
-    expert's next action corrects the drift, so the demos show recoveries a policy will need."""
+    expert's next action corrects the drift, so the demos show recoveries a policy will need.
+    `push` (m): once during the reach, the arm is shoved sideways by that much over a few steps.
+    Small per-step noise never takes the arm far from the planned path, so the path itself keeps
+    telling where the object is and a policy can copy it instead of looking (attempt 5's failure);
+    a shove off the path makes the recorded correction point at the object, not along the path."""
     expert = ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
+    reach = int(expert.waypoints[0].duration * env.config.fps)
+    push_at = int(rng.integers(2, max(3, reach - PUSH_STEPS))) if push > 0 else -1
+    angle = rng.uniform(0.0, 2 * np.pi)
+    shove = push / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle), 0.0])
     for k in range(expert.num_steps):
         obs = env.observe() if record is not None else None
         with env.world.lock:
@@ -127,5 +138,7 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
         executed = action.copy()
         if action_noise > 0:
             executed[:3] += rng.normal(0.0, action_noise, 3)
+        if push_at <= k < push_at + PUSH_STEPS:
+            executed[:3] += shove
         env.step(executed)
     return env.success()
