@@ -87,3 +87,21 @@ def test_noisy_execution_records_clean_corrective_actions():
     # the recorded labels differ (they correct the injected drift) but stay expert-sized
     assert np.abs(a_noisy[:, :3] - a_clean[:, :3]).max() > 0.003
     assert np.abs(a_noisy[:, :3]).max() < 0.06
+
+
+def test_a_shove_during_the_reach_is_unrecorded_and_the_expert_replans_to_the_object():
+    from edge_steer.sim.demos import record_episode
+    clean = record_episode("red_cube_on_blue_plate", 4)
+    pushed = record_episode("red_cube_on_blue_plate", 4, push=0.08)
+    assert clean.success and pushed.success
+
+    def states(ep):
+        return np.stack([f["observation.state"][:3] for f in ep.frames])
+
+    def grasp_at(ep):
+        return states(ep)[int(np.flatnonzero(np.stack([f["action"][6] for f in ep.frames]) > 0.5)[0])]
+    off_path = np.linalg.norm(states(pushed)[:, None] - states(clean)[None], axis=2).min(1)
+    assert off_path.max() > 0.03          # the recorded states leave the clean path ...
+    # no recorded action is the shove itself: every sideways label stays expert-sized
+    assert np.abs(np.stack([f["action"][:2] for f in pushed.frames])).max() < 0.06
+    np.testing.assert_allclose(grasp_at(pushed)[:2], grasp_at(clean)[:2], atol=0.01)   # ... and still grasp there

@@ -79,7 +79,7 @@ class ScriptedExpert:
     def __init__(self, env: SimEnv):
         self.env = env
         self.waypoints = plan(env)
-        p0, r0 = env.world.tcp_pose()
+        p0, r0 = env.target   # the commanded pose: a re-plan after a shove starts where the target is
         self._start = (p0, r0)
         self._t_end = np.cumsum([wp.duration for wp in self.waypoints])
         self.duration = float(self._t_end[-1])
@@ -119,17 +119,27 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
     With `action_noise` (m, per step) the executed translation is perturbed while the clean expert
     action is recorded (DART-style): because actions are relative to the commanded target, the
     expert's next action corrects the drift, so the demos show recoveries a policy will need.
-    `push` (m): once during the reach, the arm is shoved sideways by that much over a few steps.
-    Small per-step noise never takes the arm far from the planned path, so the path itself keeps
-    telling where the object is and a policy can copy it instead of looking (attempt 5's failure);
-    a shove off the path makes the recorded correction point at the object, not along the path."""
+    `push` (m): once during the reach, the arm is shoved sideways by that much over a few unrecorded
+    steps and the expert re-plans from there. Small per-step noise never takes the arm far from the
+    planned path, so the path itself keeps telling where the object is and a policy can copy it
+    instead of looking (attempt 5's failure); after a shove the path points elsewhere and the recorded
+    actions lead to the object."""
     expert = ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
     reach = int(expert.waypoints[0].duration * env.config.fps)
     push_at = int(rng.integers(2, max(3, reach - PUSH_STEPS))) if push > 0 else -1
     angle = rng.uniform(0.0, 2 * np.pi)
-    shove = push / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle), 0.0])
-    for k in range(expert.num_steps):
+    shove = np.zeros(7, dtype=np.float32)
+    shove[:2] = push / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle)])
+    k = 0
+    while k < expert.num_steps:
+        if k == push_at:
+            # unrecorded: the expert does not push. Actions are relative to the commanded target, so
+            # it would undo a shove in one step; it re-plans from where the shove left the arm instead
+            for _ in range(PUSH_STEPS):
+                env.step(shove)
+            expert, k, push_at = ScriptedExpert(env), 0, -1
+            continue
         obs = env.observe() if record is not None else None
         with env.world.lock:
             action = expert.act(k)
@@ -138,7 +148,6 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
         executed = action.copy()
         if action_noise > 0:
             executed[:3] += rng.normal(0.0, action_noise, 3)
-        if push_at <= k < push_at + PUSH_STEPS:
-            executed[:3] += shove
         env.step(executed)
+        k += 1
     return env.success()
