@@ -76,11 +76,11 @@ def plan(env: SimEnv) -> list[Waypoint]:
 
 
 class ScriptedExpert:
-    def __init__(self, env: SimEnv):
+    def __init__(self, env: SimEnv, start: tuple[np.ndarray, np.ndarray] | None = None):
+        """`start`: the pose the plan begins at (default: the measured TCP pose)."""
         self.env = env
         self.waypoints = plan(env)
-        p0, r0 = env.target   # the commanded pose: a re-plan after a shove starts where the target is
-        self._start = (p0, r0)
+        self._start = start if start is not None else env.world.tcp_pose()
         self._t_end = np.cumsum([wp.duration for wp in self.waypoints])
         self.duration = float(self._t_end[-1])
 
@@ -138,7 +138,8 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
             # it would undo a shove in one step; it re-plans from where the shove left the arm instead
             for _ in range(PUSH_STEPS):
                 env.step(shove)
-            expert, k, push_at = ScriptedExpert(env), 0, -1
+            # from the commanded pose: the measured one lags it, and the gap would be one big label
+            expert, k, push_at = ScriptedExpert(env, start=env.target), 0, -1
             continue
         obs = env.observe() if record is not None else None
         with env.world.lock:
