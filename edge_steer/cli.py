@@ -167,16 +167,16 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters")
     ds.preload()
-
-    def make_batches(start: int):
-        stream = batches(ds, batch_size, cfg.chunk, seed, start)
-        return with_scene_targets(stream, targets) if cfg.scene_aux else stream
     if cfg.scene_aux:
         from edge_steer.sim.demos import scene_targets, with_scene_targets
         try:
             targets = scene_targets(ds)
         except ValueError as e:
             _fail(f"--scene-aux needs demos recorded in sim: {e}")
+
+    def make_batches(start: int):
+        stream = batches(ds, batch_size, cfg.chunk, seed, start)
+        return with_scene_targets(stream, targets) if cfg.scene_aux else stream
     result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
     model.save_pretrained(out / "model")
     console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "

@@ -14,6 +14,8 @@ import torch
 
 from edge_steer.data import Dataset, EpisodeFilter
 from edge_steer.models import load_model
+from edge_steer.models.vla import SCENE_CENTER, SCENE_SCALE, observation_batch
+from edge_steer.sim.demos import scene_targets
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.tasks import get_task
 
@@ -33,12 +35,9 @@ def main() -> None:
                   - ep["action"][t]) for t in range(len(ep["action"]))]
     print("offline |pred - expert| per action dim:", np.mean(err, 0).round(4), " expert std:", ep["action"].std(0).round(4))
     if getattr(m.config, "scene_aux", 0):   # the auxiliary head: where the model thinks the objects are
-        from edge_steer.models.vla import SCENE_CENTER, SCENE_SCALE
-        from edge_steer.sim.demos import scene_targets
         truth = scene_targets(ds)[args.episode][:4]
         with torch.no_grad():
             obs0 = {k: ep[k][0] for k in ep if k.startswith("observation.")}
-            from edge_steer.models.vla import observation_batch
             x = m.trunk(*m.embed(**m.prepare(observation_batch(obs0, task.instruction))))
             guess = (m.scene_readout(x)[0] * SCENE_SCALE + SCENE_CENTER).numpy()
         print(f"scene head on frame 0: pick {guess[:2].round(3)} (true {truth[:2].round(3)}), "
