@@ -1,8 +1,8 @@
 """The sim's scripted expert behind the `Engine` protocol (sim only).
 
 It lets the daemon be tested end to end independent of model quality, and it records demonstrations
-on the "robot" with `record on`. The expert plans from privileged sim state; the daemon passes the
-commanded target and the step count as `runtime.*` observation keys (models read `observation.*`
+on the "robot" with `record on`. The expert places its waypoints from privileged sim state; the
+daemon passes the commanded target as a `runtime.*` observation key (models read `observation.*`
 keys only), so its chunks are deltas relative to the commanded target, as the action contract says.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_steer.geometry import mat_to_rotvec, quat_to_mat
+from edge_steer.geometry import quat_to_mat
 from edge_steer.sim.env import EnvConfig
 from edge_steer.sim.expert import ScriptedExpert
 
@@ -27,25 +27,16 @@ class ExpertEngine:
         self._episode: int | None = None
 
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
-        step = int(observation["runtime.step"])
         episode = int(observation["runtime.episode"])
-        if self._expert is None or episode != self._episode:  # plan once per episode, from where the arm is
+        if self._expert is None or episode != self._episode:  # place the waypoints once per episode
             shim = SimpleNamespace(task=self.cell.task, world=self.cell.world, scene=self.cell.scene,
                                    config=EnvConfig(fps=self.fps))
             with self.cell.world.lock:
                 self._expert = ScriptedExpert(shim)
             self._episode = episode
         target = np.asarray(observation["runtime.target"], dtype=float)
-        p, r = target[:3], quat_to_mat(target[3:7])
-        dt = 1.0 / self.fps
-        out = np.zeros((self.chunk, 7))
-        for i in range(self.chunk):
-            pg, rg, grip = self._expert.pose_at((step + i + 1) * dt)
-            out[i, :3] = pg - p
-            out[i, 3:6] = mat_to_rotvec(rg @ r.T)
-            out[i, 6] = grip
-            p, r = pg, rg
-        return out
+        state = np.asarray(observation["observation.state"], dtype=float)
+        return self._expert.chunk(target[:3], quat_to_mat(target[3:7]), state[:3], float(state[7]), self.chunk)
 
     def metadata(self) -> dict[str, Any]:
         return {"backend": self.backend, "task": self.cell.task.name, "chunk": self.chunk, "action_dim": 7}

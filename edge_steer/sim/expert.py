@@ -1,12 +1,18 @@
-"""Scripted expert: a top-down pick-and-place through Cartesian waypoints.
+"""Scripted expert: a top-down pick-and-place through Cartesian waypoints, as a feedback controller.
 
-It reads the privileged sim state once (object poses, goal), plans min-jerk segments between
-waypoints, and at each control step emits the action that moves the commanded TCP target to where
-the plan is one step later (see `env.py` for the action's meaning).
+It reads the privileged sim state once (object poses, goal) to place the waypoints. Then, at every
+control step, its action depends only on where the arm is now: move the commanded TCP target
+toward the current waypoint at a capped speed, and go on to the next waypoint once the arm is
+there (and, at the grasp and the release, once the gripper has closed or opened). Behaviour cloning
+needs exactly this: the label is a function of what the policy can observe (the arm, the gripper,
+the object), not of time since the episode started. An earlier, time-indexed min-jerk plan gave
+labels that depended on the phase of a clock the policy never sees, and a policy that arrived a
+little off could not tell whether to keep going or to stop (docs/model.md, attempts 1-6).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +21,8 @@ from edge_steer.geometry import mat_to_rotvec, orientation_error, rot_z, rotvec_
 from edge_steer.sim.env import SimEnv
 
 R_DOWN = np.diag([1.0, -1.0, -1.0])  # gripper pointing down, fingers opening along base y
-SPEED = 0.3        # m/s cruise for transfer segments
 APPROACH = 0.12    # m above grasp / place height
+ROT_STEP = 0.15    # rad per control step
 
 
 @dataclass(frozen=True)
@@ -24,12 +30,9 @@ class Waypoint:
     pos: np.ndarray
     yaw: float
     grip: float      # 1 = closed
-    duration: float  # seconds to reach this waypoint from the previous one
-
-
-def _min_jerk(s: float) -> float:
-    s = min(max(s, 0.0), 1.0)
-    return 10 * s**3 - 15 * s**4 + 6 * s**5
+    speed: float     # m per control step on the way to this waypoint
+    tol: float       # m the measured TCP must be within before the next waypoint
+    wait: str = ""   # "closed" / "open": also wait for the gripper
 
 
 def _grasp_yaw(env: SimEnv) -> float:
@@ -38,6 +41,12 @@ def _grasp_yaw(env: SimEnv) -> float:
     m = env.world.object_mat(0)
     yaw = np.arctan2(m[1, 0], m[0, 0])
     return float((yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)  # the cube face closest to neutral
+
+
+def grasp_width(env: SimEnv) -> float:
+    """Width of the instructed object between the fingers (m)."""
+    o = env.task.obj
+    return 2 * min(o.radius, o.half_height)
 
 
 def plan(env: SimEnv) -> list[Waypoint]:
@@ -53,102 +62,122 @@ def plan(env: SimEnv) -> list[Waypoint]:
     z_grasp = max(obj[2], 0.016)
     z_place = surface + task.obj.half_height + 0.012
     yaw = _grasp_yaw(env)
-    start = w.tcp_pose()[0]
-    pre_grasp = np.array([obj[0], obj[1], z_grasp + APPROACH])
-    pre_place = np.array([gx, gy, z_place + APPROACH])
-
-    def travel(a, b, lo=0.6):
-        return max(lo, 1.875 * float(np.linalg.norm(b - a)) / SPEED)
-
     grasp = np.array([obj[0], obj[1], z_grasp])
-    lift = grasp + [0, 0, 0.15]
     place = np.array([gx, gy, z_place])
+    up = np.array([0.0, 0.0, APPROACH])
     return [
-        Waypoint(pre_grasp, yaw, 0.0, travel(start, pre_grasp, 1.0)),
-        Waypoint(grasp, yaw, 0.0, 0.9),
-        Waypoint(grasp, yaw, 1.0, 0.6),          # close and let the grasp settle
-        Waypoint(lift, yaw, 1.0, 0.8),
-        Waypoint(pre_place, 0.0, 1.0, travel(lift, pre_place)),
-        Waypoint(place, 0.0, 1.0, 0.9),
-        Waypoint(place, 0.0, 0.0, 0.5),          # release
-        Waypoint(place + [0, 0, APPROACH], 0.0, 0.0, 0.7),
+        Waypoint(grasp + up, yaw, 0.0, 0.025, 0.015),
+        Waypoint(grasp, yaw, 0.0, 0.012, 0.006),
+        Waypoint(grasp, yaw, 1.0, 0.0, 0.006, wait="closed"),
+        Waypoint(grasp + [0, 0, 0.15], yaw, 1.0, 0.015, 0.03),
+        Waypoint(place + up, 0.0, 1.0, 0.025, 0.015),
+        Waypoint(place, 0.0, 1.0, 0.012, 0.008),
+        Waypoint(place, 0.0, 0.0, 0.0, 0.008, wait="open"),
+        Waypoint(place + up, 0.0, 0.0, 0.02, 0.03),
     ]
 
 
 class ScriptedExpert:
-    def __init__(self, env: SimEnv, start: tuple[np.ndarray, np.ndarray] | None = None):
-        """`start`: the pose the plan begins at (default: the measured TCP pose)."""
-        self.env = env
+    MAX_HOLD = 8  # steps to wait at a waypoint for the arm or the gripper before going on anyway
+
+    def __init__(self, env: SimEnv):
         self.waypoints = plan(env)
-        self._start = start if start is not None else env.world.tcp_pose()
-        self._t_end = np.cumsum([wp.duration for wp in self.waypoints])
-        self.duration = float(self._t_end[-1])
-
-    def pose_at(self, t: float) -> tuple[np.ndarray, np.ndarray, float]:
-        """Planned TCP position, rotation and gripper command at time t since the start."""
-        prev_p, prev_r = self._start
-        t0 = 0.0
-        for wp, t1 in zip(self.waypoints, self._t_end):
-            r1 = rot_z(wp.yaw) @ R_DOWN
-            if t <= t1:
-                b = _min_jerk((t - t0) / wp.duration)
-                r = rotvec_to_mat(b * orientation_error(r1, prev_r)) @ prev_r
-                return prev_p + b * (wp.pos - prev_p), r, wp.grip
-            prev_p, prev_r, t0 = wp.pos, r1, t1
-        last = self.waypoints[-1]
-        return last.pos, rot_z(last.yaw) @ R_DOWN, last.grip
-
-    def act(self, step: int) -> np.ndarray:
-        dt = 1.0 / self.env.config.fps
-        p_goal, r_goal, grip = self.pose_at((step + 1) * dt)
-        p, r = self.env.target
-        return np.concatenate([p_goal - p, mat_to_rotvec(r_goal @ r.T), [grip]]).astype(np.float32)
+        self.width = grasp_width(env)
+        self.phase = 0
+        self._hold = 0
+        self._cruising = False
 
     @property
-    def num_steps(self) -> int:
-        return int(np.ceil(self.duration * self.env.config.fps)) + 3  # a few steps to settle
+    def cruising(self) -> bool:
+        """Far from the current waypoint (where injected noise cannot spoil an arrival)."""
+        return self._cruising
+
+    @property
+    def done(self) -> bool:
+        return self.phase >= len(self.waypoints)
+
+    def _arrived(self, wp: Waypoint, target_p, target_r, measured_p, width) -> bool:
+        r_wp = rot_z(wp.yaw) @ R_DOWN
+        commanded = np.linalg.norm(wp.pos - target_p) < 0.002 and np.linalg.norm(orientation_error(r_wp, target_r)) < 0.01
+        settled = np.linalg.norm(wp.pos - measured_p) < wp.tol
+        gripper = {"closed": width <= self.width + 0.003, "open": width >= self.width + 0.012}.get(wp.wait, True)
+        return commanded and (settled and gripper or self._hold >= self.MAX_HOLD)
+
+    def act(self, target_p: np.ndarray, target_r: np.ndarray, measured_p: np.ndarray, width: float) -> np.ndarray:
+        """The action from the commanded target (target_p, target_r), the measured TCP position and
+        the gripper width; advances the expert's waypoint when the arm has arrived."""
+        while not self.done and self._arrived(self.waypoints[self.phase], target_p, target_r, measured_p, width):
+            self.phase, self._hold = self.phase + 1, 0
+        wp = self.waypoints[min(self.phase, len(self.waypoints) - 1)]
+        if self.done:
+            return np.concatenate([np.zeros(6), [wp.grip]]).astype(np.float32)
+        d = wp.pos - target_p
+        dist = float(np.linalg.norm(d))
+        # cruise at the waypoint's speed, halve the remaining distance near it, arrive exactly
+        step = min(wp.speed, max(0.5 * dist, 0.003)) if wp.speed > 0 else dist
+        dp = d if step >= dist else d * (step / dist)
+        rv = orientation_error(rot_z(wp.yaw) @ R_DOWN, target_r)
+        angle = float(np.linalg.norm(rv))
+        if angle > ROT_STEP:
+            rv = rv * (ROT_STEP / angle)
+        self._cruising = dist > 0.03
+        if step >= dist and angle <= ROT_STEP:
+            self._hold += 1
+        return np.concatenate([dp, rv, [wp.grip]]).astype(np.float32)
+
+    def act_env(self, env: SimEnv) -> np.ndarray:
+        p, r = env.target
+        with env.world.lock:
+            measured = env.world.tcp_pose()[0]
+            width = env.world.gripper_width
+        return self.act(p, r, measured, width)
+
+    def chunk(self, target_p, target_r, measured_p, width, n: int) -> np.ndarray:
+        """n actions: this step's (which advances the expert), then the next ones predicted on a copy,
+        assuming the arm follows its target and the gripper stays as it is."""
+        out = [self.act(target_p, target_r, measured_p, width)]
+        ghost = copy.deepcopy(self)
+        p, r = target_p, target_r
+        for _ in range(n - 1):
+            a = out[-1]
+            p, r = p + a[:3], rotvec_to_mat(a[3:6]) @ r
+            out.append(ghost.act(p, r, p, width))
+        return np.stack(out)
 
 
 PUSH_STEPS = 3
+SETTLE_STEPS = 3
 
 
 def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
                        rng: np.random.Generator | None = None, push: float = 0.0) -> bool:
-    """Run the expert to the end of its plan; `record(obs, action)` is called at each step.
+    """Run the expert until it has retreated from the placed object; `record(obs, action)` is called at
+    each step.
 
     With `action_noise` (m, per step) the executed translation is perturbed while the clean expert
-    action is recorded (DART-style): because actions are relative to the commanded target, the
-    expert's next action corrects the drift, so the demos show recoveries a policy will need.
-    `push` (m): once during the reach, the arm is shoved sideways by that much over a few unrecorded
-    steps and the expert re-plans from there. Small per-step noise never takes the arm far from the
-    planned path, so the path itself keeps telling where the object is and a policy can copy it
-    instead of looking (attempt 5's failure); after a shove the path points elsewhere and the recorded
-    actions lead to the object."""
+    action is recorded (DART-style); the expert's next action, computed from where the arm is,
+    corrects the drift. Only while cruising: near a waypoint the noise would keep the arm from ever
+    settling there. `push` (m): once before the grasp, the arm is shoved sideways by that much
+    over a few unrecorded steps, so the demos hold corrections from well off the nominal path."""
     expert = ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
-    reach = int(expert.waypoints[0].duration * env.config.fps)
-    push_at = int(rng.integers(2, max(3, reach - PUSH_STEPS))) if push > 0 else -1
+    push_at = int(rng.integers(2, 25)) if push > 0 else -1
     angle = rng.uniform(0.0, 2 * np.pi)
     shove = np.zeros(7, dtype=np.float32)
     shove[:2] = push / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle)])
-    k = 0
-    while k < expert.num_steps:
-        if k == push_at:
-            # unrecorded: the expert does not push. Actions are relative to the commanded target, so
-            # it would undo a shove in one step; it re-plans from where the shove left the arm instead
-            for _ in range(PUSH_STEPS):
+    settle = 0
+    while env.steps < env.config.max_steps and settle < SETTLE_STEPS:
+        if env.steps == push_at and expert.phase <= 1:
+            for _ in range(PUSH_STEPS):  # unrecorded: the expert never pushes
                 env.step(shove)
-            # from the commanded pose: the measured one lags it, and the gap would be one big label
-            expert, k, push_at = ScriptedExpert(env, start=env.target), 0, -1
             continue
         obs = env.observe() if record is not None else None
-        with env.world.lock:
-            action = expert.act(k)
+        action = expert.act_env(env)
         if record is not None:
             record(obs, action)
         executed = action.copy()
-        if action_noise > 0:
+        if action_noise > 0 and expert.cruising:
             executed[:3] += rng.normal(0.0, action_noise, 3)
         env.step(executed)
-        k += 1
+        settle += expert.done
     return env.success()
