@@ -66,7 +66,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                    keep_failed: bool = typer.Option(False, help="also store episodes the expert failed"),
                    action_noise: float = typer.Option(0.0, min=0.0, max=0.02,
                                                       help="m/step of noise on executed (not recorded) actions"),
-                   push: float = typer.Option(0.0, min=0.0, max=0.2, help="m: one sideways shove of the arm during the reach"),
+                   push: float = typer.Option(0.0, min=0.0, max=0.2, help="m: one sideways shove of the arm before the grasp"),
                    start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
                                                                help="rad of joint noise on the start pose (default: the sim's)")
                    ) -> None:

@@ -107,7 +107,7 @@ def test_expert_labels_depend_on_where_the_arm_is_not_on_time():
             assert np.dot(act[:3], -np.asarray(off)) > 0.9 * np.linalg.norm(act[:3]) * np.linalg.norm(off)
 
 
-def test_a_shove_during_the_reach_is_unrecorded_and_the_expert_replans_to_the_object():
+def test_a_shove_before_the_grasp_is_unrecorded_and_the_expert_leads_back_to_the_object():
     from edge_steer.sim.demos import record_episode
     clean = record_episode("red_cube_on_blue_plate", 4)
     pushed = record_episode("red_cube_on_blue_plate", 4, push=0.08)

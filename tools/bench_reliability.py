@@ -225,7 +225,7 @@ def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None =
     link = RobotLink(robot.arm)
     world = robot.sim.world
     cams = [FlakyCamera(open_camera(c, world)) for c in cfg.cameras]
-    engine = FaultyEngine(ExpertEngine(robot.sim, fps=cfg.rates.action_hz))
+    engine = FaultyEngine(ExpertEngine(robot.sim))
     d = Daemon(cfg, engine=engine, robot=robot, cameras=cams)
     cell = Cell(d, None, engine, cams, link, log, endpoint=cmd)
     inner_stop = robot.arm.stop_controller

@@ -61,7 +61,7 @@ def build_engine(cfg: ServeConfig, robot: RobotHandle):
     ec = cfg.engine
     if ec.backend == "expert":
         from edge_steer.runtime.expert_engine import ExpertEngine
-        return ExpertEngine(robot.sim, fps=cfg.rates.action_hz)
+        return ExpertEngine(robot.sim)
     try:
         import torch
         torch.set_num_threads(ec.threads)
@@ -163,7 +163,7 @@ class Daemon:
                                for c in self.cfg.cameras}
         obs["observation.state"] = np.array([0.4, 0, 0.3, 1, 0, 0, 0, 0.08], np.float32)
         obs["observation.joints"] = np.zeros(7, np.float32)
-        obs.update({"runtime.target": np.array([0.4, 0, 0.3, 1, 0, 0, 0]), "runtime.step": 0, "runtime.episode": 0})
+        obs.update({"runtime.target": np.array([0.4, 0, 0.3, 1, 0, 0, 0]), "runtime.episode": 0})
         with self.engine_lock:
             self.engine.predict(obs, "warm up")
 
@@ -508,7 +508,7 @@ class Daemon:
                         self._end_episode(True, "success")
         self._drain_executed()
 
-    def _observation(self, frames, r, seg: int) -> dict[str, Any]:
+    def _observation(self, frames, r) -> dict[str, Any]:
         from edge_steer.sim.env import tcp_state
         from edge_steer.geometry import quat_to_mat
         obs: dict[str, Any] = {f"observation.images.{n}": f.image for n, f in frames.items()}
@@ -516,7 +516,6 @@ class Daemon:
         obs["observation.joints"] = r.q.astype(np.float32)
         # for engines that plan from the commanded target (the sim's expert); models ignore runtime.*
         obs["runtime.target"] = np.array([*self.setpoint._anchor_p, *self.setpoint._anchor_q])
-        obs["runtime.step"] = seg - self._episode_start_seg
         obs["runtime.episode"] = self.episode
         return obs
 
@@ -542,7 +541,7 @@ class Daemon:
             episode, instruction = self.episode, self.instruction
             try:
                 r = self.robot.read()
-                obs = self._observation(frames, r, seg)
+                obs = self._observation(frames, r)
                 t0 = time.perf_counter()
                 with self.engine_lock:
                     actions = self.engine.predict(obs, instruction)

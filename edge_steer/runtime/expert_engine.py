@@ -14,23 +14,21 @@ from typing import Any, Mapping
 import numpy as np
 
 from edge_steer.geometry import quat_to_mat
-from edge_steer.sim.env import EnvConfig
 from edge_steer.sim.expert import ScriptedExpert
 
 
 class ExpertEngine:
     backend = "expert"
 
-    def __init__(self, cell, chunk: int = 10, fps: int = 10):
-        self.cell, self.chunk, self.fps = cell, chunk, fps
+    def __init__(self, cell, chunk: int = 10):
+        self.cell, self.chunk = cell, chunk
         self._expert: ScriptedExpert | None = None
         self._episode: int | None = None
 
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
         episode = int(observation["runtime.episode"])
         if self._expert is None or episode != self._episode:  # place the waypoints once per episode
-            shim = SimpleNamespace(task=self.cell.task, world=self.cell.world, scene=self.cell.scene,
-                                   config=EnvConfig(fps=self.fps))
+            shim = SimpleNamespace(task=self.cell.task, world=self.cell.world, scene=self.cell.scene)
             with self.cell.world.lock:
                 self._expert = ScriptedExpert(shim)
             self._episode = episode

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_steer.geometry import mat_to_rotvec, orientation_error, rot_z, rotvec_to_mat
+from edge_steer.geometry import orientation_error, rot_z, rotvec_to_mat
 from edge_steer.sim.env import SimEnv
 
 R_DOWN = np.diag([1.0, -1.0, -1.0])  # gripper pointing down, fingers opening along base y
@@ -33,6 +33,10 @@ class Waypoint:
     speed: float     # m per control step on the way to this waypoint
     tol: float       # m the measured TCP must be within before the next waypoint
     wait: str = ""   # "closed" / "open": also wait for the gripper
+
+    @property
+    def rot(self) -> np.ndarray:
+        return rot_z(self.yaw) @ R_DOWN
 
 
 def _grasp_yaw(env: SimEnv) -> float:
@@ -97,8 +101,7 @@ class ScriptedExpert:
         return self.phase >= len(self.waypoints)
 
     def _arrived(self, wp: Waypoint, target_p, target_r, measured_p, width) -> bool:
-        r_wp = rot_z(wp.yaw) @ R_DOWN
-        commanded = np.linalg.norm(wp.pos - target_p) < 0.002 and np.linalg.norm(orientation_error(r_wp, target_r)) < 0.01
+        commanded = np.linalg.norm(wp.pos - target_p) < 0.002 and np.linalg.norm(orientation_error(wp.rot, target_r)) < 0.01
         settled = np.linalg.norm(wp.pos - measured_p) < wp.tol
         gripper = {"closed": width <= self.width + 0.003, "open": width >= self.width + 0.012}.get(wp.wait, True)
         return commanded and (settled and gripper or self._hold >= self.MAX_HOLD)
@@ -116,7 +119,7 @@ class ScriptedExpert:
         # cruise at the waypoint's speed, halve the remaining distance near it, arrive exactly
         step = min(wp.speed, max(0.5 * dist, 0.003)) if wp.speed > 0 else dist
         dp = d if step >= dist else d * (step / dist)
-        rv = orientation_error(rot_z(wp.yaw) @ R_DOWN, target_r)
+        rv = orientation_error(wp.rot, target_r)
         angle = float(np.linalg.norm(rv))
         if angle > ROT_STEP:
             rv = rv * (ROT_STEP / angle)
