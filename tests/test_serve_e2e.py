@@ -61,9 +61,15 @@ def test_send_without_daemon_fails_clearly():
 
 
 def test_serve_with_a_model_checkpoint_runs_the_loop(tmp_path):
-    """Smoke: a tiny random EdgeVLA through the torch engine; chunks flow, nothing faults."""
+    """Smoke: a tiny random EdgeVLA through the torch engine; chunks flow, nothing faults. Its action
+    output is zeroed so it holds the arm: random chunks random-walk the arm into a joint-limit margin
+    or a reflex on some weight draws, and that would be the safety layer working, not this test's point."""
+    import torch
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
     model = EdgeVLA(EdgeVLAConfig(language="embedding", d_model=32, n_layers=2, n_heads=2, n_kv_heads=2))
+    with torch.no_grad():
+        model.action_out.weight.zero_()
+        model.action_out.bias.zero_()
     model.save_pretrained(tmp_path / "model")
     proc = _serve(tmp_path, f'[engine]\nbackend = "torch"\npath = "{tmp_path / "model"}"\n'
                                   '[robot]\nstop_on_success = false\n')
