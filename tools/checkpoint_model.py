@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from edge_steer.models import EdgeVLA
+from edge_steer.models.train import checkpoint_path, checkpoint_paths
 
 
 def main() -> None:
@@ -23,16 +24,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     args = ap.parse_args()
-    ckpts = sorted((args.run / "checkpoints").glob("step_*.pt"))
-    if args.step is not None:
-        ckpts = [c for c in ckpts if c.name == f"step_{args.step:07d}.pt"]
-    if not ckpts:
-        raise SystemExit(f"no matching checkpoint in {args.run / 'checkpoints'}")
+    if args.step is None:
+        latest = checkpoint_paths(args.run)
+        if not latest:
+            raise SystemExit(f"no checkpoint in {args.run}")
+        path = latest[-1]
+    else:
+        path = checkpoint_path(args.run, args.step)
+        if not path.is_file():
+            raise SystemExit(f"no checkpoint {path}")
     model = EdgeVLA.from_pretrained(args.like)
-    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     model.save_pretrained(args.out)
-    print(f"{ckpts[-1]} (step {state['step']}) -> {args.out}")
+    print(f"{path} (step {state['step']}) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -146,19 +146,28 @@ def _bar(progress: bool, total: int, completed: int):
     return p, p.add_task("train", total=total, completed=completed)
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:07d}.pt"
+
+
+def checkpoint_paths(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, oldest first."""
+    return sorted((Path(run_dir) / CKPT_DIR).glob("step_*.pt"))
+
+
 def _checkpoint(out: Path, model: nn.Module, opt, step: int, history: list, cfg: TrainConfig) -> None:
-    path = out / CKPT_DIR / f"step_{step:07d}.pt"
+    path = checkpoint_path(out, step)
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": history,
                 "train_config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # a checkpoint is either complete or absent
-    for old in sorted((out / CKPT_DIR).glob("step_*.pt"))[:-cfg.keep_checkpoints]:
+    for old in checkpoint_paths(out)[:-cfg.keep_checkpoints]:
         old.unlink()
     (out / "history.json").write_text(json.dumps(history))
 
 
 def _restore(out: Path, model: nn.Module, opt) -> tuple[int, list]:
-    ckpts = sorted((out / CKPT_DIR).glob("step_*.pt"))
+    ckpts = checkpoint_paths(out)
     if not ckpts:
         return 0, []
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
