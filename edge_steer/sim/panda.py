@@ -525,8 +525,9 @@ class SimGripper:
             raise ValueError(f"gripper width {width} outside [0, {GRIPPER_MAX_WIDTH}] m")
         if speed <= 0:
             raise ValueError("gripper speed must be > 0")
-        self._grasp_window = None
-        self._cmd.set(width, speed, 20.0, grasping=False)
+        with self._panda.world.lock:  # the 1 kHz tick reads the command; a half-written one crashed it
+            self._grasp_window = None
+            self._cmd.set(width, speed, 20.0, grasping=False)
 
     def grasp_async(self, width: float, speed: float, force: float, epsilon_inner: float = 0.005,
                     epsilon_outer: float = 0.005) -> None:
@@ -534,8 +535,9 @@ class SimGripper:
             raise ValueError(f"grasp width {width} outside [0, {GRIPPER_MAX_WIDTH}] m")
         if not 0.0 < force <= 140.0:
             raise ValueError("grasp force must be in (0, 140] N")
-        self._grasp_window = (width - epsilon_inner, width + epsilon_outer)
-        self._cmd.set(width, speed, force, grasping=True)
+        with self._panda.world.lock:
+            self._grasp_window = (width - epsilon_inner, width + epsilon_outer)
+            self._cmd.set(width, speed, force, grasping=True)
 
     def _wait_settled(self, timeout: float = 3.0) -> None:
         # Not a PandaContext: the gripper is a separate device and keeps working while the arm is in reflex.
