@@ -67,6 +67,8 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                    action_noise: float = typer.Option(0.0, min=0.0, max=0.02,
                                                       help="m/step of noise on executed (not recorded) actions"),
                    push: float = typer.Option(0.0, min=0.0, max=0.2, help="m: one sideways shove of the arm before the grasp"),
+                   approach_push: float = typer.Option(0.0, min=0.0, max=0.05,
+                                                       help="m: at most this shove once above the object (3 of 4 episodes)"),
                    start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
                                                                help="rad of joint noise on the start pose (default: the sim's)")
                    ) -> None:
@@ -94,7 +96,8 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             env = EnvConfig(image_size=image_size) if start_noise is None else \
                 EnvConfig(image_size=image_size, start_noise=start_noise)
             summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
-                                     keep_failed=keep_failed, on_episode=tick, action_noise=action_noise, push=push)
+                                     keep_failed=keep_failed, on_episode=tick, action_noise=action_noise, push=push,
+                                     approach_push=approach_push)
             saved, failed = saved + summary["saved"], failed + summary["failed"]
     dt = time.perf_counter() - t0
     console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "

@@ -123,3 +123,25 @@ def test_a_shove_before_the_grasp_is_unrecorded_and_the_expert_leads_back_to_the
     # no recorded action is the shove itself: every sideways label stays expert-sized
     assert np.abs(np.stack([f["action"][:2] for f in pushed.frames])).max() < 0.06
     np.testing.assert_allclose(grasp_at(pushed)[:2], grasp_at(clean)[:2], atol=0.01)   # ... and still grasp there
+
+
+def test_a_shove_above_the_object_leaves_sideways_corrections_in_the_descent():
+    """approach_push: the arm is shoved once it is above the object, so the recorded descent (which a
+    clean expert makes straight down) holds sideways labels back to the object, and the grasp is
+    still where the clean expert grasps."""
+    from edge_steer.sim.demos import record_episode
+
+    def descent(ep):   # recorded frames below the pre-grasp height, before the gripper closes
+        close = int(np.flatnonzero(np.stack([f["action"][6] for f in ep.frames]) > 0.5)[0])
+        z = np.stack([f["observation.state"][2] for f in ep.frames])
+        rows = [i for i in range(close) if z[i] < z[close] + 0.11]
+        return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
+
+    seed = 4   # 3 of 4 episodes are shoved; this one is (seed 5 is not)
+    clean = record_episode("red_cube_on_blue_plate", seed)
+    shoved = record_episode("red_cube_on_blue_plate", seed, approach_push=0.03)
+    assert clean.success and shoved.success
+    (clean_xy, clean_at), (shoved_xy, shoved_at) = descent(clean), descent(shoved)
+    assert np.abs(clean_xy).sum(1).max() < 0.004      # straight down
+    assert np.abs(shoved_xy).sum(0).max() > 0.008     # sideways back toward the object
+    np.testing.assert_allclose(shoved_at, clean_at, atol=0.008)

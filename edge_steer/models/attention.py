@@ -39,12 +39,16 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         attn_mask = None if mask is None else mask[:, None, None, :]
-        if self.keep_attention:
+        # Written out when the weights are wanted, and in training: PyTorch's fused CPU kernel is
+        # slow backward at these sizes (16-dim heads, ~100 tokens: 30 % of a pretraining step).
+        # Inference and export keep the fused op, which ONNX exports as one attention node.
+        if self.keep_attention or (self.training and torch.is_grad_enabled()):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             w = scores.softmax(-1)
-            self.last_attention = w.detach()
+            if self.keep_attention:
+                self.last_attention = w.detach()
             out = w @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

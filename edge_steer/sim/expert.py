@@ -153,7 +153,8 @@ SETTLE_STEPS = 3
 
 
 def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
-                       rng: np.random.Generator | None = None, push: float = 0.0) -> bool:
+                       rng: np.random.Generator | None = None, push: float = 0.0,
+                       approach_push: float = 0.0) -> bool:
     """Run the expert until it has retreated from the placed object; `record(obs, action)` is called at
     each step.
 
@@ -161,18 +162,24 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
     action is recorded (DART-style); the expert's next action, computed from where the arm is,
     corrects the drift. Only while cruising: near a waypoint the noise would keep the arm from ever
     settling there. `push` (m): once before the grasp, the arm is shoved sideways by that much
-    over a few unrecorded steps, so the demos hold corrections from well off the nominal path."""
+    over a few unrecorded steps, so the demos hold corrections from well off the nominal path.
+    `approach_push` (m): in 3 of 4 episodes, a second shove of up to that much once the arm is above
+    the object, so the descent holds the last-centimetre corrections that a policy arriving a little
+    off needs, seen by the wrist camera (where the front view is least precise)."""
     expert = ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
     push_at = int(rng.integers(2, 25)) if push > 0 else -1
-    angle = rng.uniform(0.0, 2 * np.pi)
-    shove = np.zeros(7, dtype=np.float32)
-    shove[:2] = push / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle)])
+    shove = _shove(push, rng.uniform(0.0, 2 * np.pi))
+    late = approach_push > 0 and rng.random() < 0.75   # draws nothing without it: old seeds replay as before
+    late_shove = _shove(approach_push * rng.uniform(0.3, 1.0), rng.uniform(0.0, 2 * np.pi)) if late else None
     settle = 0
     while env.steps < env.config.max_steps and settle < SETTLE_STEPS:
         if env.steps == push_at and expert.phase <= 1:
-            for _ in range(PUSH_STEPS):  # unrecorded: the expert never pushes
-                env.step(shove)
+            _push(env, shove)
+            continue
+        if late and expert.phase == 1:   # just arrived above the object
+            late = False
+            _push(env, late_shove)
             continue
         obs = env.observe() if record is not None else None
         action = expert.act_env(env)
@@ -184,3 +191,15 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
         env.step(executed)
         settle += expert.done
     return env.success()
+
+
+def _shove(distance: float, angle: float) -> np.ndarray:
+    """One step's share of a sideways shove of `distance` m toward `angle` (an action)."""
+    a = np.zeros(7, dtype=np.float32)
+    a[:2] = distance / PUSH_STEPS * np.array([np.cos(angle), np.sin(angle)])
+    return a
+
+
+def _push(env: SimEnv, shove: np.ndarray) -> None:
+    for _ in range(PUSH_STEPS):  # unrecorded: the expert never pushes
+        env.step(shove)

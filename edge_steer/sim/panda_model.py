@@ -116,7 +116,7 @@ def arm_mjcf(look: ArmLook = ArmLook(), wrist_camera_fovy: float = 80.0) -> str:
                  'contype="2" conaffinity="0" mass="0"/>')
     lines.append(f'<site name="tcp" pos="0 0 {HAND_TCP_D}" size="0.005" rgba="1 0 0 0"/>')
     # Wrist camera: on the hand, looking down the gripper (cameras look along their -z).
-    lines.append(f'<camera name="wrist" pos="0.075 0 0.02" xyaxes="0 -1 0 -0.97 0 0.26" fovy="{wrist_camera_fovy}"/>')
+    lines.append(f'<camera name="wrist" pos="0.075 0 0.02" xyaxes="0 -1 0 -0.915 0 -0.403" fovy="{wrist_camera_fovy}"/>')
     for side, sign in (("left", 1), ("right", -1)):
         lines.append(f'<body name="finger_{side}" pos="0 0 0.0584">')
         lines.append('<inertial pos="0 0 0.03" mass="0.015" diaginertia="2e-5 2e-5 1e-5"/>')
