@@ -145,3 +145,24 @@ def test_a_shove_above_the_object_leaves_sideways_corrections_in_the_descent():
     assert np.abs(clean_xy).sum(1).max() < 0.004      # straight down
     assert np.abs(shoved_xy).sum(0).max() > 0.008     # sideways back toward the object
     np.testing.assert_allclose(shoved_at, clean_at, atol=0.008)
+
+
+def test_the_wrist_camera_sees_the_object_between_the_fingers_at_the_grasp():
+    """The wrist camera looks down the gripper at the fingertips, so the last centimetres of a grasp
+    are visible: at the pre-grasp and when the gripper closes, the red cube is well inside the wrist
+    image, horizontally centred (the fingers open along the image's x)."""
+    from edge_steer.sim.demos import record_episode
+    ep = record_episode("red_cube_on_blue_plate", 4)
+    grip = np.stack([f["action"][6] for f in ep.frames])
+    close = int(np.flatnonzero(grip > 0.5)[0])
+    z = np.stack([f["observation.state"][2] for f in ep.frames])
+    above = int(np.flatnonzero(z[:close] < z[close] + 0.125)[0])    # first frame near the pre-grasp
+    for i in (above, close):
+        img = ep.frames[i]["observation.images.wrist"].astype(int)
+        r, g, b = img[..., 0], img[..., 1], img[..., 2]
+        red = (r > 70) & (r > 2 * g) & (r > 2 * b)
+        assert red.sum() > 40, f"frame {i}: the cube is not in the wrist view ({red.sum()} red pixels)"
+        rows, cols = np.nonzero(red)
+        w = img.shape[1]
+        assert abs(cols.mean() - w / 2) < w / 6
+        assert 0.1 * w < rows.mean() < 0.9 * w

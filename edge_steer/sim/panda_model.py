@@ -115,7 +115,9 @@ def arm_mjcf(look: ArmLook = ArmLook(), wrist_camera_fovy: float = 80.0) -> str:
     lines.append(f'<geom name="hand_body" type="box" pos="0 0 0.035" size="0.025 0.1 0.022" rgba="{look.hand}" '
                  'contype="2" conaffinity="0" mass="0"/>')
     lines.append(f'<site name="tcp" pos="0 0 {HAND_TCP_D}" size="0.005" rgba="1 0 0 0"/>')
-    # Wrist camera: on the hand, looking down the gripper (cameras look along their -z).
+    # Wrist camera: on the hand, tilted 24 deg toward the fingers so that the fingertips and the object
+    # between them stay in view down to the grasp, as on a real wrist mount (cameras look along -z).
+    # Looking straight down past the fingers, it lost the object in the last 5 cm of every descent.
     lines.append(f'<camera name="wrist" pos="0.075 0 0.02" xyaxes="0 -1 0 -0.915 0 -0.403" fovy="{wrist_camera_fovy}"/>')
     for side, sign in (("left", 1), ("right", -1)):
         lines.append(f'<body name="finger_{side}" pos="0 0 0.0584">')
