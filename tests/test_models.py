@@ -296,3 +296,39 @@ def test_scene_loss_counts_only_valid_targets_and_only_in_training():
     torch.testing.assert_close(m.loss(b, train=False), m.loss(no_scene, train=False))   # ... in training only
     m.loss(b).backward()
     assert m.scene_out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel", [4, 1])
+def test_patch_conv_is_the_conv_it_replaces(kernel):
+    """PatchConv2d (patch rows x weight matrix, for speed) computes what nn.Conv2d does, with the same
+    parameters, so checkpoints and exports are unchanged; other strides are refused."""
+    from edge_steer.models.vla import PatchConv2d
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, kernel, stride=kernel)
+    ours = PatchConv2d(6, 5, kernel)
+    ours.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    torch.testing.assert_close(ours(x), conv(x), rtol=1e-5, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours(x).square().sum(), x)
+    (g_conv,) = torch.autograd.grad(conv(x).square().sum(), x)
+    torch.testing.assert_close(g_ours, g_conv, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="stride"):
+        PatchConv2d(6, 5, 4, stride=2)
+
+
+def test_training_attention_matches_the_fused_kernel():
+    """In training the attention is written out (faster backward on CPU); loss and gradients must be
+    those of PyTorch's fused kernel, padding mask included."""
+    m = tiny(language="embedding").train()
+    x = batch(m, b=2)
+    x["task"] = ["put the red cube on the blue plate", "go"]   # different lengths: a padding mask
+    torch.manual_seed(1)
+    loss = m.loss(x, train=False)
+    grads = torch.autograd.grad(loss, list(m.blocks.parameters()))
+    for block in m.blocks:
+        block.attn.fused_in_training = True
+    loss_fused = m.loss(x, train=False)
+    grads_fused = torch.autograd.grad(loss_fused, list(m.blocks.parameters()))
+    torch.testing.assert_close(loss, loss_fused)
+    for a, b in zip(grads, grads_fused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

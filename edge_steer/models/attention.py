@@ -27,6 +27,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model)
         self.keep_attention = False            # set by reports to keep the last attention map
+        self.fused_in_training = False         # PyTorch's fused kernel in training too (benchmark baseline)
         self.last_attention: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,7 +43,7 @@ class Attention(nn.Module):
         # Written out when the weights are wanted, and in training: PyTorch's fused CPU kernel is
         # slow backward at these sizes (16-dim heads, ~100 tokens: 30 % of a pretraining step).
         # Inference and export keep the fused op, which ONNX exports as one attention node.
-        if self.keep_attention or (self.training and torch.is_grad_enabled()):
+        if self.keep_attention or (self.training and torch.is_grad_enabled() and not self.fused_in_training):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
