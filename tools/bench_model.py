@@ -103,6 +103,7 @@ def main() -> None:
              f"Command: `.venv/bin/python tools/bench_model.py --model {args.model}"
              + (f" --base-eval {args.base_eval}" if args.base_eval else "")
              + (f" --heldout-eval {args.heldout_eval}" if args.heldout_eval else "")
+             + (f" --train-log {args.train_log}" if args.train_log else "")
              + f"` at commit `{git_commit()}`, {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
              "| figure | value |", "|---|---|",
              f"| architecture | {c.n_layers} layers x {c.n_heads} heads (kv heads {c.n_kv_heads}) x {c.head_dim} dims, "
@@ -119,7 +120,8 @@ def main() -> None:
         hist = json.loads(Path(args.train_log).read_text())
         last = hist[-1]
         lines += [f"Pretraining: {last['step']} steps in {last['elapsed_s'] / 60:.1f} min on this machine, "
-                  f"final L1 loss (normalised actions) {last['loss']:.4f}.", ""]
+                  f"final training loss {last['loss']:.4f} (L1 on normalised actions, plus the scene loss where the "
+                  "config has one).", ""]
     rows = []
     for path in (args.base_eval, args.heldout_eval):
         if path and Path(path).exists():
