@@ -440,7 +440,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     _load(base)
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
     demos_generate(task=task, episodes=episodes, seed=0, out=out / "demos", image_size=96, workers=0,
-                   keep_failed=False, action_noise=0.0)
+                   keep_failed=False, action_noise=0.0, push=0.0, approach_push=0.0, start_noise=None)
     console.rule("2/7 the base model on the new task (zero-shot)")
     before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")

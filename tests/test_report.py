@@ -143,3 +143,16 @@ def test_cli_report_and_its_refusal(setup, tmp_path):
     tiny_model(seed=1).save_pretrained(tmp_path / "other")
     res = runner.invoke(app, [str(a) for a in args + ["--model", tmp_path / "other", "--out", tmp_path / "r2"]])
     assert res.exit_code == 2 and "another model" in res.output
+
+
+def test_report_of_a_keypoint_model_maps_patches_and_bars_the_keypoint_tokens(setup, tmp_path):
+    """A camera's tokens are its patches and then its keypoint token (the shipped default has them):
+    the attention map shows the patches on the image, the keypoint tokens go with the bars."""
+    _, _, data, _, _ = setup
+    model = tiny_model(keypoints=4)
+    model.set_stats(Dataset(data).stats)
+    model.eval()
+    doc = identify(model, probe_set(model, task_demos(data), other_instructions=[RIGHT]), IdentifyConfig(top_k=1))
+    write_report(doc, model, Dataset(data), tmp_path / "r", n_frames=1)
+    px = _png(tmp_path / "r" / f"attention_{doc['selected'][0]['head']}.png")
+    assert px.std() > 5

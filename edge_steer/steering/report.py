@@ -242,23 +242,27 @@ def plot_attention(head: HeadRef, weights: np.ndarray, frames: dict[str, Any], m
     axes = fig.subplots(n, n_cam + 1, squeeze=False, width_ratios=[1] * n_cam + [1.8])
     for i in range(n):
         w = weights[i]
+        # a camera's tokens are its g x g patches, then its keypoint token if the model has one
         cams = [w[layout[f"camera:{cam}"]] for cam in c.cameras]
+        patches, keypoints = [a[: g * g] for a in cams], [a[g * g:] for a in cams]
         # one scale over the frame's cameras, floored at uniform attention so that a head that
         # ignores the images does not light up its (tiny) strongest patch
-        top = max(max(float(a.max()) for a in cams), 1.0 / max(int((w > 0).sum()), 1))
+        top = max(max(float(a.max()) for a in patches), 1.0 / max(int((w > 0).sum()), 1))
         for j, cam in enumerate(c.cameras):
             ax = axes[i, j]
-            ax.imshow(_overlay(frames[f"observation.images.{cam}"][i], (cams[j] / top).reshape(g, g)))
+            ax.imshow(_overlay(frames[f"observation.images.{cam}"][i], (patches[j] / top).reshape(g, g)))
             ax.set_title(f"{cam}: {cams[j].sum():.0%} of attention", fontsize=8)
             ax.set_axis_off()
         ax = axes[i, -1]
         real = np.flatnonzero(lang_mask[i])
         text = str(frames["task"][i])
         labels = instruction_tokens(model.encoder, text, c.max_lang_tokens)
-        vals = np.concatenate([w[layout["instruction"]][real], w[layout["state"]]])
-        colors = ["tab:blue"] * len(real) + ["tab:orange"]
+        kp = np.concatenate(keypoints)
+        vals = np.concatenate([w[layout["instruction"]][real], w[layout["state"]], kp])
+        colors = ["tab:blue"] * len(real) + ["tab:orange"] + ["tab:green"] * len(kp)
+        names = [labels[k] for k in real] + ["[state]"] + [f"[{cam} keypoints]" for cam, a in zip(c.cameras, keypoints) if len(a)]
         ax.bar(range(len(vals)), vals, color=colors)
-        ax.set_xticks(range(len(vals)), [labels[k] for k in real] + ["[state]"], rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(vals)), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("attention", fontsize=8)
         rest = float(w[layout["decision"]].sum())
         ax.set_title(f"“{text}” (ep {int(frames['episode_index'][i])}, t={int(frames['frame_index'][i])}); "
