@@ -43,7 +43,7 @@ def stock_kernels(model):
 
     from edge_steer.models.vla import PatchConv2d
     stock = copy.deepcopy(model)
-    for name, mod in list(stock.named_modules()):
+    for mod in list(stock.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, PatchConv2d):
                 conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride)
@@ -82,21 +82,19 @@ def main() -> None:
     # training throughput, bf16 autocast as in pretraining: ours, and the same model on PyTorch's stock
     # kernels (nn.Conv2d patch embedding, fused attention backward), interleaved so both see one machine
     xb = fake_batch(model, 64)
-    runs = {"ours": (model, []), "stock": (stock_kernels(model), [])}
-    for m, _ in runs.values():
-        m.train()
-        m._opt = torch.optim.AdamW(m.parameters(), 1e-4)
+    runs = {k: (m.train(), torch.optim.AdamW(m.parameters(), 1e-4), [])
+            for k, m in (("ours", model), ("stock", stock_kernels(model)))}
     for i in range(8):
-        for m, times in runs.values():
+        for m, opt, times in runs.values():
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = m.loss(xb)
-            m._opt.zero_grad()
+            opt.zero_grad()
             loss.backward()
-            m._opt.step()
+            opt.step()
             if i:
                 times.append(time.perf_counter() - t0)
-    sps, stock_sps = (64 / statistics.median(runs[k][1]) for k in ("ours", "stock"))
+    sps, stock_sps = (64 / statistics.median(runs[k][2]) for k in ("ours", "stock"))
     size_mb = sum(f.stat().st_size for f in Path(args.model).iterdir()) / 1e6
     c = model.config
     lines = ["## The reference VLA (issue 3)", "",
