@@ -68,13 +68,18 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                                                       help="m/step of noise on executed (not recorded) actions"),
                    push: float = typer.Option(0.0, min=0.0, max=0.2, help="m: one sideways shove of the arm before the grasp"),
                    approach_push: float = typer.Option(0.0, min=0.0, max=0.05,
-                                                       help="m: at most this shove once above the object (3 of 4 episodes)"),
+                                                       help="m: at most this shove once above the object"),
+                   approach_share: float = typer.Option(0.75, min=0.0, max=1.0,
+                                                        help="share of episodes with the approach shove"),
+                   descent_push: float = typer.Option(0.0, min=0.0, max=0.05,
+                                                      help="m: at most this shove 5 cm above the grasp (every episode)"),
                    start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
                                                                help="rad of joint noise on the start pose (default: the sim's)")
                    ) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe)."""
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
+    from edge_steer.sim.expert import Perturbation
     from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
 
     try:
@@ -83,6 +88,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             get_task(name)
     except TaskError as e:
         _fail(str(e))
+    perturb = Perturbation(action_noise, push, approach_push, approach_share, descent_push)
     t0 = time.perf_counter()
     saved = failed = 0
     with _progress() as prog:
@@ -96,8 +102,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             env = EnvConfig(image_size=image_size) if start_noise is None else \
                 EnvConfig(image_size=image_size, start_noise=start_noise)
             summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
-                                     keep_failed=keep_failed, on_episode=tick, action_noise=action_noise, push=push,
-                                     approach_push=approach_push)
+                                     keep_failed=keep_failed, on_episode=tick, perturb=perturb)
             saved, failed = saved + summary["saved"], failed + summary["failed"]
     dt = time.perf_counter() - t0
     console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "
@@ -440,7 +445,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     _load(base)
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
     demos_generate(task=task, episodes=episodes, seed=0, out=out / "demos", image_size=96, workers=0,
-                   keep_failed=False, action_noise=0.0, push=0.0, approach_push=0.0, start_noise=None)
+                   keep_failed=False, action_noise=0.0, push=0.0, approach_push=0.0, approach_share=0.75,
+                   descent_push=0.0, start_noise=None)
     console.rule("2/7 the base model on the new task (zero-shot)")
     before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")

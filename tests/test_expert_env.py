@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edge_steer.sim.env import MAX_STEP_TRANSLATION, MAX_TARGET_LEAD, EnvConfig, SimEnv
-from edge_steer.sim.expert import run_expert_episode
+from edge_steer.sim.expert import Perturbation, run_expert_episode
 from edge_steer.sim.tasks import TASKS, get_task
 
 
@@ -79,7 +79,7 @@ def test_observation_layout():
 def test_noisy_execution_records_clean_corrective_actions():
     from edge_steer.sim.demos import record_episode
     clean = record_episode("red_cube_on_blue_plate", 3)
-    noisy = record_episode("red_cube_on_blue_plate", 3, action_noise=0.006)
+    noisy = record_episode("red_cube_on_blue_plate", 3, perturb=Perturbation(action_noise=0.006))
     assert clean.success and noisy.success
     a_clean = np.stack([f["action"] for f in clean.frames])
     a_noisy = np.stack([f["action"] for f in noisy.frames])
@@ -122,7 +122,7 @@ def _first_close(ep) -> int:
 def test_a_shove_before_the_grasp_is_unrecorded_and_the_expert_leads_back_to_the_object(clean_episode):
     from edge_steer.sim.demos import record_episode
     clean = clean_episode
-    pushed = record_episode("red_cube_on_blue_plate", 4, push=0.08)
+    pushed = record_episode("red_cube_on_blue_plate", 4, perturb=Perturbation(push=0.08))
     assert clean.success and pushed.success
 
     def states(ep):
@@ -150,12 +150,42 @@ def test_a_shove_above_the_object_leaves_sideways_corrections_in_the_descent(cle
         return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
 
     clean = clean_episode   # seed 4: 3 of 4 episodes are shoved; this one is (seed 5 is not)
-    shoved = record_episode("red_cube_on_blue_plate", 4, approach_push=0.03)
+    shoved = record_episode("red_cube_on_blue_plate", 4, perturb=Perturbation(approach_push=0.03))
     assert clean.success and shoved.success
     (clean_xy, clean_at), (shoved_xy, shoved_at) = descent(clean), descent(shoved)
     assert np.abs(clean_xy).sum(1).max() < 0.004      # straight down
     assert np.abs(shoved_xy).sum(0).max() > 0.008     # sideways back toward the object
     np.testing.assert_allclose(shoved_at, clean_at, atol=0.008)
+
+
+def test_a_shove_low_in_the_descent_leaves_sideways_labels_within_5_cm_of_the_grasp(clean_episode):
+    """descent_push: every episode is shoved once the commanded TCP is 5 cm above the grasp, so labels
+    that correct sideways exist where a finger is about to land on the object, and the grasp is still
+    where the clean expert grasps."""
+    from edge_steer.sim.demos import record_episode
+
+    def low_xy(ep):   # recorded sideways labels within 5 cm above the grasp, before closing
+        close = _first_close(ep)
+        z = np.stack([f["observation.state"][2] for f in ep.frames])
+        rows = [i for i in range(close) if z[i] < z[close] + 0.05]
+        return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
+
+    clean_xy, clean_at = low_xy(clean_episode)
+    assert np.abs(clean_xy).sum(1).max() < 0.004   # the clean descent goes straight down there
+    for seed in (4, 5):   # unlike approach_push, no episode is left unshoved
+        shoved = record_episode("red_cube_on_blue_plate", seed, perturb=Perturbation(descent_push=0.02))
+        assert shoved.success
+        xy, at = low_xy(shoved)
+        assert np.abs(xy).sum(0).max() > 0.004, f"seed {seed}: no sideways correction near the object"
+        if seed == 4:
+            np.testing.assert_allclose(at, clean_at, atol=0.008)
+
+
+def test_perturbations_refuse_negative_sizes_and_shares_outside_0_1():
+    with pytest.raises(ValueError, match="descent_push"):
+        Perturbation(descent_push=-0.01)
+    with pytest.raises(ValueError, match="approach_share"):
+        Perturbation(approach_share=1.5)
 
 
 def test_the_wrist_camera_sees_the_object_between_the_fingers_at_the_grasp(clean_episode):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_steer.sim.env import ACTION_NAMES, EnvConfig, SimEnv
-from edge_steer.sim.expert import run_expert_episode
+from edge_steer.sim.expert import Perturbation, run_expert_episode
 from edge_steer.sim.tasks import get_task
 
 
@@ -44,7 +44,7 @@ class RecordedEpisode:
 
 
 def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
-                   action_noise: float = 0.0, push: float = 0.0, approach_push: float = 0.0) -> RecordedEpisode:
+                   perturb: Perturbation = Perturbation()) -> RecordedEpisode:
     task = get_task(task_name)
     frames: list[dict[str, np.ndarray]] = []
 
@@ -52,7 +52,7 @@ def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
         frames.append({**obs, "action": action})
 
     with SimEnv(task, seed, config) as env:
-        ok = run_expert_episode(env, record, action_noise, push=push, approach_push=approach_push)
+        ok = run_expert_episode(env, record, perturb)
     return RecordedEpisode(task_name, task.instruction, seed, ok, frames)
 
 
@@ -61,8 +61,7 @@ def _record(args) -> RecordedEpisode:
 
 
 def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, config: EnvConfig = EnvConfig(),
-                   workers: int | None = None, keep_failed: bool = False, action_noise: float = 0.0,
-                   push: float = 0.0, approach_push: float = 0.0,
+                   workers: int | None = None, keep_failed: bool = False, perturb: Perturbation = Perturbation(),
                    on_episode: Callable[[RecordedEpisode], None] | None = None) -> dict:
     """Record `episodes` expert demos of a task into the dataset at `out` (appending)."""
     from edge_steer.data import DatasetWriter, default_spec
@@ -75,7 +74,7 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
     saved, failed, attempts = 0, 0, 0
     max_attempts = 2 * episodes + 10
     with DatasetWriter(out, spec) as writer:
-        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, action_noise, push, approach_push):
+        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, perturb):
             attempts += 1
             if ep.success or keep_failed:
                 writer.begin_episode()
@@ -83,8 +82,7 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
                     writer.add_frame(f, task=ep.instruction)
                 writer.end_episode(success=ep.success, extra={"task_name": ep.task, "seed": ep.seed,
                                                               "env_config": str(asdict(config)),
-                                                              "action_noise": action_noise, "push": push,
-                                                              "approach_push": approach_push})
+                                                              **asdict(perturb)})
                 saved += 1
             if not ep.success:
                 failed += 1
@@ -97,9 +95,8 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
     return {"task": task_name, "saved": saved, "failed": failed, "attempts": attempts, "out": str(out)}
 
 
-def _episodes(task_name, seed, config, workers, wanted, max_attempts, action_noise, push,
-              approach_push) -> Iterator[RecordedEpisode]:
-    args = ((task_name, episode_seed(seed, i, task_name), config, action_noise, push, approach_push)
+def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb) -> Iterator[RecordedEpisode]:
+    args = ((task_name, episode_seed(seed, i, task_name), config, perturb)
             for i in range(max_attempts))
     if workers <= 1:
         yield from map(_record, args)

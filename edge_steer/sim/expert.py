@@ -150,28 +150,51 @@ class ScriptedExpert:
 
 PUSH_STEPS = 3
 SETTLE_STEPS = 3
+DESCENT_SHOVE_HEIGHT = 0.05   # m above the grasp height at which the descent shove lands
 
 
-def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
-                       rng: np.random.Generator | None = None, push: float = 0.0,
-                       approach_push: float = 0.0) -> bool:
+@dataclass(frozen=True)
+class Perturbation:
+    """Unrecorded disturbances of a demo, so that the recorded (clean) labels hold corrections a
+    policy needs when it is off the expert's path (DART-style). Zero everywhere: a clean demo.
+
+    `action_noise` (m, per step): Gaussian noise on the executed translation, only while cruising
+    (near a waypoint it would keep the arm from ever settling there). `push` (m): once before the
+    grasp, a sideways shove of that much, so the demos hold corrections from well off the path.
+    `approach_push` (m): in `approach_share` of the episodes, a shove of up to that much once the arm
+    is above the object, so the descent holds the last-centimetre corrections that the wrist camera
+    sees. `descent_push` (m): in every episode, a shove of up to that much when the commanded TCP is
+    `DESCENT_SHOVE_HEIGHT` above the grasp, where a policy that arrives a few cm off must still
+    correct sideways before a finger lands on the object."""
+    action_noise: float = 0.0
+    push: float = 0.0
+    approach_push: float = 0.0
+    approach_share: float = 0.75
+    descent_push: float = 0.0
+
+    def __post_init__(self):
+        for name in ("action_noise", "push", "approach_push", "descent_push"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (m), got {getattr(self, name)}")
+        if not 0.0 <= self.approach_share <= 1.0:
+            raise ValueError(f"approach_share must be in [0, 1], got {self.approach_share}")
+
+
+def run_expert_episode(env: SimEnv, record=None, perturb: Perturbation = Perturbation(),
+                       rng: np.random.Generator | None = None) -> bool:
     """Run the expert until it has retreated from the placed object; `record(obs, action)` is called at
-    each step.
-
-    With `action_noise` (m, per step) the executed translation is perturbed while the clean expert
-    action is recorded (DART-style); the expert's next action, computed from where the arm is,
-    corrects the drift. Only while cruising: near a waypoint the noise would keep the arm from ever
-    settling there. `push` (m): once before the grasp, the arm is shoved sideways by that much
-    over a few unrecorded steps, so the demos hold corrections from well off the nominal path.
-    `approach_push` (m): in 3 of 4 episodes, a second shove of up to that much once the arm is above
-    the object, so the descent holds the last-centimetre corrections that a policy arriving a little
-    off needs, seen by the wrist camera (where the front view is least precise)."""
+    each step with the clean expert action, whatever `perturb` then does to what is executed; the
+    expert's next action, computed from where the arm is, corrects it."""
     expert = ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
-    push_at = int(rng.integers(2, 25)) if push > 0 else -1
-    shove = _shove(push, rng.uniform(0.0, 2 * np.pi))
-    late = approach_push > 0 and rng.random() < 0.75   # draws nothing without it: old seeds replay as before
-    late_shove = _shove(approach_push * rng.uniform(0.3, 1.0), rng.uniform(0.0, 2 * np.pi)) if late else None
+    # the draws below happen only for the perturbations asked for: older seeds replay as before
+    push_at = int(rng.integers(2, 25)) if perturb.push > 0 else -1
+    shove = _shove(perturb.push, rng.uniform(0.0, 2 * np.pi))
+    late = perturb.approach_push > 0 and rng.random() < perturb.approach_share
+    late_shove = _shove(perturb.approach_push * rng.uniform(0.3, 1.0), rng.uniform(0.0, 2 * np.pi)) if late else None
+    low = perturb.descent_push > 0
+    low_shove = _shove(perturb.descent_push * rng.uniform(0.3, 1.0), rng.uniform(0.0, 2 * np.pi)) if low else None
+    grasp_z = expert.waypoints[1].pos[2]
     settle = 0
     while env.steps < env.config.max_steps and settle < SETTLE_STEPS:
         if env.steps == push_at and expert.phase <= 1:
@@ -181,13 +204,17 @@ def run_expert_episode(env: SimEnv, record=None, action_noise: float = 0.0,
             late = False
             _push(env, late_shove)
             continue
+        if low and expert.phase == 1 and env.target[0][2] < grasp_z + DESCENT_SHOVE_HEIGHT:
+            low = False
+            _push(env, low_shove)
+            continue
         obs = env.observe() if record is not None else None
         action = expert.act_env(env)
         if record is not None:
             record(obs, action)
         executed = action.copy()
-        if action_noise > 0 and expert.cruising:
-            executed[:3] += rng.normal(0.0, action_noise, 3)
+        if perturb.action_noise > 0 and expert.cruising:
+            executed[:3] += rng.normal(0.0, perturb.action_noise, 3)
         env.step(executed)
         settle += expert.done
     return env.success()
