@@ -73,6 +73,9 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                                                         help="share of episodes with the approach shove"),
                    descent_push: float = typer.Option(0.0, min=0.0, max=0.05,
                                                       help="m: at most this shove 5 cm above the grasp (every episode)"),
+                   miss: float = typer.Option(0.0, min=0.0, max=0.08,
+                                              help="m: first grasp aimed this far off, unrecorded; the demo shows the recovery"),
+                   miss_share: float = typer.Option(0.5, min=0.0, max=1.0, help="share of episodes with the missed grasp"),
                    start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
                                                                help="rad of joint noise on the start pose (default: the sim's)")
                    ) -> None:
@@ -88,7 +91,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             get_task(name)
     except TaskError as e:
         _fail(str(e))
-    perturb = Perturbation(action_noise, push, approach_push, approach_share, descent_push)
+    perturb = Perturbation(action_noise, push, approach_push, approach_share, descent_push, miss, miss_share)
     t0 = time.perf_counter()
     saved = failed = 0
     with _progress() as prog:
@@ -446,7 +449,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
     demos_generate(task=task, episodes=episodes, seed=0, out=out / "demos", image_size=96, workers=0,
                    keep_failed=False, action_noise=0.0, push=0.0, approach_push=0.0, approach_share=0.75,
-                   descent_push=0.0, start_noise=None)
+                   descent_push=0.0, miss=0.0, miss_share=0.5, start_noise=None)
     console.rule("2/7 the base model on the new task (zero-shot)")
     before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")

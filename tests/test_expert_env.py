@@ -181,11 +181,47 @@ def test_a_shove_low_in_the_descent_leaves_sideways_labels_within_5_cm_of_the_gr
             np.testing.assert_allclose(at, clean_at, atol=0.008)
 
 
+def test_a_missed_grasp_is_recovered_and_only_the_recovery_is_recorded():
+    """miss: the first grasp is aimed beside the object and not recorded; the expert finds its fingers
+    closed on nothing, opens, backs up, re-centres and grasps. The recorded demo starts at the
+    empty, closed gripper with an "open" label, and its second grasp holds the object (which the
+    first attempt may have nudged: the expert reads the scene again)."""
+    from edge_steer.sim.demos import record_episode
+    ep = record_episode("red_cube_on_blue_plate", 4, perturb=Perturbation(miss=0.04, miss_share=1.0))
+    assert ep.success
+    first = ep.frames[0]
+    width = [f["observation.state"][7] for f in ep.frames]
+    assert width[0] < 0.035 and first["action"][6] < 0.5      # closed on nothing, told to open
+    close = _first_close(ep)
+    assert max(width[:close]) > 0.07                            # it opened before the new grasp
+    z = np.stack([f["observation.state"][2] for f in ep.frames])
+    assert z[:close].max() > z[close] + 0.1                     # and backed up above the object
+    assert min(width[close + 8:close + 20]) > 0.03              # the fingers stop on the cube: held
+
+
+def test_the_expert_starts_over_only_when_its_fingers_close_on_nothing():
+    from edge_steer.sim.env import SimEnv
+    from edge_steer.sim.expert import ScriptedExpert
+    from edge_steer.sim.tasks import get_task
+    with SimEnv(get_task("red_cube_on_blue_plate"), 3) as env:
+        expert = ScriptedExpert(env)
+        grasp = expert.waypoints[1]
+        expert.phase = 3                                       # lifting after the close ...
+        p = grasp.pos.copy()
+        expert.act(p, grasp.rot, p, expert.width - 0.002)      # ... holding the object: go on
+        assert expert.retries == 0 and expert.phase == 3
+        a = expert.act(p, grasp.rot, p, 0.0)                   # ... fingers shut on nothing
+        assert expert.retries == 1 and a[6] == 0.0             # start over: open first
+        assert np.allclose(expert.waypoints[1].pos, grasp.pos + [0, 0, 0.12])   # then up above the object
+
+
 def test_perturbations_refuse_negative_sizes_and_shares_outside_0_1():
     with pytest.raises(ValueError, match="descent_push"):
         Perturbation(descent_push=-0.01)
     with pytest.raises(ValueError, match="approach_share"):
         Perturbation(approach_share=1.5)
+    with pytest.raises(ValueError, match="miss_share"):
+        Perturbation(miss=0.04, miss_share=-0.1)
 
 
 def test_the_wrist_camera_sees_the_object_between_the_fingers_at_the_grasp(clean_episode):

@@ -13,7 +13,7 @@ little off could not tell whether to keep going or to stop (docs/model.md, attem
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -82,14 +82,25 @@ def plan(env: SimEnv) -> list[Waypoint]:
 
 
 class ScriptedExpert:
-    MAX_HOLD = 8  # steps to wait at a waypoint for the arm or the gripper before going on anyway
+    """Follows `plan(env)`. If the fingers close past the object's width while lifting, the grasp
+    missed: it opens where it is, reads the scene again and starts over from above the object, so a
+    miss is recovered from rather than carried to the goal empty-handed."""
+    MAX_HOLD = 8         # steps to wait at a waypoint for the arm or the gripper before going on anyway
+    MISS_MARGIN = 0.012  # m the fingers close past the object's width before a grasp counts as missed
 
     def __init__(self, env: SimEnv):
         self.waypoints = plan(env)
         self.width = grasp_width(env)
         self.phase = 0
+        self.retries = 0
         self._hold = 0
         self._cruising = False
+        self._replan = lambda: plan(env)   # a function: deepcopy (the chunk's ghost) shares it
+
+    @property
+    def lifting(self) -> bool:
+        """On the way up from the grasp (the waypoint after the one that closes the gripper)."""
+        return 0 < self.phase < len(self.waypoints) and self.waypoints[self.phase - 1].wait == "closed"
 
     @property
     def cruising(self) -> bool:
@@ -109,6 +120,11 @@ class ScriptedExpert:
     def act(self, target_p: np.ndarray, target_r: np.ndarray, measured_p: np.ndarray, width: float) -> np.ndarray:
         """The action from the commanded target (target_p, target_r), the measured TCP position and
         the gripper width; advances the expert's waypoint when the arm has arrived."""
+        if self._replan is not None and self.lifting and width < self.width - self.MISS_MARGIN:
+            wp = self.waypoints[self.phase]
+            self.waypoints = [Waypoint(np.array(target_p, float), wp.yaw, 0.0, 0.0, 1.0, wait="open"), *self._replan()]
+            self.phase, self._hold = 0, 0
+            self.retries += 1
         while not self.done and self._arrived(self.waypoints[self.phase], target_p, target_r, measured_p, width):
             self.phase, self._hold = self.phase + 1, 0
         wp = self.waypoints[min(self.phase, len(self.waypoints) - 1)]
@@ -140,6 +156,7 @@ class ScriptedExpert:
         assuming the arm follows its target and the gripper stays as it is."""
         out = [self.act(target_p, target_r, measured_p, width)]
         ghost = copy.deepcopy(self)
+        ghost._replan = None   # it assumes the gripper stays as it is: no miss to detect
         p, r = target_p, target_r
         for _ in range(n - 1):
             a = out[-1]
@@ -165,19 +182,25 @@ class Perturbation:
     is above the object, so the descent holds the last-centimetre corrections that the wrist camera
     sees. `descent_push` (m): in every episode, a shove of up to that much when the commanded TCP is
     `DESCENT_SHOVE_HEIGHT` above the grasp, where a policy that arrives a few cm off must still
-    correct sideways before a finger lands on the object."""
+    correct sideways before a finger lands on the object. `miss` (m): in `miss_share` of the
+    episodes the first grasp is aimed 0.75-1x that far off the object and is not recorded; the demo
+    starts when the expert has found its fingers closed on nothing, so it shows the recovery (open,
+    back up, re-centre, grasp) that a policy which closed beside the object needs."""
     action_noise: float = 0.0
     push: float = 0.0
     approach_push: float = 0.0
     approach_share: float = 0.75
     descent_push: float = 0.0
+    miss: float = 0.0
+    miss_share: float = 0.5
 
     def __post_init__(self):
-        for name in ("action_noise", "push", "approach_push", "descent_push"):
+        for name in ("action_noise", "push", "approach_push", "descent_push", "miss"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (m), got {getattr(self, name)}")
-        if not 0.0 <= self.approach_share <= 1.0:
-            raise ValueError(f"approach_share must be in [0, 1], got {self.approach_share}")
+        for name in ("approach_share", "miss_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def run_expert_episode(env: SimEnv, record=None, perturb: Perturbation = Perturbation(),
@@ -195,6 +218,11 @@ def run_expert_episode(env: SimEnv, record=None, perturb: Perturbation = Perturb
     low = perturb.descent_push > 0
     low_shove = _shove(perturb.descent_push * rng.uniform(0.3, 1.0), rng.uniform(0.0, 2 * np.pi)) if low else None
     grasp_z = expert.waypoints[1].pos[2]
+    miss = perturb.miss > 0 and rng.random() < perturb.miss_share
+    if miss:   # aim the first grasp (above, down, close) beside the object
+        a, d = rng.uniform(0.0, 2 * np.pi), perturb.miss * rng.uniform(0.75, 1.0)
+        off = np.array([d * np.cos(a), d * np.sin(a), 0.0])
+        expert.waypoints = [replace(w, pos=w.pos + off) if i < 3 else w for i, w in enumerate(expert.waypoints)]
     settle = 0
     while env.steps < env.config.max_steps and settle < SETTLE_STEPS:
         if env.steps == push_at and expert.phase <= 1:
@@ -208,16 +236,15 @@ def run_expert_episode(env: SimEnv, record=None, perturb: Perturbation = Perturb
             low = False
             _push(env, low_shove)
             continue
-        obs = env.observe() if record is not None else None
-        action = expert.act_env(env)
-        if record is not None:
-            record(obs, action)
+        action = expert.act_env(env)   # acting does not step the env: observing after it sees the same
+        if record is not None and not (miss and expert.retries == 0):
+            record(env.observe(), action)
         executed = action.copy()
         if perturb.action_noise > 0 and expert.cruising:
             executed[:3] += rng.normal(0.0, perturb.action_noise, 3)
         env.step(executed)
         settle += expert.done
-    return env.success()
+    return env.success() and not (miss and expert.retries == 0)   # a miss demo must show a recovery
 
 
 def _shove(distance: float, angle: float) -> np.ndarray:

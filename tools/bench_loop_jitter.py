@@ -1,0 +1,129 @@
+"""What disturbs a Python 1 kHz thread? SimPanda's control loop alone, then with each load the serve
+daemon puts beside it, one at a time, in one run (docs/serve.md).
+
+    .venv/bin/python tools/bench_loop_jitter.py [--seconds 6] [--switch 0.0005] [--cases alone,cameras,...]
+
+Cases: `alone`; `cameras` (front + wrist SimCamera at 30 fps, 96 px, software EGL); `inference` (the
+default model, 1 torch thread, 10 Hz); `setter` (a pure-Python 1 kHz loop like the setpoint stage);
+`busy` (a pure-Python thread that never sleeps: the worst case for the GIL); `daemon` (cameras +
+inference + setter together). Prints one row per case: ticks, missed ticks, period error p50/p99/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+CASES = {"alone": (), "cameras": ("cameras",), "inference": ("inference",), "setter": ("setter",),
+         "busy": ("busy",), "daemon": ("cameras", "inference", "setter")}
+
+
+def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread], list]:
+    threads, cams = [], []
+    if "cameras" in kinds:
+        from edge_steer.sim.camera import SimCamera, SimConfig
+        for name in ("front", "wrist"):
+            cam = SimCamera(world, name)
+            conf = SimConfig()
+            conf.enable_stream("color", 96, 96, "rgb8", 30)
+            cam.start(conf)
+            cams.append(cam)
+    if "inference" in kinds:
+        import torch
+
+        from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+        torch.set_num_threads(1)
+        model = EdgeVLA.from_pretrained(DEFAULT_MODEL_DIR)
+        obs = {"observation.images.front": np.zeros((96, 96, 3), np.uint8),
+               "observation.images.wrist": np.zeros((96, 96, 3), np.uint8),
+               "observation.state": np.zeros(8, np.float32)}
+        model.predict(obs, "put the red cube on the blue plate")   # warm-up outside the window
+
+        def infer():
+            while not stop.is_set():
+                t = time.perf_counter()
+                model.predict(obs, "put the red cube on the blue plate")
+                time.sleep(max(0.0, 0.1 - (time.perf_counter() - t)))
+        threads.append(threading.Thread(target=infer, daemon=True))
+    if "setter" in kinds:
+        def setter():
+            next_t = time.perf_counter()
+            while not stop.is_set():
+                s = 0.0
+                for i in range(200):   # about the setpoint stage's per-tick arithmetic
+                    s += i * 0.5
+                next_t += 0.001
+                rem = next_t - time.perf_counter()
+                if rem > 0:
+                    time.sleep(rem)
+        threads.append(threading.Thread(target=setter, daemon=True))
+    if "busy" in kinds:
+        def busy():
+            while not stop.is_set():
+                sum(range(1000))
+        threads.append(threading.Thread(target=busy, daemon=True))
+    return threads, cams
+
+
+def run_case(name: str, seconds: float) -> dict:
+    from edge_steer.sim.panda import SimPanda
+    from edge_steer.sim.tasks import get_task
+    from edge_steer.sim.world import World
+
+    task = get_task("red_cube_on_blue_plate")
+    world = World(task.sample_scene(np.random.default_rng(0), 96).spec)
+    world.reset()
+    arm = SimPanda(world, realtime=True)
+    stop = threading.Event()
+    threads, cams = _loads(CASES[name], world, stop)
+    for t in threads:
+        t.start()
+    time.sleep(1.0)   # loads running before the window opens
+    arm.tick_periods.clear()
+    arm.missed_ticks = 0
+    time.sleep(seconds)
+    periods = np.array(arm.tick_periods)
+    missed = arm.missed_ticks
+    stop.set()
+    for c in cams:
+        c.stop()
+    arm.close()
+    err = np.abs(periods - 0.001) * 1e6
+    return {"case": name, "ticks": int(periods.size), "missed": int(missed),
+            "err_us_p50": float(np.percentile(err, 50)), "err_us_p99": float(np.percentile(err, 99)),
+            "err_us_max": float(err.max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--switch", type=float, default=0.0005, help="sys.setswitchinterval (the daemon's: 0.0005)")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sys.setswitchinterval(args.switch)
+    import logging
+    logging.disable(logging.WARNING)
+    rows = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
+        r = run_case(name, args.seconds)
+        rows.append(r)
+        print(f"{name:10s} ticks {r['ticks']:6d} missed {r['missed']:5d}   period error p50 {r['err_us_p50']:7.1f}  "
+              f"p99 {r['err_us_p99']:8.1f}  max {r['err_us_max']:8.1f} us", flush=True)
+    base = rows[0]["err_us_p99"] if rows and rows[0]["case"] == "alone" else None
+    if base:
+        print("p99 relative to alone: " + ", ".join(f"{r['case']} {r['err_us_p99'] / base:.1f}x" for r in rows[1:]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"seconds": args.seconds, "switch_interval": args.switch, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
