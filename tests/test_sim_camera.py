@@ -90,6 +90,27 @@ def test_frames_arrive_at_the_configured_rate(world, make_camera):
             color.get_distance(0, 0)
 
 
+def test_two_cameras_at_one_rate_capture_together_as_hardware_sync_does(world, make_camera):
+    """Front and wrist frames of one instant: each frame of one camera has a partner in the other taken
+    within a few ms (unsynchronised pipelines would be a random fraction of the 67 ms period apart)."""
+    front, wrist = make_camera(world, "front"), make_camera(world, "wrist")
+    front.start(_config(depth=False))
+    time.sleep(0.033)   # started half a period apart: free-running pipelines would stay that far apart
+    wrist.start(_config(depth=False))
+    stamps = {"front": [], "wrist": []}
+    t_end = time.perf_counter() + 1.2
+    while time.perf_counter() < t_end:
+        for name, cam in (("front", front), ("wrist", wrist)):
+            fs = cam.poll_for_frames()
+            if fs is not None:
+                stamps[name].append(fs.get_timestamp())
+        time.sleep(0.002)
+    a, b = np.array(stamps["front"]), np.array(stamps["wrist"])
+    assert len(a) >= 5 and len(b) >= 5
+    skew = np.abs(a[:, None] - b[None]).min(1)
+    assert np.median(skew) < 10.0, f"frames {np.round(skew, 1)} ms apart"
+
+
 def test_poll_for_frames_returns_none_when_nothing_new(world, make_camera):
     cam = make_camera(world, "wrist")
     cam.start(_config(rate=20, depth=False))

@@ -14,6 +14,7 @@ thread that made it, so each thread renders through its own `SceneRenderer`.
 from __future__ import annotations
 
 import os
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -218,7 +219,13 @@ class SimCamera:
         prof = self._profile()
         renderer = SceneRenderer(self.world, prof.width, prof.height)
         period = 1.0 / prof.framerate
-        next_t = time.perf_counter()
+        # capture on a grid shared by every camera of the same rate, as RealSense inter-camera
+        # hardware sync does: the front and wrist frames of one instant are taken together, so a
+        # policy needing both does not wait up to a frame period for the second one
+        next_t = math.ceil(time.perf_counter() / period) * period
+        delay = next_t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
         try:
             while self._running:
                 if not self.stalled:
@@ -230,8 +237,9 @@ class SimCamera:
                 delay = next_t - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                else:
-                    next_t = time.perf_counter()  # rendering is slower than the rate: drop, don't queue
+                else:   # rendering is slower than the rate: drop to the next grid point, don't queue
+                    next_t = math.ceil(time.perf_counter() / period) * period
+                    time.sleep(max(0.0, next_t - time.perf_counter()))
         finally:
             renderer.close()
 
