@@ -106,6 +106,25 @@ def test_joint_margin_and_robot_error_checks():
     assert "joint 4" in check_joints(q, lim, 0.05)
     q[3] = np.nan
     assert check_joints(q, lim, 0.05).startswith("joint positions not finite")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-4.0, 4.0), min_size=7, max_size=7), st.floats(0.1, 1.0))
+def test_the_joint_velocity_check_faults_exactly_above_its_share_of_the_limit(dq, share):
+    """Joint speeds are checked too (a slow TCP near a singularity can need fast joints): a fault
+    names the first joint above `share` of its limit, and no speed at or under it faults."""
+    lim = JointLimits.panda()
+    mid = (lim.lower + lim.upper) / 2
+    dq = np.array(dq)
+    verdict = check_joints(mid, lim, 0.05, dq, share)
+    over = np.flatnonzero(np.abs(dq) > share * lim.velocity)
+    if over.size:
+        assert verdict.startswith("joint_velocity_margin") and f"joint {over[0] + 1} " in verdict
+    else:
+        assert verdict is None
+    bad = dq.copy()
+    bad[2] = np.inf
+    assert check_joints(mid, lim, 0.05, bad, share).startswith("joint velocities not finite")
     assert check_robot_errors([], "kMove") is None
     assert "reflex" in check_robot_errors(["reflex"], "kReflex")
     assert check_robot_errors([], "kReflex") is not None

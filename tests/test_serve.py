@@ -128,6 +128,18 @@ def test_robot_reflex_faults(daemon):
     assert c.recover()["state"] == "IDLE"
 
 
+def test_fast_joints_fault_before_the_robot_reflex(daemon, monkeypatch):
+    """The monitor checks joint speeds against `joint_velocity_share` of their limits; with a share so
+    small that an ordinary 2 cm/s push exceeds it, the daemon faults and names the joint."""
+    d, c, e = daemon
+    monkeypatch.setattr(d, "cfg", d.cfg.with_(safety={"joint_velocity_share": 0.005}))
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["state"] == "FAULT")
+    assert c.status()["fault"].startswith("joint_velocity_margin: joint ")
+    monkeypatch.undo()
+    assert c.recover()["state"] == "IDLE"
+
+
 @pytest.mark.parametrize("mode, reason", [("raise", "engine exploded"), ("nan", "invalid chunk")])
 def test_engine_errors_fault_and_move_nothing(daemon, mode, reason):
     d, c, e = daemon

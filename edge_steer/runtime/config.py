@@ -106,6 +106,7 @@ class SafetyConfig:
     max_rot_speed: float = 2.0           # rad/s
     max_rot_accel: float = 20.0          # rad/s^2
     joint_margin: float = 0.05           # rad kept from every joint limit
+    joint_velocity_share: float = 0.8    # FAULT above this share of a joint's speed limit (before the reflex)
     stale_frame_ms: float = 250.0        # no fresh frame for this long -> hold
     camera_fault_ms: float = 2000.0      # ... and for this long -> FAULT
     inference_deadline_ms: float = 400.0  # a chunk older than this (frame -> ready) is dropped
@@ -123,6 +124,8 @@ class SafetyConfig:
             raise ConfigError("safety.max_speed above the Panda's 1.7 m/s Cartesian limit")
         if not 0 <= self.joint_margin < 0.5:
             raise ConfigError("safety.joint_margin must be in [0, 0.5) rad")
+        if not 0 < self.joint_velocity_share <= 1:
+            raise ConfigError("safety.joint_velocity_share must be in (0, 1]")
         if self.camera_fault_ms < self.stale_frame_ms:
             raise ConfigError("safety.camera_fault_ms must be >= stale_frame_ms")
 

@@ -483,7 +483,8 @@ class Daemon:
             if reason:
                 self.fault(reason, stop_controller=True)
                 return
-            reason = check_joints(r.q, self.joint_limits, self.cfg.safety.joint_margin)
+            reason = check_joints(r.q, self.joint_limits, self.cfg.safety.joint_margin, r.dq,
+                                  self.cfg.safety.joint_velocity_share)
             if reason:
                 self.fault(reason)
                 return

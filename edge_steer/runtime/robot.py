@@ -50,6 +50,7 @@ class Controller(Protocol):
 @dataclass(frozen=True)
 class RobotReading:
     q: np.ndarray
+    dq: np.ndarray
     position: np.ndarray
     quat: np.ndarray          # x, y, z, w
     gripper_width: float
@@ -148,7 +149,8 @@ class RobotHandle:
         if not isinstance(errors, list):  # libfranka's Errors: truthy when any flag is set
             errors = [str(errors)] if bool(errors) else []
         mode = getattr(st.robot_mode, "name", str(st.robot_mode))
-        return RobotReading(np.asarray(st.q, dtype=float), t[:3, 3].copy(), mat_to_quat(t[:3, :3]),
+        return RobotReading(np.asarray(st.q, dtype=float), np.asarray(st.dq, dtype=float), t[:3, 3].copy(),
+                            mat_to_quat(t[:3, :3]),
                             self.gripper.read_width(), mode.split(".")[-1], list(errors))
 
     def close(self) -> None:

@@ -194,14 +194,19 @@ class SafetyViolation(RuntimeError):
 class JointLimits:
     lower: np.ndarray
     upper: np.ndarray
+    velocity: np.ndarray      # rad/s, the robot's own reflex threshold
 
     @classmethod
     def panda(cls) -> "JointLimits":
-        from edge_steer.sim.panda_model import Q_MAX, Q_MIN  # Franka's published limits (constants only)
-        return cls(np.asarray(Q_MIN, float), np.asarray(Q_MAX, float))
+        from edge_steer.sim.panda_model import DQ_MAX, Q_MAX, Q_MIN  # Franka's published limits (constants only)
+        return cls(np.asarray(Q_MIN, float), np.asarray(Q_MAX, float), np.asarray(DQ_MAX, float))
 
 
-def check_joints(q: np.ndarray, limits: JointLimits, margin: float) -> str | None:
+def check_joints(q: np.ndarray, limits: JointLimits, margin: float, dq: np.ndarray | None = None,
+                 velocity_share: float = 1.0) -> str | None:
+    """A joint within `margin` rad of a position limit, or faster than `velocity_share` of its speed
+    limit. The Cartesian limits do not bound joint speeds: near a singularity a slow TCP can need
+    fast joints, and the robot's own reflex at the limit would stop it with an error, so we stop first."""
     q = np.asarray(q, dtype=float)
     if q.shape != limits.lower.shape or not np.all(np.isfinite(q)):
         return f"joint positions not finite or wrong shape: {q}"
@@ -211,6 +216,16 @@ def check_joints(q: np.ndarray, limits: JointLimits, margin: float) -> str | Non
         j = int((low if low.size else high)[0])
         return (f"joint_limit_margin: joint {j + 1} at {q[j]:.3f} rad is within {margin} rad of its limit "
                 f"[{limits.lower[j]:.3f}, {limits.upper[j]:.3f}]")
+    if dq is None:
+        return None
+    dq = np.asarray(dq, dtype=float)
+    if dq.shape != limits.velocity.shape or not np.all(np.isfinite(dq)):
+        return f"joint velocities not finite or wrong shape: {dq}"
+    fast = np.flatnonzero(np.abs(dq) > velocity_share * limits.velocity)
+    if fast.size:
+        j = int(fast[0])
+        return (f"joint_velocity_margin: joint {j + 1} at {dq[j]:.2f} rad/s exceeds {velocity_share:.0%} "
+                f"of its {limits.velocity[j]:.3f} rad/s limit")
     return None
 
 
