@@ -421,6 +421,27 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         upsert_section(str(docs), section, title="# Results")
 
 
+def _invoke(command, **given):
+    """Call another command's function from Python with its CLI default for every option not given.
+    A bare call would pass typer's OptionInfo placeholders as values, so each new option of that
+    command would silently break this caller."""
+    import inspect
+
+    from typer.models import ParameterInfo
+    args = {}
+    for name, p in inspect.signature(command).parameters.items():
+        if name in given:
+            args[name] = given.pop(name)
+            continue
+        default = p.default.default if isinstance(p.default, ParameterInfo) else p.default
+        if default is ... or default is inspect.Parameter.empty:
+            raise TypeError(f"{command.__name__}: required option {name!r} not given")
+        args[name] = default
+    if given:
+        raise TypeError(f"{command.__name__} has no options {sorted(given)}")
+    return command(**args)
+
+
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
          task: str = typer.Option("purple_cylinder_in_yellow_bowl", help="held-out variant to adapt to"),
@@ -447,22 +468,19 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     base = model or DEFAULT_MODEL_DIR
     _load(base)
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
-    demos_generate(task=task, episodes=episodes, seed=0, out=out / "demos", image_size=96, workers=0,
-                   keep_failed=False, action_noise=0.0, push=0.0, approach_push=0.0, approach_share=0.75,
-                   descent_push=0.0, miss=0.0, miss_share=0.5, start_noise=None)
+    _invoke(demos_generate, task=task, episodes=episodes, out=out / "demos")
     console.rule("2/7 the base model on the new task (zero-shot)")
     before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")
-    identify_cmd(model=base, demos=out / "demos", out=out / "heads.json", method="attribution", top_k=6,
-                 coverage=None, max_frames=256, baseline=None, probe="ridge", exact=False, seed=0)
+    _invoke(identify_cmd, model=base, demos=out / "demos", out=out / "heads.json", method="attribution", top_k=6,
+            exact=False)
     console.rule("4/7 fine-tune only those heads")
-    finetune_cmd(model=base, demos=out / "demos", method="steer", heads=out / "heads.json", out=out / "steer",
-                 slices="qo", lora_rank=16, steps=steps, batch_size=32, lr=1e-3, seed=0, deterministic=False,
-                 resume=False)
-    report_cmd(heads=out / "heads.json", model=base, demos=out / "demos", out=out / "report", frames=3)
+    _invoke(finetune_cmd, model=base, demos=out / "demos", method="steer", heads=out / "heads.json", out=out / "steer",
+            slices="qo", steps=steps, batch_size=32, lr=1e-3, resume=False)
+    _invoke(report_cmd, heads=out / "heads.json", model=base, demos=out / "demos", out=out / "report", frames=3)
     console.rule("5/7 export base + steering delta to ONNX")
-    export_cmd(model=base, steering=out / "steer" / "steering.safetensors", format="onnx",
-               out=out / "steered.onnx", dynamic_batch=False, steerable="qo", precision="fp32")
+    _invoke(export_cmd, model=base, steering=out / "steer" / "steering.safetensors", format="onnx",
+            out=out / "steered.onnx", steerable="qo")
     console.rule("6/7 the exported, steered engine on the new task")
     after = _eval_report(partial(load_engine, out / "steered.onnx"), [t], eval_episodes, 0, 2, out / "eval_after.json")
     served = _demo_serve(out, t, out / "steered.onnx", serve_seconds) if serve_seconds > 0 else None
