@@ -81,6 +81,11 @@ def plan(env: SimEnv) -> list[Waypoint]:
     ]
 
 
+def _plan_locked(env: SimEnv) -> list[Waypoint]:
+    with env.world.lock:   # served in sim, the physics thread moves the objects meanwhile
+        return plan(env)
+
+
 class ScriptedExpert:
     """Follows `plan(env)`. If the fingers close past the object's width while lifting, the grasp
     missed: it opens where it is, reads the scene again and starts over from above the object, so a
@@ -95,7 +100,7 @@ class ScriptedExpert:
         self.retries = 0
         self._hold = 0
         self._cruising = False
-        self._replan = lambda: plan(env)   # a function: deepcopy (the chunk's ghost) shares it
+        self._replan = lambda: _plan_locked(env)   # a function: deepcopy (the chunk's ghost) shares it
 
     @property
     def lifting(self) -> bool:
