@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
 import time
 
-import mujoco
 import numpy as np
 import pytest
 
@@ -111,41 +109,6 @@ def test_two_cameras_at_one_rate_capture_together_as_hardware_sync_does(world, m
     assert len(a) >= 5 and len(b) >= 5
     skew = np.abs(a[:, None] - b[None]).min(1)
     assert np.median(skew) < 10.0, f"frames {np.round(skew, 1)} ms apart"
-
-
-def test_the_render_process_draws_the_same_pixels_as_rendering_here():
-    """ProcessRenderer poses its mirror world from this world's joint positions: after the arm and an
-    object moved here, its RGB and depth images equal an in-process render bit for bit."""
-    from edge_steer.sim.camera import ProcessRenderer, SceneRenderer
-    w = World(SceneSpec(objects=(Placement(Entity("cube", "red"), (0.5, 0.0)),)))
-    w.reset(w.q + 0.3)
-    w.data.qpos[w.model.jnt_qposadr[w.model.body_jntadr[w.obj_body[0]]]] += 0.05   # slide the cube in x
-    mujoco.mj_forward(w.model, w.data)
-    here, there = SceneRenderer(w, SIZE, SIZE), ProcessRenderer(w, SIZE, SIZE)
-    try:
-        for cam in ("front", "wrist"):
-            np.testing.assert_array_equal(there.rgb(cam), here.rgb(cam))
-            np.testing.assert_array_equal(there.depth(cam), here.depth(cam))
-        with pytest.raises(RuntimeError, match="render process"):
-            there.rgb("no_such_camera")
-        assert there.rgb("front").shape == (SIZE, SIZE, 3)   # still serving after a bad request
-    finally:
-        here.close()
-        there.close()
-    assert not there._proc.is_alive()
-
-
-def test_a_camera_rendering_in_a_child_process_streams_and_stops_it(world, make_camera):
-    cam = make_camera(world, "wrist")
-    cam.render_process = True
-    cam.start(_config(depth=False))
-    numbers = [cam.wait_for_frames(timeout_ms=30000).get_frame_number() for _ in range(4)]
-    assert numbers == sorted(set(numbers))
-    children = [p for p in multiprocessing.active_children() if p.name == "simcam-render"]
-    assert len(children) == 1, "no render process"
-    cam.stop()
-    children[0].join(timeout=5)
-    assert not children[0].is_alive()
 
 
 def test_poll_for_frames_returns_none_when_nothing_new(world, make_camera):

@@ -3,11 +3,10 @@ daemon puts beside it, one at a time, in one run (docs/serve.md).
 
     .venv/bin/python tools/bench_loop_jitter.py [--seconds 6] [--switch 0.0005] [--cases alone,cameras,...]
 
-Cases: `alone`; `cameras` (front + wrist SimCamera at 30 fps, 96 px, software EGL, rendered in this
-process); `cameras_process` (the same rendered in child processes, as the daemon does); `inference` (the
+Cases: `alone`; `cameras` (front + wrist SimCamera at 30 fps, 96 px, software EGL); `inference` (the
 default model, 1 torch thread, 10 Hz); `setter` (a pure-Python 1 kHz loop like the setpoint stage);
 `busy` (a pure-Python thread that never sleeps: the worst case for the GIL); `daemon` (cameras +
-inference + setter together) and `daemon_process` (the same with the cameras' child processes). Prints one row per case: ticks, missed ticks, period error p50/p99/max.
+inference + setter together). Prints one row per case: ticks, missed ticks, period error p50/p99/max.
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ import time
 
 import numpy as np
 
-CASES = {"alone": (), "cameras": ("cameras",), "cameras_process": ("cameras", "process"),
-         "inference": ("inference",), "setter": ("setter",), "busy": ("busy",),
-         "daemon": ("cameras", "inference", "setter"), "daemon_process": ("cameras", "process", "inference", "setter")}
+CASES = {"alone": (), "cameras": ("cameras",), "inference": ("inference",), "setter": ("setter",),
+         "busy": ("busy",), "daemon": ("cameras", "inference", "setter")}
 
 
 def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread], list]:
@@ -30,13 +28,11 @@ def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread],
     if "cameras" in kinds:
         from edge_steer.sim.camera import SimCamera, SimConfig
         for name in ("front", "wrist"):
-            cam = SimCamera(world, name, render_process="process" in kinds)
+            cam = SimCamera(world, name)
             conf = SimConfig()
             conf.enable_stream("color", 96, 96, "rgb8", 30)
             cam.start(conf)
             cams.append(cam)
-        for cam in cams:   # renderers (and render processes) up before the window opens
-            cam.wait_for_frames(60000)
     if "inference" in kinds:
         import torch
 

@@ -50,8 +50,7 @@ class SimCameraSource:
         from edge_steer.sim.camera import SimCamera, SimConfig
         self.name = cfg.name
         self._cfg = cfg
-        self.pipeline = SimCamera(world, cfg.sim_camera or cfg.name, realtime=True,
-                                  render_process=cfg.sim_render_process)
+        self.pipeline = SimCamera(world, cfg.sim_camera or cfg.name, realtime=True)
         self._sim_config = SimConfig
         self._started = False
 

@@ -51,7 +51,6 @@ class CameraConfig:
     height: int = 96
     fps: int = 30
     sim_camera: str = ""                 # sim: MuJoCo camera name (default: same as name)
-    sim_render_process: bool = True      # sim: render in a child process, off this interpreter's GIL
 
     def check(self, where: str) -> None:
         _one_of(f"{where}.backend", self.backend, ("sim", "realsense"))

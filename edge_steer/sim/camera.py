@@ -73,103 +73,6 @@ class SceneRenderer:
         self._r.close()
 
 
-class ProcessRenderer:
-    """SceneRenderer's job done in a spawned child process that holds a mirror of the world.
-
-    A RealSense delivers frames from outside the Python interpreter (librealsense's own threads);
-    software EGL rendering inside it takes ~9 ms of a 96 px frame, and the daemon's 1 kHz threads
-    then wait behind it for the GIL (tools/bench_loop_jitter.py: cameras are the biggest
-    disturbance). So each request copies the world's joint positions (under its lock, microseconds),
-    and the child poses its mirror, renders, and hands the pixels back through shared memory while
-    this process's threads run on."""
-
-    def __init__(self, world: World, width: int, height: int, start_timeout: float = 60.0):
-        import multiprocessing as mp
-        from multiprocessing import shared_memory
-
-        self.world = world
-        self.width, self.height = width, height
-        self._shm = shared_memory.SharedMemory(create=True, size=width * height * 4)  # float32 depth fits
-        ctx = mp.get_context("spawn")   # never fork a process that may hold an EGL context
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_render_worker, args=(child, world.spec, width, height, self._shm.name),
-                                 name="simcam-render", daemon=True)
-        self._proc.start()
-        child.close()
-        try:
-            self._answer(start_timeout)
-        except BaseException:
-            self.close()
-            raise
-
-    def _answer(self, timeout: float):
-        if not self._conn.poll(timeout):
-            raise RuntimeError(f"render process gave no answer within {timeout:.0f} s")
-        msg = self._conn.recv()
-        if isinstance(msg, str):
-            raise RuntimeError(f"render process: {msg}")
-        return msg
-
-    def _request(self, camera: str, depth: bool) -> np.ndarray:
-        with self.world.lock:
-            qpos = self.world.data.qpos.copy()
-        self._conn.send((camera, depth, qpos))
-        shape, dtype = self._answer(5.0)
-        return np.ndarray(shape, dtype, buffer=self._shm.buf).copy()
-
-    def rgb(self, camera: str) -> np.ndarray:
-        return self._request(camera, False)
-
-    def depth(self, camera: str) -> np.ndarray:
-        return self._request(camera, True)
-
-    def close(self) -> None:
-        try:
-            self._conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout=5.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=1.0)
-        self._conn.close()
-        self._shm.close()
-        self._shm.unlink()
-
-
-def _render_worker(conn, spec, width: int, height: int, shm_name: str) -> None:
-    from multiprocessing import shared_memory
-    try:
-        world = World(spec)
-        renderer = SceneRenderer(world, width, height)
-        shm = shared_memory.SharedMemory(name=shm_name)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(f"could not start: {e!r}")
-        return
-    conn.send(True)
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except EOFError:   # the parent went away
-                break
-            if msg is None:
-                break
-            camera, depth, qpos = msg
-            try:
-                world.data.qpos[:] = qpos
-                mujoco.mj_kinematics(world.model, world.data)
-                mujoco.mj_camlight(world.model, world.data)
-                img = renderer.depth(camera) if depth else renderer.rgb(camera)
-                np.ndarray(img.shape, img.dtype, buffer=shm.buf)[...] = img
-                conn.send((img.shape, img.dtype.str))
-            except Exception as e:  # noqa: BLE001
-                conn.send(f"{type(e).__name__}: {e}")
-    finally:
-        renderer.close()
-        shm.close()
-
-
 @dataclass(frozen=True)
 class StreamProfile:
     stream: str          # "color" | "depth"
@@ -247,13 +150,10 @@ class SimFrameSet:
 class SimCamera:
     """rs.pipeline for one named MuJoCo camera ('front' or 'wrist')."""
 
-    def __init__(self, world: World, camera: str = "front", realtime: bool = True, render_process: bool = False):
-        """`render_process` (realtime only): render in a child process (`ProcessRenderer`), so the
-        rendering never holds this interpreter's GIL, as a RealSense's frames never do."""
+    def __init__(self, world: World, camera: str = "front", realtime: bool = True):
         if mujoco.mj_name2id(world.model, mujoco.mjtObj.mjOBJ_CAMERA, camera) < 0:
             raise ValueError(f"no camera named {camera!r} in the scene")
         self.world, self.camera, self.realtime = world, camera, realtime
-        self.render_process = render_process
         self._config: SimConfig | None = None
         self._latest: SimFrameSet | None = None
         self._returned = -1
@@ -294,7 +194,7 @@ class SimCamera:
         assert self._config is not None
         return next(iter(self._config.streams.values()))
 
-    def _render(self, renderer: SceneRenderer | ProcessRenderer, stamp_ms: float) -> SimFrameSet:
+    def _render(self, renderer: SceneRenderer, stamp_ms: float) -> SimFrameSet:
         assert self._config is not None
         self._number += 1
         frames = {}
@@ -317,7 +217,7 @@ class SimCamera:
 
     def _capture(self) -> None:
         prof = self._profile()
-        renderer = (ProcessRenderer if self.render_process else SceneRenderer)(self.world, prof.width, prof.height)
+        renderer = SceneRenderer(self.world, prof.width, prof.height)
         period = 1.0 / prof.framerate
         # capture on a grid shared by every camera of the same rate, as RealSense inter-camera
         # hardware sync does: the front and wrist frames of one instant are taken together, so a
