@@ -117,9 +117,10 @@ def main() -> None:
     if args.train_log and Path(args.train_log).exists():
         hist = json.loads(Path(args.train_log).read_text())
         last = hist[-1]
-        lines += [f"Pretraining: {last['step']} steps in {last['elapsed_s'] / 60:.1f} min on this machine, "
-                  f"final training loss {last['loss']:.4f} (L1 on normalised actions, plus the scene loss where the "
-                  "config has one).", ""]
+        lines += [f"The checkpoint's last training run ({args.train_log}): {last['step']} steps in "
+                  f"{last['elapsed_s'] / 60:.1f} min on this machine, final training loss {last['loss']:.4f} (L1 on "
+                  "normalised actions, plus the scene loss where the config has one). A run started from an earlier "
+                  "checkpoint (`--init`) is one link of a chain: the attempts above list every link.", ""]
     rows = []
     for path in (args.base_eval, args.heldout_eval):
         if path and Path(path).exists():
