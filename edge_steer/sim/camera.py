@@ -13,8 +13,8 @@ thread that made it, so each thread renders through its own `SceneRenderer`.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass

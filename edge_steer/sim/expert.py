@@ -87,11 +87,11 @@ def _plan_locked(env: SimEnv) -> list[Waypoint]:
 
 
 class ScriptedExpert:
-    """Follows `plan(env)`. If the fingers close past the object's width while lifting, the grasp
-    missed: it opens where it is, reads the scene again and starts over from above the object, so a
+    """Follows `plan(env)`. If the fingers close to well under the object's width while lifting (a
+    held sphere squeezes to ~80 % of its diameter, an empty grasp to ~0), the grasp missed: it opens where it is, reads the scene again and starts over from above the object, so a
     miss is recovered from rather than carried to the goal empty-handed."""
     MAX_HOLD = 8         # steps to wait at a waypoint for the arm or the gripper before going on anyway
-    MISS_MARGIN = 0.012  # m the fingers close past the object's width before a grasp counts as missed
+    MISS_SHARE = 0.35    # fingers closed below this share of the object's width while lifting: a miss
 
     def __init__(self, env: SimEnv):
         self.waypoints = plan(env)
@@ -125,7 +125,7 @@ class ScriptedExpert:
     def act(self, target_p: np.ndarray, target_r: np.ndarray, measured_p: np.ndarray, width: float) -> np.ndarray:
         """The action from the commanded target (target_p, target_r), the measured TCP position and
         the gripper width; advances the expert's waypoint when the arm has arrived."""
-        if self._replan is not None and self.lifting and width < self.width - self.MISS_MARGIN:
+        if self._replan is not None and self.lifting and width < self.MISS_SHARE * self.width:
             wp = self.waypoints[self.phase]
             self.waypoints = [Waypoint(np.array(target_p, float), wp.yaw, 0.0, 0.0, 1.0, wait="open"), *self._replan()]
             self.phase, self._hold = 0, 0
