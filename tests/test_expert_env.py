@@ -119,6 +119,15 @@ def _first_close(ep) -> int:
     return int(np.flatnonzero(np.stack([f["action"][6] for f in ep.frames]) > 0.5)[0])
 
 
+def _sideways_labels_below(ep, height: float):
+    """The recorded x/y labels of the frames less than `height` m above the grasp, before the gripper
+    first closes, and the TCP's x/y where it closes."""
+    close = _first_close(ep)
+    z = np.stack([f["observation.state"][2] for f in ep.frames])
+    rows = [i for i in range(close) if z[i] < z[close] + height]
+    return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
+
+
 def test_a_shove_before_the_grasp_is_unrecorded_and_the_expert_leads_back_to_the_object(clean_episode):
     from edge_steer.sim.demos import record_episode
     clean = clean_episode
@@ -143,11 +152,8 @@ def test_a_shove_above_the_object_leaves_sideways_corrections_in_the_descent(cle
     still where the clean expert grasps."""
     from edge_steer.sim.demos import record_episode
 
-    def descent(ep):   # recorded frames below the pre-grasp height, before the gripper closes
-        close = _first_close(ep)
-        z = np.stack([f["observation.state"][2] for f in ep.frames])
-        rows = [i for i in range(close) if z[i] < z[close] + 0.11]
-        return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
+    def descent(ep):   # below the pre-grasp height
+        return _sideways_labels_below(ep, 0.11)
 
     clean = clean_episode   # seed 4: 3 of 4 episodes are shoved; this one is (seed 5 is not)
     shoved = record_episode("red_cube_on_blue_plate", 4, perturb=Perturbation(approach_push=0.03))
@@ -164,11 +170,8 @@ def test_a_shove_low_in_the_descent_leaves_sideways_labels_within_5_cm_of_the_gr
     where the clean expert grasps."""
     from edge_steer.sim.demos import record_episode
 
-    def low_xy(ep):   # recorded sideways labels within 5 cm above the grasp, before closing
-        close = _first_close(ep)
-        z = np.stack([f["observation.state"][2] for f in ep.frames])
-        rows = [i for i in range(close) if z[i] < z[close] + 0.05]
-        return np.stack([ep.frames[i]["action"][:2] for i in rows]), ep.frames[close]["observation.state"][:2]
+    def low_xy(ep):   # within 5 cm above the grasp
+        return _sideways_labels_below(ep, 0.05)
 
     clean_xy, clean_at = low_xy(clean_episode)
     assert np.abs(clean_xy).sum(1).max() < 0.004   # the clean descent goes straight down there
@@ -200,9 +203,7 @@ def test_a_missed_grasp_is_recovered_and_only_the_recovery_is_recorded():
 
 
 def test_the_expert_starts_over_only_when_its_fingers_close_on_nothing():
-    from edge_steer.sim.env import SimEnv
     from edge_steer.sim.expert import ScriptedExpert
-    from edge_steer.sim.tasks import get_task
     with SimEnv(get_task("red_cube_on_blue_plate"), 3) as env:
         expert = ScriptedExpert(env)
         grasp = expert.waypoints[1]

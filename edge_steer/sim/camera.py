@@ -222,10 +222,11 @@ class SimCamera:
         # capture on a grid shared by every camera of the same rate, as RealSense inter-camera
         # hardware sync does: the front and wrist frames of one instant are taken together, so a
         # policy needing both does not wait up to a frame period for the second one
-        next_t = math.ceil(time.perf_counter() / period) * period
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+        def wait_for_grid() -> float:
+            t = math.ceil(time.perf_counter() / period) * period
+            time.sleep(max(0.0, t - time.perf_counter()))
+            return t
+        next_t = wait_for_grid()
         try:
             while self._running:
                 if not self.stalled:
@@ -238,8 +239,7 @@ class SimCamera:
                 if delay > 0:
                     time.sleep(delay)
                 else:   # rendering is slower than the rate: drop to the next grid point, don't queue
-                    next_t = math.ceil(time.perf_counter() / period) * period
-                    time.sleep(max(0.0, next_t - time.perf_counter()))
+                    next_t = wait_for_grid()
         finally:
             renderer.close()
 

@@ -88,8 +88,9 @@ def _plan_locked(env: SimEnv) -> list[Waypoint]:
 
 class ScriptedExpert:
     """Follows `plan(env)`. If the fingers close to well under the object's width while lifting (a
-    held sphere squeezes to ~80 % of its diameter, an empty grasp to ~0), the grasp missed: it opens where it is, reads the scene again and starts over from above the object, so a
-    miss is recovered from rather than carried to the goal empty-handed."""
+    held sphere squeezes to ~80 % of its diameter, an empty grasp to ~0), the grasp missed: it opens
+    where it is, reads the scene again and starts over from above the object, so a miss is recovered
+    from rather than carried to the goal empty-handed."""
     MAX_HOLD = 8         # steps to wait at a waypoint for the arm or the gripper before going on anyway
     MISS_SHARE = 0.35    # fingers closed below this share of the object's width while lifting: a miss
 
