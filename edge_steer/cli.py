@@ -386,6 +386,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 top_k: Optional[int] = typer.Option(None, min=1),
                 perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation"),
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
+                arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
@@ -399,9 +400,14 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         base, variants=tuple(variants.split(",")) if variants else None, shots=_ints(shots) if shots else None,
         seeds=_ints(seeds) if seeds else None, methods=tuple(methods.split(",")) if methods else None,
         episodes=episodes, steps=steps, lr=lr, top_k=top_k, perturb_episodes=perturb_episodes,
-        ablations=ablations or None, model=str(model) if model else None)
+        ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None,
+        model=str(model) if model else None)
     if bad := set(cfg.methods) - set(adapt.METHODS):
         _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
+    try:
+        adapt.ablation_arms(cfg)
+    except ValueError as e:
+        _fail(str(e))
     cells = adapt.run(cfg, out, say=console.print)
     summary = adapt.summarise(cells)
     plots = adapt.plot(summary, out)

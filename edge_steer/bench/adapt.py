@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -48,6 +49,7 @@ class AdaptConfig:
     ablations: bool = False                      # k / slices / selection sweeps at the smallest K, seed 0
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
+    arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
     model: str | None = None                     # base checkpoint (None: the embedded default)
@@ -100,7 +102,8 @@ def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
     heads, doc = None, None
     if args["method"] == "steer":
         if args["selection"] == "random":
-            rng = np.random.default_rng(args["seed"])
+            # one draw per (variant, seed): pooled over variants, the control averages over several draws
+            rng = np.random.default_rng([args["seed"], zlib.crc32(args["variant"].encode())])
             c = base.config
             flat = rng.choice(c.n_layers * c.n_heads, args["top_k"], replace=False)
             heads = [HeadRef(int(i) // c.n_heads, int(i) % c.n_heads) for i in flat]
@@ -135,6 +138,22 @@ def _call(fn, arg, isolate: bool):
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
+def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The steer arms to run: "main", then (with ablations) one arm per changed setting, optionally
+    narrowed to `cfg.arms`. Raises ValueError naming the valid arms."""
+    arms: list[tuple[str, dict[str, Any]]] = [("main", {})]
+    if cfg.ablations:
+        arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
+        arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
+        arms += [(f"select={m}", {"selection": m}) for m in SELECTIONS if m != cfg.selection]
+    if cfg.arms:
+        if unknown := set(cfg.arms) - {a for a, _ in arms}:
+            raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}"
+                             + ("" if cfg.ablations else " (with --ablations)"))
+        arms = [a for a in arms if a[0] == "main" or a[0] in cfg.arms]
+    return arms
+
+
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print) -> list[Cell]:
     from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
     from edge_steer.sim.demos import generate_demos
@@ -167,11 +186,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
             f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
                                                    if cell.method != "zero-shot" else ""))
 
-    arms = [("main", {})]
-    if cfg.ablations:
-        arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
-        arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
-        arms += [(f"select={m}", {"selection": m}) for m in SELECTIONS if m != cfg.selection]
+    arms = ablation_arms(cfg)
     for task in variants:
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
@@ -195,7 +210,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             record(cell)
                             continue
                         ft = _call(_finetune_job, {
-                            "model": str(base_dir), "demos": str(demos), "shots": k, "method": method,
+                            "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k, "method": method,
                             "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                             "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
                             "slices": change.get("slices", cfg.slices), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
