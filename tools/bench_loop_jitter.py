@@ -2,17 +2,22 @@
 daemon puts beside it, one at a time, in one run (docs/serve.md).
 
     .venv/bin/python tools/bench_loop_jitter.py [--seconds 6] [--switch 0.0005] [--cases alone,cameras,...]
+                                                [--schedulers other,fifo]
 
 Cases: `alone`; `cameras` (front + wrist SimCamera at 30 fps, 96 px, software EGL); `inference` (the
 default model, 1 torch thread, 10 Hz); `setter` (a pure-Python 1 kHz loop like the setpoint stage);
 `busy` (a pure-Python thread that never sleeps: the worst case for the GIL); `daemon` (cameras +
-inference + setter together). Prints one row per case: ticks, missed ticks, period error p50/p99/max.
+inference + setter together). Each case runs once per scheduler of the 1 kHz loop: `other` (SCHED_OTHER,
+as any Python thread) and `fifo` (SCHED_FIFO 20, as libfranka raises its control thread; the setter
+load then runs SCHED_FIFO 10 like the setpoint stage). Prints one row per (case, scheduler): ticks,
+missed ticks, period error p50/p99/max, and the fifo/other ratio of p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -23,8 +28,8 @@ CASES = {"alone": (), "cameras": ("cameras",), "inference": ("inference",), "set
          "busy": ("busy",), "daemon": ("cameras", "inference", "setter")}
 
 
-def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread], list]:
-    threads, cams = [], []
+def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread], list, list]:
+    threads, cams, rt = [], [], []   # rt: the threads to raise to SCHED_FIFO 10 with `fifo`
     if "cameras" in kinds:
         from edge_steer.sim.camera import SimCamera, SimConfig
         for name in ("front", "wrist"):
@@ -62,15 +67,17 @@ def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread],
                 if rem > 0:
                     time.sleep(rem)
         threads.append(threading.Thread(target=setter, daemon=True))
+        rt.append(threads[-1])
     if "busy" in kinds:
         def busy():
             while not stop.is_set():
                 sum(range(1000))
         threads.append(threading.Thread(target=busy, daemon=True))
-    return threads, cams
+    return threads, cams, rt
 
 
-def run_case(name: str, seconds: float) -> dict:
+def run_case(name: str, seconds: float, scheduler: str) -> dict:
+    from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime, scheduling
     from edge_steer.sim.panda import SimPanda
     from edge_steer.sim.tasks import get_task
     from edge_steer.sim.world import World
@@ -78,11 +85,17 @@ def run_case(name: str, seconds: float) -> dict:
     task = get_task("red_cube_on_blue_plate")
     world = World(task.sample_scene(np.random.default_rng(0), 96).spec)
     world.reset()
-    arm = SimPanda(world, realtime=True)
+    fifo = scheduler == "fifo"
+    arm = SimPanda(world, realtime=True, rt_priority=LIBFRANKA_PRIORITY if fifo else 0)
+    if arm.rt_refused:
+        raise SystemExit(f"the fifo case needs real-time scheduling: {arm.rt_refused}")
     stop = threading.Event()
-    threads, cams = _loads(CASES[name], world, stop)
+    threads, cams, rt = _loads(CASES[name], world, stop)
     for t in threads:
         t.start()
+        if fifo and t in rt and (why := make_realtime(t, 10)):
+            raise SystemExit(why)
+    sched = scheduling(arm._thread)
     time.sleep(1.0)   # loads running before the window opens
     arm.tick_periods.clear()
     arm.missed_ticks = 0
@@ -94,7 +107,7 @@ def run_case(name: str, seconds: float) -> dict:
         c.stop()
     arm.close()
     err = np.abs(periods - 0.001) * 1e6
-    return {"case": name, "ticks": int(periods.size), "missed": int(missed),
+    return {"case": name, "scheduler": sched, "ticks": int(periods.size), "missed": int(missed),
             "err_us_p50": float(np.percentile(err, 50)), "err_us_p99": float(np.percentile(err, 99)),
             "err_us_max": float(err.max())}
 
@@ -104,6 +117,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--switch", type=float, default=0.0005, help="sys.setswitchinterval (the daemon's: 0.0005)")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--schedulers", default="other,fifo", help="the 1 kHz loop's: other (SCHED_OTHER), fifo (SCHED_FIFO)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sys.setswitchinterval(args.switch)
@@ -113,16 +127,26 @@ def main() -> None:
     for name in args.cases.split(","):
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
-        r = run_case(name, args.seconds)
-        rows.append(r)
-        print(f"{name:10s} ticks {r['ticks']:6d} missed {r['missed']:5d}   period error p50 {r['err_us_p50']:7.1f}  "
-              f"p99 {r['err_us_p99']:8.1f}  max {r['err_us_max']:8.1f} us", flush=True)
-    base = rows[0]["err_us_p99"] if rows and rows[0]["case"] == "alone" else None
+        for sched in args.schedulers.split(","):
+            if sched not in ("other", "fifo"):
+                raise SystemExit(f"unknown scheduler {sched!r}; choose from other, fifo")
+            r = run_case(name, args.seconds, sched)
+            rows.append(r)
+            print(f"{name:10s} {r['scheduler']:13s} ticks {r['ticks']:6d} missed {r['missed']:5d}   period error "
+                  f"p50 {r['err_us_p50']:7.1f}  p99 {r['err_us_p99']:8.1f}  max {r['err_us_max']:8.1f} us", flush=True)
+    by = {(r["case"], r["scheduler"].split()[0]): r for r in rows}
+    base = by.get(("alone", "SCHED_OTHER"))
     if base:
-        print("p99 relative to alone: " + ", ".join(f"{r['case']} {r['err_us_p99'] / base:.1f}x" for r in rows[1:]))
+        print("p99 relative to alone under SCHED_OTHER: " + ", ".join(
+            f"{r['case']}/{r['scheduler'].split()[0][6:].lower()} {r['err_us_p99'] / base['err_us_p99']:.1f}x" for r in rows[1:]))
+    pairs = [(c, by[(c, "SCHED_OTHER")], by[(c, "SCHED_FIFO")]) for c in CASES
+             if (c, "SCHED_OTHER") in by and (c, "SCHED_FIFO") in by]
+    if pairs:
+        print("p99 SCHED_FIFO / SCHED_OTHER: " + ", ".join(f"{c} {f['err_us_p99'] / o['err_us_p99']:.2f}x" for c, o, f in pairs))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"seconds": args.seconds, "switch_interval": args.switch, "rows": rows}, f, indent=1)
+            json.dump({"seconds": args.seconds, "switch_interval": args.switch, "cpus": len(os.sched_getaffinity(0)),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

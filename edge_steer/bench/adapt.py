@@ -182,7 +182,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     def record(cell: Cell) -> None:
         cells.append(cell)
         results_file.write_text(json.dumps([asdict(c) for c in cells], indent=1))   # resumable after a crash
-        say(f"{cell.variant} K={cell.shots} {cell.method} [{cell.arm}] seed {cell.seed}: "
+        say(f"{cell.variant} K={cell.shots} {cell.method} arm {cell.arm} seed {cell.seed}: "
             f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
                                                    if cell.method != "zero-shot" else ""))
 

@@ -8,6 +8,7 @@ default. `ServeConfig.sim()` is what `serve --sim` uses when no file is given.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 import types
 import typing
@@ -95,6 +96,24 @@ class RatesConfig:
             raise ConfigError("rates.execute_horizon must be >= 1")
         if self.ensemble_decay < 0:
             raise ConfigError("rates.ensemble_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    # SCHED_FIFO for the setpoint stage's 1 kHz thread, below libfranka's control thread (20) and above
+    # every SCHED_OTHER thread (inference, cameras); 0 leaves it SCHED_OTHER
+    priority: int = 10
+    cpu: int = -1                        # pin the setpoint thread to this CPU (-1: the process's affinity)
+    required: bool = False               # refuse to start without real-time scheduling (robot PC), not just warn
+
+    def check(self) -> None:
+        if not 0 <= self.priority <= 99:
+            raise ConfigError("realtime.priority must be in 0..99 (0: no SCHED_FIFO)")
+        if self.cpu >= 0 and hasattr(os, "sched_getaffinity") and self.cpu not in os.sched_getaffinity(0):
+            raise ConfigError(f"realtime.cpu {self.cpu} is not among this process's CPUs "
+                              f"{sorted(os.sched_getaffinity(0))}")
+        if self.required and self.priority == 0:
+            raise ConfigError("realtime.required needs realtime.priority >= 1")
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,7 @@ class ServeConfig:
     cameras: tuple[CameraConfig, ...] = (CameraConfig("front"), CameraConfig("wrist"))
     engine: EngineConfig = field(default_factory=EngineConfig)
     rates: RatesConfig = field(default_factory=RatesConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
@@ -208,7 +228,7 @@ class ServeConfig:
             raise ConfigError("sim cameras need the sim robot (they render its scene)")
         if self.engine.backend == "expert" and self.robot.backend != "sim":
             raise ConfigError("engine.backend 'expert' is the sim's scripted expert: it needs robot.backend 'sim'")
-        for part in (self.engine, self.rates, self.safety, self.zmq, self.record):
+        for part in (self.engine, self.rates, self.realtime, self.safety, self.zmq, self.record):
             part.check()
         _one_of("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
         return self

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_steer.realtime import scheduling
 from edge_steer.runtime import sdnotify
 from edge_steer.runtime.camera import CameraStage, open_camera
 from edge_steer.runtime.config import ConfigError, ServeConfig
@@ -77,7 +78,7 @@ def build_engine(cfg: ServeConfig, robot: RobotHandle):
 class Daemon:
     def __init__(self, cfg: ServeConfig, engine=None, robot: RobotHandle | None = None, cameras=None):
         self.cfg = cfg
-        self.robot = robot or open_robot(cfg.robot)
+        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required)
         try:
             world = self.robot.sim.world if self.robot.sim is not None else None
             self.cameras = CameraStage(cameras if cameras is not None else [open_camera(c, world) for c in cfg.cameras],
@@ -127,7 +128,7 @@ class Daemon:
             self._start_controller()
             self._warm_up()
             self.cameras.start()
-            self.setpoint.start()
+            self._start_setpoint_loop()
             self.server = CommandServer(self.cfg.zmq, self)
             self.server.start()
         except BaseException:
@@ -365,6 +366,16 @@ class Daemon:
     def _sim_success(self) -> bool | None:
         return self.robot.sim.success() if self.robot.sim is not None else None
 
+    def _start_setpoint_loop(self) -> None:
+        rt = self.cfg.realtime
+        refused = self.setpoint.start(rt.priority, rt.cpu)
+        if refused and rt.required:
+            raise ConfigError(f"realtime.required: {refused}")
+        if refused:
+            log.warning("setpoint loop stays %s: %s", self.setpoint.scheduling(), refused)
+        else:
+            log.info("setpoint loop scheduling: %s", self.setpoint.scheduling())
+
     def robot_loop_timing(self) -> dict:
         """SimPanda's own 1 kHz loop (the stand-in for libfranka's); empty on hardware."""
         arm = self.robot.arm
@@ -375,7 +386,7 @@ class Daemon:
         err = np.abs(per - 0.001) * 1e6
         return {"period_err_us_p50": float(np.percentile(err, 50)), "period_err_us_p99": float(np.percentile(err, 99)),
                 "period_err_us_max": float(err.max()), "missed_ticks": int(getattr(arm, "missed_ticks", 0)),
-                "ticks": len(per)}
+                "ticks": len(per), "scheduling": scheduling(getattr(arm, "_thread", None))}
 
     TIMING_CACHE_S = 0.25
 

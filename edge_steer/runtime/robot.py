@@ -160,7 +160,9 @@ class RobotHandle:
             close()
 
 
-def open_robot(cfg: RobotConfig) -> RobotHandle:
+def open_robot(cfg: RobotConfig, enforce_realtime: bool = False) -> RobotHandle:
+    """Connect the configured arm. `enforce_realtime`: libfranka refuses to run its control loop
+    without SCHED_FIFO (panda-py's default only tries)."""
     kt, kr = cfg.impedance
     impedance = np.diag([kt] * 3 + [kr] * 3)
     if cfg.backend == "sim":
@@ -171,7 +173,8 @@ def open_robot(cfg: RobotConfig) -> RobotHandle:
     except ImportError as e:
         raise RobotError(f"the panda backend needs panda-python (pip install 'edge-steer[robot]'): {e}") from e
     try:
-        arm = panda_py.Panda(cfg.host)
+        rt = libfranka.RealtimeConfig.kEnforce if enforce_realtime else libfranka.RealtimeConfig.kIgnore
+        arm = panda_py.Panda(cfg.host, realtime_config=rt)
         gripper = libfranka.Gripper(cfg.host)
     except Exception as e:  # noqa: BLE001 - libfranka raises its own types
         raise RobotError(f"cannot connect to the Panda at {cfg.host}: {e}") from e

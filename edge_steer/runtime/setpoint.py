@@ -27,6 +27,7 @@ import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
 from edge_steer.models.interface import ensemble_actions
+from edge_steer.realtime import make_realtime, running_fifo, scheduling, sleep_until
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
 from edge_steer.sim.env import advance_target
@@ -108,10 +109,16 @@ class SetpointStage:
         """Re-anchor at a measured pose (start, recover). Applied by the loop at its next tick."""
         self._reset_request = (list(map(float, p)), tuple(map(float, q)))
 
-    def start(self) -> None:
+    def start(self, priority: int = 0, cpu: int = -1) -> str | None:
+        """Start the 1 kHz thread, SCHED_FIFO `priority` if > 0 (pinned to `cpu` if >= 0). Returns None,
+        or why real-time scheduling was refused (the loop then runs SCHED_OTHER)."""
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="setpoint-1khz", daemon=True)
         self._thread.start()
+        return make_realtime(self._thread, priority, cpu)
+
+    def scheduling(self) -> str:
+        return scheduling(self._thread)
 
     def stop(self) -> None:
         self._running = False
@@ -135,11 +142,7 @@ class SetpointStage:
                 self.missed_ticks += int(behind / dt)
                 next_t = now
                 continue
-            rem = next_t - time.perf_counter()
-            if rem > 0.0004:
-                time.sleep(rem - 0.0003)
-            while time.perf_counter() < next_t:
-                time.sleep(0)
+            sleep_until(next_t, running_fifo())
 
     def tick(self) -> None:
         """One control tick (public so tests can drive it without a thread)."""
@@ -261,7 +264,8 @@ class SetpointStage:
     def timing(self) -> dict:
         per = self.periods.values()
         lat = self.latencies.values()
-        out = {"ticks": self.ticks, "missed_ticks": self.missed_ticks, "rejected": self.rejected}
+        out = {"ticks": self.ticks, "missed_ticks": self.missed_ticks, "rejected": self.rejected,
+               "scheduling": self.scheduling()}
         if per.size > 10:
             err = np.abs(per[1:] - self.dt) * 1e6
             out.update(period_err_us_p50=float(np.percentile(err, 50)), period_err_us_p99=float(np.percentile(err, 99)),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
+from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime, running_fifo, sleep_until
 from edge_steer.sim.panda_model import DQ_MAX, GRIPPER_MAX_WIDTH, Q_MAX, Q_MIN, Q_START, TAU_MAX
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
@@ -229,7 +230,8 @@ class SimPandaContext:
 class SimPanda:
     """panda_py.Panda over MuJoCo. `realtime` picks the wall-clock thread or as-fast-as-possible."""
 
-    def __init__(self, world: World | None = None, realtime: bool = True, name: str = "panda"):
+    def __init__(self, world: World | None = None, realtime: bool = True, name: str = "panda",
+                 rt_priority: int = LIBFRANKA_PRIORITY):
         self.world = world if world is not None else World(SceneSpec(objects=()))
         self.name = name
         self.realtime = realtime
@@ -242,10 +244,13 @@ class SimPanda:
         self.missed_ticks = 0
         self._running = False
         self._thread: threading.Thread | None = None
+        self.rt_refused: str | None = None      # why the loop is not SCHED_FIFO, if it is not
         if realtime:
             self._running = True
             self._thread = threading.Thread(target=self._loop, name="simpanda-1khz", daemon=True)
             self._thread.start()
+            # as libfranka does for its control thread: try SCHED_FIFO, run on without it if refused
+            self.rt_refused = make_realtime(self._thread, rt_priority)
 
     # --- time ------------------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -283,12 +288,7 @@ class SimPanda:
                 self.missed_ticks += int(behind / DT)
                 next_t = now
             else:
-                # sleep most of the gap, then yield in short spins to keep the period error small
-                while True:
-                    rem = next_t - time.perf_counter()
-                    if rem <= 0:
-                        break
-                    time.sleep(rem - 0.0002 if rem > 0.0004 else 0)
+                sleep_until(next_t, running_fifo())
 
     def _tick(self) -> None:
         w = self.world

@@ -1,0 +1,75 @@
+"""Real-time scheduling for one thread.
+
+Linux schedules threads, not processes, so a 1 kHz loop can run SCHED_FIFO while the rest of the
+process (inference, cameras, ZMQ) stays SCHED_OTHER: whenever the loop wakes it preempts those
+threads' CPU time instead of queueing behind them. libfranka does this for its control thread
+(SCHED_FIFO 20); the setpoint stage does it below that, and SimPanda, libfranka's twin, does what
+libfranka does. It needs root, CAP_SYS_NICE or an RLIMIT_RTPRIO at least the priority
+(systemd: `LimitRTPRIO=`). Python threads still share the GIL; `serve` shortens the switch interval.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+
+LIBFRANKA_PRIORITY = 20   # libfranka's control thread (src/control_loop_base.cpp, kThreadPriority)
+SPIN_S = 0.0003           # a SCHED_OTHER loop sleeps until this long before its deadline, then yields
+
+
+def running_fifo() -> bool:
+    """Whether the calling thread is SCHED_FIFO now (a loop asks each tick: one cheap syscall)."""
+    return hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_FIFO
+
+
+def sleep_until(deadline: float, fifo: bool) -> None:
+    """Wait until time.perf_counter() >= deadline. A SCHED_OTHER thread wakes up to the timer slack
+    (50 us) plus a run-queue wait late, so it sleeps to SPIN_S before and yields from there. A
+    SCHED_FIFO thread has no timer slack and preempts on waking, and its sched_yield hands the CPU to
+    no lower priority (yielding would only burn the core), so it sleeps the whole gap."""
+    rem = deadline - time.perf_counter()
+    spin = 0.0 if fifo else SPIN_S
+    if rem > spin:
+        time.sleep(rem - spin)
+    while time.perf_counter() < deadline:
+        time.sleep(0)
+
+
+def make_realtime(thread: threading.Thread, priority: int, cpu: int = -1) -> str | None:
+    """Give a started thread SCHED_FIFO `priority` (1..99; 0 leaves its policy alone) and, with
+    `cpu` >= 0, pin it to that CPU. Returns None when done, else why not (the thread runs on as it was)."""
+    tid = thread.native_id
+    if tid is None:
+        raise ValueError(f"thread {thread.name!r} has not started")
+    if priority and not 1 <= priority <= 99:
+        raise ValueError(f"SCHED_FIFO priority must be in 1..99, got {priority}")
+    if not hasattr(os, "sched_setscheduler"):
+        return "real-time scheduling needs Linux"
+    try:
+        if priority:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+        if cpu >= 0:
+            os.sched_setaffinity(tid, {cpu})
+    except PermissionError as e:
+        limit = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+        return (f"SCHED_FIFO {priority} refused ({e.strerror}; RLIMIT_RTPRIO is {limit}): "
+                "run under systemd with LimitRTPRIO=, with CAP_SYS_NICE, or as root")
+    except OSError as e:   # a CPU outside the allowed set, a thread that has exited
+        return f"cannot set scheduling of thread {thread.name!r}: {e.strerror or e}"
+    return None
+
+
+def scheduling(thread: threading.Thread | None) -> str:
+    """'SCHED_FIFO 10', 'SCHED_OTHER', or 'not running'."""
+    if thread is None or thread.native_id is None or not thread.is_alive():
+        return "not running"
+    try:
+        policy = os.sched_getscheduler(thread.native_id)
+        prio = os.sched_getparam(thread.native_id).sched_priority
+    except (OSError, AttributeError):
+        return "unknown"
+    name = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH", "SCHED_IDLE")
+            if hasattr(os, n)}.get(policy, str(policy))
+    return f"{name} {prio}" if prio else name
