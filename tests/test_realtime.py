@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime, scheduling
@@ -142,3 +143,21 @@ def test_sleep_until_never_returns_early(fifo):
         deadline = time.perf_counter() + gap
         sleep_until(deadline, fifo)
         assert time.perf_counter() >= deadline
+
+
+def test_duration_histogram_percentiles_bound_the_exact_ones_within_a_bin():
+    from edge_steer.realtime import DurationHistogram
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.exponential(40e-6, 5000), rng.uniform(1e-3, 5e-3, 60), [0.0, 2e-7, 30.0]])
+    h = DurationHistogram()
+    for v in x:
+        h.add(float(v))
+    assert h.n == x.size and h.max == x.max()
+    for q in (50, 90, 99, 99.9):
+        exact = np.percentile(x, q, method="inverted_cdf")
+        got = h.percentiles(q)[0]
+        assert exact <= got <= max(exact * 1.024, 1e-6), q      # never below, at most one bin (2.3 %) above
+    s = h.summary("err_us", 1e-6)
+    assert set(s) == {"err_us_p50", "err_us_p99", "err_us_max"} and s["err_us_max"] == pytest.approx(30e6)
+    h.clear()
+    assert h.n == 0 and h.summary("err_us", 1e-6) == {} and np.isnan(h.percentiles(50)[0])

@@ -861,13 +861,6 @@ def finish_load(p: subprocess.Popen, timeout: float = 120) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _reset_timing(d) -> None:
-    d.setpoint.periods.clear()
-    d.setpoint.missed_ticks = 0
-    d.robot.arm.tick_periods.clear()
-    d.robot.arm.missed_ticks = 0
-
-
 def _keep_working(cell: Cell, stop: threading.Event, every_s: float = 12.0) -> threading.Thread:
     """The arm does the task throughout: re-instruct (a new episode, the expert re-plans) every 12 s."""
     from edge_steer.client import Client
@@ -891,7 +884,7 @@ def load_level(cell: Cell, n: int, seconds: float) -> dict:
     d = cell.daemon
     s0 = cell.client.status()
     chunks0, faults0 = s0["chunks"], sum(t["to"] == "FAULT" for t in s0["transitions"])
-    _reset_timing(d)
+    d.reset_loop_timing()
     t0 = time.perf_counter()
     client = finish_load(start_load(cell.endpoint, n, seconds), timeout=seconds + 60) if n else None
     if not n:

@@ -89,11 +89,7 @@ def run(args, scheduler: str) -> dict:
     ts.start()
     time.sleep(1.0)
     # reset the timing windows so start-up is not measured
-    d.setpoint.periods.clear()
-    d.setpoint.latencies.clear()
-    d.setpoint.missed_ticks = 0
-    d.robot.arm.tick_periods.clear()
-    d.robot.arm.missed_ticks = 0
+    d.reset_loop_timing()
     tele["n"] = 0
     t0 = time.perf_counter()
     rtts, episodes, successes = [], 0, 0

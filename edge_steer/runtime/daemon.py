@@ -115,9 +115,6 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._telemetry_seq = 0
         self.telemetry_sent = 0
-        # loop-timing percentiles over ~10^5 samples are costly; `status` reuses them for a moment so a
-        # flood of status requests cannot queue an e-stop behind it (bench_reliability measured that)
-        self._timing_cache: tuple[float, dict, dict] = (-1e9, {}, {})
         self.server = None
         self.started_at = time.time()
 
@@ -379,35 +376,29 @@ class Daemon:
     def robot_loop_timing(self) -> dict:
         """SimPanda's own 1 kHz loop (the stand-in for libfranka's); empty on hardware."""
         arm = self.robot.arm
-        periods = getattr(arm, "tick_periods", None)
-        if not periods or len(periods) < 10:
+        hist = getattr(arm, "period_errors", None)
+        if hist is None or hist.n < 10:
             return {}
-        per = np.fromiter(periods, float, count=len(periods))
-        err = np.abs(per - 0.001) * 1e6
-        return {"period_err_us_p50": float(np.percentile(err, 50)), "period_err_us_p99": float(np.percentile(err, 99)),
-                "period_err_us_max": float(err.max()), "missed_ticks": int(getattr(arm, "missed_ticks", 0)),
-                "ticks": len(per), "scheduling": scheduling(getattr(arm, "_thread", None))}
+        return {**hist.summary("period_err_us", 1e-6), "missed_ticks": int(getattr(arm, "missed_ticks", 0)),
+                "ticks": hist.n, "scheduling": scheduling(getattr(arm, "_thread", None))}
 
-    TIMING_CACHE_S = 0.25
-
-    def _loop_timing(self) -> tuple[dict, dict]:
-        at, sp, rb = self._timing_cache
-        now = time.monotonic()
-        if now - at > self.TIMING_CACHE_S:
-            sp, rb = self.setpoint.timing(), self.robot_loop_timing()
-            self._timing_cache = (now, sp, rb)
-        return sp, rb
+    def reset_loop_timing(self) -> None:
+        """Start the 1 kHz loops' statistics afresh (benchmarks: so start-up is not measured)."""
+        for owner in (self.setpoint, self.robot.arm):
+            if hasattr(owner, "period_errors"):
+                owner.period_errors.clear()
+                owner.missed_ticks = 0
+        self.setpoint.latencies.clear()
 
     def status(self) -> dict:
         r = self.reading
-        setpoint_timing, robot_timing = self._loop_timing()
         out = {
             "state": self.state.value, "fault": self.fault_reason, "instruction": self.instruction,
             "episode": self.episode, "steering": self.steering, "recording": self.recording,
             "hold": self.setpoint.hold_reason, "segment": self.setpoint.segment,
             "chunks": self.chunks_made, "chunks_dropped": self.chunks_dropped,
-            "inference_ms": self.inference_ms.summary(), "setpoint_loop": setpoint_timing,
-            "robot_loop": robot_timing, "telemetry_sent": self.telemetry_sent,
+            "inference_ms": self.inference_ms.summary(), "setpoint_loop": self.setpoint.timing(),
+            "robot_loop": self.robot_loop_timing(), "telemetry_sent": self.telemetry_sent,
             "camera_errors": dict(self.cameras.errors), "engine": _jsonable(self.engine.metadata()),
             "transitions": list(self.transitions)[-10:], "uptime_s": time.time() - self.started_at,
         }

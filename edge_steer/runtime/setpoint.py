@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
 from edge_steer.models.interface import ensemble_actions
-from edge_steer.realtime import make_realtime, running_fifo, scheduling, sleep_until
+from edge_steer.realtime import DurationHistogram, make_realtime, running_fifo, scheduling, sleep_until
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
 from edge_steer.sim.env import advance_target
@@ -39,24 +39,6 @@ class Chunk:
     anchor: int                # segment index at capture time
     frame_stamp: float         # wall-clock capture time of the oldest frame used
     seq: int
-
-
-class TimingRing:
-    """Fixed-size float ring (no allocation per sample)."""
-
-    def __init__(self, n: int):
-        self.buf = np.zeros(n)
-        self.n = 0
-
-    def add(self, x: float) -> None:
-        self.buf[self.n % self.buf.size] = x
-        self.n += 1
-
-    def values(self) -> np.ndarray:
-        return self.buf[: min(self.n, self.buf.size)].copy()
-
-    def clear(self) -> None:
-        self.n = 0
 
 
 class SetpointStage:
@@ -95,8 +77,8 @@ class SetpointStage:
         self.boundary_time = 0.0
         self.last_chunk_used_at: float | None = None  # perf_counter of the last tick a chunk drove
         self.executed: deque[tuple[int, np.ndarray]] = deque(maxlen=64)  # (segment, action) once it ended
-        self.periods = TimingRing(1 << 17)
-        self.latencies = TimingRing(1 << 14)     # frame capture -> first setpoint using it (s)
+        self.period_errors = DurationHistogram()  # |period - dt| of each tick
+        self.latencies = DurationHistogram()      # frame capture -> first setpoint using it
         self.missed_ticks = 0
         self.ticks = 0
         self.rejected = 0
@@ -134,7 +116,8 @@ class SetpointStage:
         while self._running:
             self.tick()
             now = time.perf_counter()
-            self.periods.add(now - last)
+            if self.ticks > 1:
+                self.period_errors.add(abs(now - last - dt))
             last = now
             next_t += dt
             behind = now - next_t
@@ -262,17 +245,9 @@ class SetpointStage:
 
     # ---- statistics -----------------------------------------------------------------------------
     def timing(self) -> dict:
-        per = self.periods.values()
-        lat = self.latencies.values()
-        out = {"ticks": self.ticks, "missed_ticks": self.missed_ticks, "rejected": self.rejected,
-               "scheduling": self.scheduling()}
-        if per.size > 10:
-            err = np.abs(per[1:] - self.dt) * 1e6
-            out.update(period_err_us_p50=float(np.percentile(err, 50)), period_err_us_p99=float(np.percentile(err, 99)),
-                       period_err_us_max=float(err.max()))
-        if lat.size:
-            out.update(latency_ms_p50=float(np.percentile(lat, 50) * 1e3), latency_ms_p99=float(np.percentile(lat, 99) * 1e3))
-        return out
+        return {"ticks": self.ticks, "missed_ticks": self.missed_ticks, "rejected": self.rejected,
+                "scheduling": self.scheduling(), **self.period_errors.summary("period_err_us", 1e-6),
+                **self.latencies.summary("latency_ms", 1e-3)}
 
 
 def is_finite_chunk(a: np.ndarray) -> bool:

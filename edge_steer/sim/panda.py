@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
-from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime, running_fifo, sleep_until
+from edge_steer.realtime import LIBFRANKA_PRIORITY, DurationHistogram, make_realtime, running_fifo, sleep_until
 from edge_steer.sim.panda_model import DQ_MAX, GRIPPER_MAX_WIDTH, Q_MAX, Q_MIN, Q_START, TAU_MAX
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
@@ -240,7 +239,7 @@ class SimPanda:
         self._errors: list[str] = []
         self._gripper_cmd = _GripperCommand()
         self._fault_injection: str | None = None
-        self.tick_periods: deque[float] = deque(maxlen=120_000)  # wall-clock period of each tick (s)
+        self.period_errors = DurationHistogram()   # |wall-clock period - 1 ms| of each tick
         self.missed_ticks = 0
         self._running = False
         self._thread: threading.Thread | None = None
@@ -280,7 +279,7 @@ class SimPanda:
                 except Exception as e:  # a dead loop would leave the arm "moving" with nobody commanding it
                     self._fault(f"control_loop_exception: {e!r}")
             now = time.perf_counter()
-            self.tick_periods.append(now - last)
+            self.period_errors.add(abs(now - last - DT))
             last = now
             next_t += DT
             behind = now - next_t
