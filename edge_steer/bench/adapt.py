@@ -270,7 +270,8 @@ def summarise(cells: list[Cell]) -> dict[str, Any]:
             continue
         s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
         ablations.append({"arm": arm, "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
-                          "trainable_params": float(np.mean([c.trainable_params for c in sel]))})
+                          "trainable_params": float(np.mean([c.trainable_params for c in sel])),
+                          "final_loss": float(np.mean([c.final_loss for c in sel]))})
     return {"rows": rows, "ablations": ablations}
 
 
@@ -349,10 +350,11 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
         lines.append("")
     if summary["ablations"]:
         lines += ["#### Ablations of the steer arm (smallest K, first seed)", "",
-                  "| arm | success | 95 % CI | episodes | trainable params |", "|---|---|---|---|---|"]
+                  "| arm | success | 95 % CI | episodes | trainable params | mean final train loss |",
+                  "|---|---|---|---|---|---|"]
         for a in summary["ablations"]:
             lines.append(f"| {a['arm']} | {100 * a['success']:.1f} % | {100 * a['ci'][0]:.0f}–{100 * a['ci'][1]:.0f} % "
-                         f"| {a['n']} | {a['trainable_params']:,.0f} |")
+                         f"| {a['n']} | {a['trainable_params']:,.0f} | {a.get('final_loss', float('nan')):.4f} |")
         lines.append("")
     return "\n".join(lines)
 
