@@ -48,6 +48,8 @@ def make_realtime(thread: threading.Thread, priority: int, cpu: int = -1) -> str
         raise ValueError(f"thread {thread.name!r} has not started")
     if priority and not 1 <= priority <= 99:
         raise ValueError(f"SCHED_FIFO priority must be in 1..99, got {priority}")
+    if not priority and cpu < 0:
+        return None
     if not hasattr(os, "sched_setscheduler"):
         return "real-time scheduling needs Linux"
     try:
