@@ -90,7 +90,8 @@ class DurationHistogram:
     """
 
     PER_DECADE = 100
-    LOG_LO = -6           # 1 us
+    LOG_LO = -6           # 1 us: bin 0 holds everything up to it
+    LO = 10.0 ** LOG_LO
     DECADES = 7           # .. 10 s
 
     def __init__(self) -> None:
@@ -101,7 +102,7 @@ class DurationHistogram:
     def add(self, x: float) -> None:
         if x > self.max:
             self.max = x
-        i = 0 if x <= 1e-6 else min(self.counts.size - 1, 1 + int((math.log10(x) - self.LOG_LO) * self.PER_DECADE))
+        i = 0 if x <= self.LO else min(self.counts.size - 1, 1 + int((math.log10(x) - self.LOG_LO) * self.PER_DECADE))
         self.counts[i] += 1
         self.n += 1
 
@@ -115,7 +116,7 @@ class DurationHistogram:
         if cum[-1] == 0:
             return [float("nan")] * len(qs)
         idx = np.searchsorted(cum, np.array(qs) / 100.0 * cum[-1])
-        upper = np.where(idx > 0, 10.0 ** (self.LOG_LO + idx / self.PER_DECADE), 1e-6)
+        upper = np.where(idx > 0, 10.0 ** (self.LOG_LO + idx / self.PER_DECADE), self.LO)
         return [float(min(u, self.max)) for u in upper]
 
     def summary(self, name: str, unit: float) -> dict[str, float]:

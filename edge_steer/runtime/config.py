@@ -109,9 +109,9 @@ class RealtimeConfig:
     def check(self) -> None:
         if not 0 <= self.priority <= 99:
             raise ConfigError("realtime.priority must be in 0..99 (0: no SCHED_FIFO)")
-        if self.cpu >= 0 and hasattr(os, "sched_getaffinity") and self.cpu not in os.sched_getaffinity(0):
-            raise ConfigError(f"realtime.cpu {self.cpu} is not among this process's CPUs "
-                              f"{sorted(os.sched_getaffinity(0))}")
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if self.cpu >= 0 and allowed is not None and self.cpu not in allowed:
+            raise ConfigError(f"realtime.cpu {self.cpu} is not among this process's CPUs {sorted(allowed)}")
         if self.required and self.priority == 0:
             raise ConfigError("realtime.required needs realtime.priority >= 1")
 
