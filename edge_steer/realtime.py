@@ -15,6 +15,7 @@ import os
 import resource
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -125,3 +126,47 @@ class DurationHistogram:
             return {}
         p50, p99 = self.percentiles(50, 99)
         return {f"{name}_p50": p50 / unit, f"{name}_p99": p99 / unit, f"{name}_max": self.max / unit}
+
+
+class LoopStats:
+    """A periodic loop's timing. `period_errors`: |time between two tick starts - period|, the jitter
+    the controller sees (cyclictest's measure, taken at wake-up so a tick's own run time does not
+    count); `tick_times`: how long each tick ran; `missed_ticks`: periods skipped after falling behind."""
+
+    def __init__(self) -> None:
+        self.period_errors = DurationHistogram()
+        self.tick_times = DurationHistogram()
+        self.missed_ticks = 0
+
+    def clear(self) -> None:
+        self.period_errors.clear()
+        self.tick_times.clear()
+        self.missed_ticks = 0
+
+    def summary(self) -> dict:
+        if self.period_errors.n < 10:
+            return {}
+        return {**self.period_errors.summary("period_err_us", 1e-6), **self.tick_times.summary("tick_us", 1e-6),
+                "missed_ticks": self.missed_ticks, "ticks": self.period_errors.n + 1}
+
+
+def run_periodic(tick: Callable[[], None], period: float, running: Callable[[], bool], stats: LoopStats) -> None:
+    """Call `tick` every `period` s on the wall clock until `running()` is false. A loop that falls more
+    than a period behind counts the skipped periods and resynchronises rather than bursting to catch up."""
+    next_t = time.perf_counter()
+    last_wake: float | None = None
+    while running():
+        wake = time.perf_counter()
+        if last_wake is not None:
+            stats.period_errors.add(abs(wake - last_wake - period))
+        last_wake = wake
+        tick()
+        done = time.perf_counter()
+        stats.tick_times.add(done - wake)
+        next_t += period
+        behind = done - next_t
+        if behind > period:
+            stats.missed_ticks += int(behind / period)
+            next_t = done
+            continue
+        sleep_until(next_t, running_fifo())

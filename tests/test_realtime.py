@@ -113,7 +113,7 @@ def test_daemon_start_refuses_without_realtime_when_required(monkeypatch):
     d = Daemon(cfg)
     with pytest.raises(ConfigError, match="realtime.required: SCHED_FIFO 10 refused"):
         d.start()
-    assert d.robot.arm._thread is None        # start() failing closed everything it opened
+    assert d.robot.arm._proc.poll() is not None   # start() failing closed everything it opened
 
 
 def test_panda_backend_asks_libfranka_to_enforce_realtime(monkeypatch):

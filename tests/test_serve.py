@@ -108,7 +108,7 @@ def test_estop_stops_the_controller_and_recover_needs_command(daemon):
     c.instruct("push forward")
     wait_for(lambda: c.status()["chunks"] > 2)
     r = c.estop()
-    assert r["state"] == "FAULT" and d.setpoint.controller is None and d.robot.arm._controller is None
+    assert r["state"] == "FAULT" and d.setpoint.controller is None and d.robot.read().mode == "kIdle"
     with pytest.raises(ClientError, match="recover first"):
         c.instruct("go again")
     with pytest.raises(ClientError, match="bad_state"):
@@ -116,7 +116,7 @@ def test_estop_stops_the_controller_and_recover_needs_command(daemon):
     time.sleep(0.3)
     assert c.status()["state"] == "FAULT"  # stays until told
     assert c.recover()["state"] == "IDLE"
-    assert d.robot.arm._controller is not None
+    assert d.robot.read().mode == "kMove"          # a controller runs again
 
 
 def test_robot_reflex_faults(daemon):

@@ -267,7 +267,7 @@ def test_control_script_runs_on_the_1khz_thread(make_robot):
     _check_script(seen, cart_tol=0.006, joint_tol=0.02)
     # the physics ran at (about) wall-clock pace, 1 ms per tick
     assert robot.get_state().time == pytest.approx(wall, rel=0.35)
-    assert robot.period_errors.percentiles(50)[0] < 0.0004       # the median tick is within 0.4 ms of 1 ms
+    assert robot.loop.period_errors.percentiles(50)[0] < 0.0004       # the median tick is within 0.4 ms of 1 ms
 
 
 def test_the_1khz_loop_moves_the_arm_while_the_caller_only_sleeps(make_robot):
@@ -275,7 +275,7 @@ def test_the_1khz_loop_moves_the_arm_while_the_caller_only_sleeps(make_robot):
     ctrl = CartesianImpedance()
     robot.start_controller(ctrl)
     x0, quat = robot.get_position(), robot.get_orientation()
-    t_sim0, ticks0 = robot.get_state().time, robot.period_errors.n
+    t_sim0, ticks0 = robot.get_state().time, robot.loop.period_errors.n
     ctrl.set_control(x0 + np.array([0.0, 0.0, -0.04]), quat)
     heights = []
     for _ in range(6):  # the test thread only sleeps and samples
@@ -284,7 +284,7 @@ def test_the_1khz_loop_moves_the_arm_while_the_caller_only_sleeps(make_robot):
     assert heights[-1] < x0[2] - 0.03                       # it moved toward the target...
     assert heights[0] < x0[2] - 0.002                       # ...already in the first 100 ms
     assert robot.get_state().time - t_sim0 > 0.35           # sim time advanced on its own
-    assert robot.period_errors.n - ticks0 > 350
+    assert robot.loop.period_errors.n - ticks0 > 350
     thread = robot._thread
     robot.close()
     assert not thread.is_alive()

@@ -98,10 +98,9 @@ def run_case(name: str, seconds: float, scheduler: str) -> dict:
             raise SystemExit(why)
     sched = scheduling(arm._thread)
     time.sleep(1.0)   # loads running before the window opens
-    arm.period_errors.clear()
-    arm.missed_ticks = 0
+    arm.reset_loop_timing()
     time.sleep(seconds)
-    h, missed = arm.period_errors, arm.missed_ticks
+    h, missed = arm.loop.period_errors, arm.loop.missed_ticks
     stop.set()
     for c in cams:
         c.stop()

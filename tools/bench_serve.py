@@ -1,7 +1,7 @@
 """Benchmark the serve daemon in sim under inference load; prints a JSON summary (docs/serve.md).
 
     .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|expert+load|expert]
-                                          [--schedulers fifo,other] [--out FILE]
+                                          [--setups process:fifo,thread:fifo,thread:other] [--out FILE]
 
 Engines: `model` runs the embedded default model (its motion is the model's); `expert+load` runs a
 default-size EdgeVLA with random weights for the inference load and latency and takes the motion
@@ -9,9 +9,11 @@ from the scripted expert, so the arm does the task while the CPU carries a real 
 `expert` has no model load. The arm is re-instructed whenever a task ends, so it moves throughout.
 Measured: the sim robot's 1 kHz loop (SimPanda, libfranka's stand-in) and the daemon's setpoint loop
 period error and missed ticks, camera-frame -> first-setpoint latency, `status` round trip over
-ZMQ (20 Hz), telemetry rate seen by a subscriber. `--schedulers` runs the whole benchmark once per
-scheduling of the two 1 kHz loops, side by side: `fifo` is the daemon's default (SimPanda's loop
-SCHED_FIFO 20 as libfranka's, the setpoint loop SCHED_FIFO 10), `other` leaves both SCHED_OTHER.
+ZMQ (20 Hz), telemetry rate seen by a subscriber. `--setups` runs the whole benchmark once per setup,
+side by side, and prints each one's ratios to the first. A setup is `where:scheduler`: where SimPanda's
+loop runs (`process`, the default: its own interpreter, as libfranka's C++ loop is outside the GIL;
+`thread`: inside the daemon), and how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
+SCHED_FIFO 20 as libfranka's, the setpoint loop SCHED_FIFO 10; `other`: both SCHED_OTHER).
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ class LoadedExpert:
         self.model.set_steering(delta)
 
 
-def run(args, scheduler: str) -> dict:
+LOOPS = ("robot_loop_1khz (SimPanda)", "setpoint_loop_1khz")
+
+
+def run(args, setup: str) -> dict:
     from edge_steer.client import Client
     from edge_steer.runtime.config import ServeConfig
     from edge_steer.runtime.daemon import Daemon
@@ -54,14 +59,15 @@ def run(args, scheduler: str) -> dict:
     from edge_steer.runtime.expert_engine import ExpertEngine
     from edge_steer.runtime.robot import open_robot
 
+    where, scheduler = setup.split(":")
     cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
-    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, robot={"stop_on_success": False},
-                                  realtime={"priority": 10 if scheduler == "fifo" else 0, "required": scheduler == "fifo"})
-    robot = open_robot(cfg.robot)
-    if scheduler == "other":   # SimPanda raises its loop as libfranka does; put it back for this run
-        os.sched_setscheduler(robot.arm._thread.native_id, os.SCHED_OTHER, os.sched_param(0))
-    elif robot.arm.rt_refused:
+    fifo = scheduler == "fifo"
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
+                                  robot={"stop_on_success": False, "sim_loop": where},
+                                  realtime={"priority": 10 if fifo else 0, "required": fifo})
+    robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0)
+    if fifo and robot.arm.rt_refused:
         raise SystemExit(f"the fifo run needs real-time scheduling: {robot.arm.rt_refused}")
     import torch
     torch.set_num_threads(cfg.engine.threads)
@@ -117,7 +123,7 @@ def run(args, scheduler: str) -> dict:
     d.close()
     rtt = np.array(rtts)
     return {
-        "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
+        "setup": setup, "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
         "load_avg_1min_at_end": os.getloadavg()[0],
         "robot_loop_1khz (SimPanda)": s["robot_loop"], "setpoint_loop_1khz": s["setpoint_loop"],
         "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
@@ -131,29 +137,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--engine", choices=["model", "expert+load", "expert"], default="expert+load")
-    ap.add_argument("--schedulers", default="fifo,other", help="comma-separated: fifo (the default daemon), other")
+    ap.add_argument("--setups", default="process:fifo,thread:fifo,thread:other",
+                    help="comma-separated where:scheduler, where in process|thread, scheduler in fifo|other")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    setups = args.setups.split(",")
+    for setup in setups:
+        where, _, sched = setup.partition(":")
+        if where not in ("process", "thread") or sched not in ("fifo", "other"):
+            raise SystemExit(f"bad setup {setup!r}: where:scheduler, where in process|thread, scheduler in fifo|other")
 
     import logging
     logging.basicConfig(level="WARNING", stream=sys.stderr)
     sys.setswitchinterval(0.0005)  # as `edge-steer serve` does
-    runs = {}
-    for sched in args.schedulers.split(","):
-        if sched not in ("fifo", "other"):
-            raise SystemExit(f"unknown scheduler {sched!r}; choose from fifo, other")
-        runs[sched] = run(args, sched)
+    runs = {setup: run(args, setup) for setup in setups}
     out = {"runs": runs}
-    if len(runs) == 2:
-        f, o = runs["fifo"], runs["other"]
-        ratio = {}
-        for loop in ("robot_loop_1khz (SimPanda)", "setpoint_loop_1khz"):
+    base = runs[setups[0]]
+    for setup in setups[1:]:   # ratios measured side by side in this one invocation
+        r, ratio = runs[setup], {}
+        for loop in LOOPS:
             for key in ("period_err_us_p99", "missed_ticks"):
-                if o[loop].get(key):
-                    ratio[f"{loop} {key}"] = round(f[loop][key] / o[loop][key], 3)
-        if o["setpoint_loop_1khz"].get("latency_ms_p99"):
-            ratio["latency_ms_p99"] = round(f["setpoint_loop_1khz"]["latency_ms_p99"] / o["setpoint_loop_1khz"]["latency_ms_p99"], 3)
-        out["fifo_over_other"] = ratio
+                if r[loop].get(key):
+                    ratio[f"{loop} {key}"] = round(base[loop].get(key, 0) / r[loop][key], 3)
+        if r["setpoint_loop_1khz"].get("latency_ms_p99"):
+            ratio["latency_ms_p99"] = round(base["setpoint_loop_1khz"]["latency_ms_p99"]
+                                            / r["setpoint_loop_1khz"]["latency_ms_p99"], 3)
+        if r["inference_ms"].get("p50"):
+            ratio["inference_ms_p50"] = round(base["inference_ms"]["p50"] / r["inference_ms"]["p50"], 3)
+        out[f"{setups[0]}_over_{setup}"] = ratio
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

@@ -32,9 +32,13 @@ class RobotConfig:
     task: str = "red_cube_on_blue_plate"
     seed: int = 0
     stop_on_success: bool = True         # sim: RUNNING -> IDLE once the task's success predicate holds
+    # sim: where SimPanda's 1 kHz loop runs. "process": its own interpreter, as libfranka's C++ loop is
+    # outside Python's GIL on the robot; "thread": inside the daemon (as in data generation)
+    sim_loop: str = "process"
 
     def check(self) -> None:
         _one_of("robot.backend", self.backend, ("sim", "panda"))
+        _one_of("robot.sim_loop", self.sim_loop, ("process", "thread"))
         if self.backend == "panda" and not self.host:
             raise ConfigError("robot.host is required for the panda backend (the FCI address of the arm)")
         if min(self.impedance) <= 0:

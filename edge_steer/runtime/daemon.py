@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from edge_steer.realtime import scheduling
 from edge_steer.runtime import sdnotify
 from edge_steer.runtime.camera import CameraStage, open_camera
 from edge_steer.runtime.config import ConfigError, ServeConfig
@@ -365,6 +364,9 @@ class Daemon:
 
     def _start_setpoint_loop(self) -> None:
         rt = self.cfg.realtime
+        robot_refused = getattr(self.robot.arm, "rt_refused", None)   # the sim's libfranka twin
+        if robot_refused and rt.required:
+            raise ConfigError(f"realtime.required: the simulated robot's 1 kHz loop: {robot_refused}")
         refused = self.setpoint.start(rt.priority, rt.cpu)
         if refused and rt.required:
             raise ConfigError(f"realtime.required: {refused}")
@@ -375,19 +377,15 @@ class Daemon:
 
     def robot_loop_timing(self) -> dict:
         """SimPanda's own 1 kHz loop (the stand-in for libfranka's); empty on hardware."""
-        arm = self.robot.arm
-        hist = getattr(arm, "period_errors", None)
-        if hist is None or hist.n < 10:
-            return {}
-        return {**hist.summary("period_err_us", 1e-6), "missed_ticks": int(getattr(arm, "missed_ticks", 0)),
-                "ticks": hist.n, "scheduling": scheduling(getattr(arm, "_thread", None))}
+        timing = getattr(self.robot.arm, "loop_timing", None)
+        return timing() if timing is not None else {}
 
     def reset_loop_timing(self) -> None:
         """Start the 1 kHz loops' statistics afresh (benchmarks: so start-up is not measured)."""
-        for owner in (self.setpoint, self.robot.arm):
-            if hasattr(owner, "period_errors"):
-                owner.period_errors.clear()
-                owner.missed_ticks = 0
+        reset = getattr(self.robot.arm, "reset_loop_timing", None)
+        if reset is not None:
+            reset()
+        self.setpoint.loop.clear()
         self.setpoint.latencies.clear()
 
     def status(self) -> dict:
@@ -419,7 +417,7 @@ class Daemon:
         msg = {"v": 1, "seq": self._telemetry_seq, "t": time.time(), "state": self.state.value,
                "hold": self.setpoint.hold_reason, "segment": self.setpoint.segment,
                "setpoint": [*f.p, *f.q], "chunks": self.chunks_made,
-               "inference_ms": self.inference_ms.last, "missed_ticks": self.setpoint.missed_ticks}
+               "inference_ms": self.inference_ms.last, "missed_ticks": self.setpoint.loop.missed_ticks}
         if r is not None:
             msg.update(tcp=[*map(float, r.position), *map(float, r.quat)], q=[float(x) for x in r.q],
                        gripper_width=float(r.gripper_width))

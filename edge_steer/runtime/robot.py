@@ -160,13 +160,15 @@ class RobotHandle:
             close()
 
 
-def open_robot(cfg: RobotConfig, enforce_realtime: bool = False) -> RobotHandle:
+def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority: int | None = None) -> RobotHandle:
     """Connect the configured arm. `enforce_realtime`: libfranka refuses to run its control loop
-    without SCHED_FIFO (panda-py's default only tries)."""
+    without SCHED_FIFO (panda-py's default only tries). `sim_rt_priority`: the sim twin's loop priority
+    (default libfranka's 20; 0 leaves it SCHED_OTHER, for benchmarks that compare)."""
     kt, kr = cfg.impedance
     impedance = np.diag([kt] * 3 + [kr] * 3)
     if cfg.backend == "sim":
-        return _open_sim(cfg, impedance)
+        from edge_steer.realtime import LIBFRANKA_PRIORITY
+        return _open_sim(cfg, impedance, LIBFRANKA_PRIORITY if sim_rt_priority is None else sim_rt_priority)
     try:
         import panda_py
         from panda_py import controllers, libfranka
@@ -183,7 +185,7 @@ def open_robot(cfg: RobotConfig, enforce_realtime: bool = False) -> RobotHandle:
                        lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness), q_null)
 
 
-def _open_sim(cfg: RobotConfig, impedance: np.ndarray) -> RobotHandle:
+def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int) -> RobotHandle:
     from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
     from edge_steer.sim.panda_model import Q_START
     from edge_steer.sim.tasks import get_task
@@ -192,10 +194,15 @@ def _open_sim(cfg: RobotConfig, impedance: np.ndarray) -> RobotHandle:
     task = get_task(cfg.task)
     rng = np.random.default_rng(cfg.seed)
     scene = task.sample_scene(rng, 96)
-    world = World(scene.spec)
     q0 = Q_START + rng.uniform(-0.05, 0.05, 7)
-    world.reset(q0)
-    arm = SimPanda(world, realtime=True)
+    if cfg.sim_loop == "process":
+        from edge_steer.sim.panda_process import RemoteCartesianImpedance, SimPandaProcess
+        arm = SimPandaProcess(scene.spec, q0, rt_priority=rt_priority)
+        world, controller = arm.world, RemoteCartesianImpedance
+    else:
+        world = World(scene.spec)
+        world.reset(q0)
+        arm, controller = SimPanda(world, realtime=True, rt_priority=rt_priority), CartesianImpedance
     return RobotHandle(arm, GripperDriver(SimGripper(arm), cfg.grasp_force, asynchronous=True),
-                       lambda: CartesianImpedance(impedance, nullspace_stiffness=cfg.nullspace_stiffness), q0,
+                       lambda: controller(impedance, nullspace_stiffness=cfg.nullspace_stiffness), q0,
                        SimCell(task, scene, world))

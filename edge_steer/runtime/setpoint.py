@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
 from edge_steer.models.interface import ensemble_actions
-from edge_steer.realtime import DurationHistogram, make_realtime, running_fifo, scheduling, sleep_until
+from edge_steer.realtime import DurationHistogram, LoopStats, make_realtime, run_periodic, scheduling
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
 from edge_steer.sim.env import advance_target
@@ -77,9 +77,8 @@ class SetpointStage:
         self.boundary_time = 0.0
         self.last_chunk_used_at: float | None = None  # perf_counter of the last tick a chunk drove
         self.executed: deque[tuple[int, np.ndarray]] = deque(maxlen=64)  # (segment, action) once it ended
-        self.period_errors = DurationHistogram()  # |period - dt| of each tick
+        self.loop = LoopStats()                   # period error, tick time, missed ticks
         self.latencies = DurationHistogram()      # frame capture -> first setpoint using it
-        self.missed_ticks = 0
         self.ticks = 0
         self.rejected = 0
         self._reset_request: tuple | None = None
@@ -110,22 +109,7 @@ class SetpointStage:
 
     # ---- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        dt = self.dt
-        next_t = time.perf_counter()
-        last = next_t
-        while self._running:
-            self.tick()
-            now = time.perf_counter()
-            if self.ticks > 1:
-                self.period_errors.add(abs(now - last - dt))
-            last = now
-            next_t += dt
-            behind = now - next_t
-            if behind > dt:  # fell behind: count and resynchronise rather than burst
-                self.missed_ticks += int(behind / dt)
-                next_t = now
-                continue
-            sleep_until(next_t, running_fifo())
+        run_periodic(self.tick, self.dt, lambda: self._running, self.loop)
 
     def tick(self) -> None:
         """One control tick (public so tests can drive it without a thread)."""
@@ -245,9 +229,8 @@ class SetpointStage:
 
     # ---- statistics -----------------------------------------------------------------------------
     def timing(self) -> dict:
-        return {"ticks": self.ticks, "missed_ticks": self.missed_ticks, "rejected": self.rejected,
-                "scheduling": self.scheduling(), **self.period_errors.summary("period_err_us", 1e-6),
-                **self.latencies.summary("latency_ms", 1e-3)}
+        return {"ticks": self.ticks, "missed_ticks": self.loop.missed_ticks, "rejected": self.rejected,
+                "scheduling": self.scheduling(), **self.loop.summary(), **self.latencies.summary("latency_ms", 1e-3)}
 
 
 def is_finite_chunk(a: np.ndarray) -> bool:

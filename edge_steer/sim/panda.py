@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
-from edge_steer.realtime import LIBFRANKA_PRIORITY, DurationHistogram, make_realtime, running_fifo, sleep_until
+from edge_steer.realtime import LIBFRANKA_PRIORITY, LoopStats, make_realtime, run_periodic, scheduling
 from edge_steer.sim.panda_model import DQ_MAX, GRIPPER_MAX_WIDTH, Q_MAX, Q_MIN, Q_START, TAU_MAX
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
@@ -239,8 +239,7 @@ class SimPanda:
         self._errors: list[str] = []
         self._gripper_cmd = _GripperCommand()
         self._fault_injection: str | None = None
-        self.period_errors = DurationHistogram()   # |wall-clock period - 1 ms| of each tick
-        self.missed_ticks = 0
+        self.loop = LoopStats()                  # the 1 kHz loop's period error, tick time, missed ticks
         self._running = False
         self._thread: threading.Thread | None = None
         self.rt_refused: str | None = None      # why the loop is not SCHED_FIFO, if it is not
@@ -270,24 +269,22 @@ class SimPanda:
                 self._tick()
 
     def _loop(self) -> None:
-        next_t = time.perf_counter()
-        last = next_t
-        while self._running:
-            with self.world.lock:
-                try:
-                    self._tick()
-                except Exception as e:  # a dead loop would leave the arm "moving" with nobody commanding it
-                    self._fault(f"control_loop_exception: {e!r}")
-            now = time.perf_counter()
-            self.period_errors.add(abs(now - last - DT))
-            last = now
-            next_t += DT
-            behind = now - next_t
-            if behind > DT:  # we fell behind: physics lags wall time; count it and resynchronise
-                self.missed_ticks += int(behind / DT)
-                next_t = now
-            else:
-                sleep_until(next_t, running_fifo())
+        run_periodic(self._locked_tick, DT, lambda: self._running, self.loop)
+
+    def _locked_tick(self) -> None:
+        with self.world.lock:
+            try:
+                self._tick()
+            except Exception as e:  # a dead loop would leave the arm "moving" with nobody commanding it
+                self._fault(f"control_loop_exception: {e!r}")
+
+    def loop_timing(self) -> dict:
+        """The 1 kHz loop's statistics and scheduling (empty before it has run 10 ticks)."""
+        out = self.loop.summary()
+        return {**out, "scheduling": scheduling(self._thread)} if out else {}
+
+    def reset_loop_timing(self) -> None:
+        self.loop.clear()
 
     def _tick(self) -> None:
         w = self.world
@@ -329,6 +326,15 @@ class SimPanda:
 
     def __exit__(self, *exc):
         self.close()
+
+    # --- the fingers (SimGripper's side door) ---------------------------------------------------
+    def _gripper_reading(self) -> tuple[float, float]:
+        with self.world.lock:
+            return self.world.gripper_width, self.world.time
+
+    def _gripper_set(self, width: float, speed: float, force: float, grasping: bool) -> None:
+        with self.world.lock:  # the 1 kHz tick reads the command; a half-written one crashed it
+            self._gripper_cmd.set(width, speed, force, grasping)
 
     # --- panda_py.Panda API ----------------------------------------------------------------------
     def get_state(self) -> SimRobotState:
@@ -503,30 +509,33 @@ class _GripperCommand:
 
 
 class SimGripper:
-    """panda_py.libfranka.Gripper in sim. Commands block like the real ones; `*_async` do not."""
+    """panda_py.libfranka.Gripper in sim. Commands block like the real ones; `*_async` do not.
+    It talks to the fingers only through `panda._gripper_reading` / `_gripper_set`, so the same class
+    serves SimPanda and its out-of-process twin (`sim/panda_process.py`)."""
 
-    def __init__(self, panda: SimPanda):
+    def __init__(self, panda):
         self._panda = panda
-        self._cmd = panda._gripper_cmd
         self._grasp_window: tuple[float, float] | None = None
+        self._grasping = False
+        self._force = 20.0
 
     def read_once(self) -> SimGripperState:
-        w = self._panda.world
-        with w.lock:
-            width = w.gripper_width
-            t = w.time
+        width, t = self._panda._gripper_reading()
         lo_hi = self._grasp_window
-        grasped = bool(self._cmd.grasping and lo_hi is not None and lo_hi[0] <= width <= lo_hi[1])
+        grasped = bool(self._grasping and lo_hi is not None and lo_hi[0] <= width <= lo_hi[1])
         return SimGripperState(width=width, max_width=GRIPPER_MAX_WIDTH, is_grasped=grasped, temperature=30, time=t)
+
+    def _send(self, width: float, speed: float, force: float, grasping: bool) -> None:
+        self._grasping, self._force = grasping, force
+        self._panda._gripper_set(width, speed, force, grasping)
 
     def move_async(self, width: float, speed: float) -> None:
         if not 0.0 <= width <= GRIPPER_MAX_WIDTH:
             raise ValueError(f"gripper width {width} outside [0, {GRIPPER_MAX_WIDTH}] m")
         if speed <= 0:
             raise ValueError("gripper speed must be > 0")
-        with self._panda.world.lock:  # the 1 kHz tick reads the command; a half-written one crashed it
-            self._grasp_window = None
-            self._cmd.set(width, speed, 20.0, grasping=False)
+        self._grasp_window = None
+        self._send(width, speed, 20.0, grasping=False)
 
     def grasp_async(self, width: float, speed: float, force: float, epsilon_inner: float = 0.005,
                     epsilon_outer: float = 0.005) -> None:
@@ -534,9 +543,8 @@ class SimGripper:
             raise ValueError(f"grasp width {width} outside [0, {GRIPPER_MAX_WIDTH}] m")
         if not 0.0 < force <= 140.0:
             raise ValueError("grasp force must be in (0, 140] N")
-        with self._panda.world.lock:
-            self._grasp_window = (width - epsilon_inner, width + epsilon_outer)
-            self._cmd.set(width, speed, force, grasping=True)
+        self._grasp_window = (width - epsilon_inner, width + epsilon_outer)
+        self._send(width, speed, force, grasping=True)
 
     def _wait_settled(self, timeout: float = 3.0) -> None:
         # Not a PandaContext: the gripper is a separate device and keeps working while the arm is in reflex.
@@ -567,6 +575,5 @@ class SimGripper:
         return self.move(GRIPPER_MAX_WIDTH, 0.1)
 
     def stop(self) -> bool:
-        with self._panda.world.lock:
-            self._cmd.set(self._panda.world.gripper_width, 0.1, self._cmd.force, grasping=self._cmd.grasping)
+        self._send(self.read_once().width, 0.1, self._force, self._grasping)
         return True
