@@ -41,3 +41,19 @@ def test_summary_pools_episodes_with_wilson_intervals():
     assert rows["steer"]["success"] == 0.7 and rows["steer"]["n"] == 20
     lo, hi = rows["steer"]["ci"]
     assert lo < 0.7 < hi and rows["zero-shot"]["ci"][0] == 0.0
+
+
+def test_learning_rate_arms_run_for_every_method_and_are_reported_per_method():
+    from edge_steer.bench.adapt import AdaptConfig, ablation_arms, markdown
+
+    cfg = AdaptConfig(ablations=True, arms=("lr=0.003",))
+    assert ablation_arms(cfg) == [("main", {}), ("lr=0.003", {"lr": 3e-3})]
+    cells = [Cell("v", "entity", 10, m, 0, arm, successes=k, episodes=20)
+             for m, arm, k in [("steer", "main", 4), ("steer", "lr=0.003", 9), ("lora", "main", 5), ("lora", "lr=0.003", 2),
+                               ("full", "main", 1)]]
+    cells.append(Cell("v", "entity", 10, "steer", 1, "main", successes=20, episodes=20))   # another seed: not an ablation row
+    abl = {a["arm"]: a for a in summarise(cells)["ablations"]}
+    assert set(abl) == {"lr=0.003", "main", "lora: lr=0.003", "lora: main"}   # full has no changed arm
+    assert abl["lr=0.003"]["success"] == 0.45 and abl["main"]["n"] == 20
+    assert abl["lora: lr=0.003"]["success"] == 0.1 and abl["lora: main"]["method"] == "lora"
+    assert "| lora: lr=0.003 | 10.0 % |" in markdown(summarise(cells), cfg, "cmd", "abc")

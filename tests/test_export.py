@@ -330,3 +330,14 @@ def test_default_model_exports_loads_and_predicts(tmp_path):
     obs = observation(9, size=model.config.image_size)
     assert rel_err(engine.predict(obs, "put the red cube on the blue plate"),
                    model.predict(obs, "put the red cube on the blue plate")) <= RTOL
+
+
+def test_the_daemon_bounds_onnxruntimes_thread_pool_by_engine_threads(exported):
+    from edge_steer.runtime.config import ServeConfig
+    from edge_steer.runtime.daemon import build_engine
+
+    _, path, _ = exported
+    for threads in (1, 2):
+        cfg = ServeConfig.sim().with_(engine={"backend": "onnxruntime", "path": str(path), "threads": threads})
+        engine = build_engine(cfg, robot=None)
+        assert engine.session.get_session_options().intra_op_num_threads == threads

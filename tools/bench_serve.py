@@ -1,9 +1,10 @@
 """Benchmark the serve daemon in sim under inference load; prints a JSON summary (docs/serve.md).
 
-    .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|expert+load|expert]
+    .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|onnx|expert+load|expert]
                                           [--setups process:fifo,thread:fifo,thread:other] [--out FILE]
 
-Engines: `model` runs the embedded default model (its motion is the model's); `expert+load` runs a
+Engines: `model` runs the embedded default model in torch (its motion is the model's); `onnx` runs the
+same model exported to ONNX on onnxruntime, as `edge-steer demo` serves it; `expert+load` runs a
 default-size EdgeVLA with random weights for the inference load and latency and takes the motion
 from the scripted expert, so the arm does the task while the CPU carries a real model's load;
 `expert` has no model load. The arm is re-instructed whenever a task ends, so it moves throughout.
@@ -73,6 +74,9 @@ def run(args, setup: str) -> dict:
     torch.set_num_threads(cfg.engine.threads)
     if args.engine == "model":
         engine = TorchEngine.load(None)
+    elif args.engine == "onnx":
+        from edge_steer.runtime.daemon import build_engine
+        engine = build_engine(cfg.with_(engine={"backend": "onnxruntime", "path": args.onnx_path}), robot)
     elif args.engine == "expert+load":
         from edge_steer.models import EdgeVLA, EdgeVLAConfig
         engine = LoadedExpert(ExpertEngine(robot.sim), TorchEngine(EdgeVLA(EdgeVLAConfig())))
@@ -136,7 +140,7 @@ def run(args, setup: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--engine", choices=["model", "expert+load", "expert"], default="expert+load")
+    ap.add_argument("--engine", choices=["model", "onnx", "expert+load", "expert"], default="expert+load")
     ap.add_argument("--setups", default="process:fifo,thread:fifo,thread:other",
                     help="comma-separated where:scheduler, where in process|thread, scheduler in fifo|other")
     ap.add_argument("--out", default=None)
@@ -148,7 +152,13 @@ def main() -> None:
             raise SystemExit(f"bad setup {setup!r}: where:scheduler, where in process|thread, scheduler in fifo|other")
 
     import logging
+    import tempfile
     logging.basicConfig(level="WARNING", stream=sys.stderr)
+    if args.engine == "onnx":   # the embedded default model, exported as `edge-steer export` does
+        from edge_steer.export import export_onnx
+        from edge_steer.models import load_model
+        args.onnx_path = os.path.join(tempfile.mkdtemp(prefix="bench_serve_"), "default.onnx")
+        export_onnx(load_model(None), args.onnx_path)
     sys.setswitchinterval(0.0005)  # as `edge-steer serve` does
     runs = {setup: run(args, setup) for setup in setups}
     out = {"runs": runs}

@@ -7,7 +7,8 @@ seeds disjoint from the demo seeds, and optionally under test-time perturbations
 Fine-tunes run in a spawned process each, so their peak memory (max RSS) is measured per run.
 
 Ablations vary one thing of the steer arm: the number of heads, which slices train, and how heads
-are chosen (attribution / exact mean ablation / factor patching / probe / random).
+are chosen (attribution / exact mean ablation / factor patching / probe / random). Learning-rate arms
+run for every fine-tuning method, so each method can be compared at its own best rate.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class AdaptConfig:
     ablations: bool = False                      # k / slices / selection sweeps at the smallest K, seed 0
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
+    ablation_lr: tuple[float, ...] = (3e-3,)     # for steer, LoRA and full alike
     arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
@@ -69,7 +71,7 @@ class Cell:
     shots: int
     method: str
     seed: int
-    arm: str = "main"                       # main | k=<n> | slices=<s> | select=<m>
+    arm: str = "main"                       # main | k=<n> | slices=<s> | select=<m> | lr=<x>
     successes: int = 0
     episodes: int = 0
     trainable_params: int = 0
@@ -146,6 +148,7 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
         arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
         arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
         arms += [(f"select={m}", {"selection": m}) for m in SELECTIONS if m != cfg.selection]
+        arms += [(f"lr={lr:g}", {"lr": lr}) for lr in cfg.ablation_lr if lr != cfg.lr]
     if cfg.arms:
         if unknown := set(cfg.arms) - {a for a, _ in arms}:
             raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}"
@@ -195,7 +198,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                 generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
             for k in cfg.shots:
                 for method in cfg.methods:
-                    for arm, change in (arms if method == "steer" else arms[:1]):
+                    for arm, change in (arms if method == "steer" else [a for a in arms if a[0] == "main" or "lr" in a[1]]):
                         if arm != "main" and k != min(cfg.shots):
                             continue
                         if arm != "main" and seed != cfg.seeds[0]:
@@ -211,7 +214,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue
                         ft = _call(_finetune_job, {
                             "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k, "method": method,
-                            "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                            "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": change.get("lr", cfg.lr),
                             "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
                             "slices": change.get("slices", cfg.slices), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
                             "out": str(out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}")}, cfg.isolate)
@@ -263,15 +266,19 @@ def summarise(cells: list[Cell]) -> dict[str, Any]:
                              "finetune_s": float(np.mean([c.finetune_s for c in sel])),
                              "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
     ablations = []
-    for arm in sorted({c.arm for c in cells} - {"main"}) + ["main"]:
-        sel = [c for c in cells if c.arm == arm and c.method == "steer"
-               and (arm != "main" or (c.shots == min(shots) and c.seed == min(x.seed for x in cells)))]
-        if not sel or (arm == "main" and len({c.arm for c in cells}) == 1):
-            continue
-        s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
-        ablations.append({"arm": arm, "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
-                          "trainable_params": float(np.mean([c.trainable_params for c in sel])),
-                          "final_loss": float(np.mean([c.final_loss for c in sel]))})
+    first_seed = min((c.seed for c in cells), default=0)
+    for method in METHODS[1:]:
+        changed = sorted({c.arm for c in cells if c.method == method} - {"main"})
+        for arm in changed + (["main"] if changed else []):
+            sel = [c for c in cells if c.arm == arm and c.method == method
+                   and (arm != "main" or (c.shots == min(shots) and c.seed == first_seed))]
+            if not sel:
+                continue
+            s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
+            ablations.append({"arm": arm if method == "steer" else f"{method}: {arm}", "method": method,
+                              "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
+                              "trainable_params": float(np.mean([c.trainable_params for c in sel])),
+                              "final_loss": float(np.mean([c.final_loss for c in sel]))})
     return {"rows": rows, "ablations": ablations}
 
 
@@ -349,7 +356,7 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                          f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
     if summary["ablations"]:
-        lines += ["#### Ablations of the steer arm (smallest K, first seed)", "",
+        lines += ["#### Ablations (smallest K, first seed; steer unless named)", "",
                   "| arm | success | 95 % CI | episodes | trainable params | mean final train loss |",
                   "|---|---|---|---|---|---|"]
         for a in summary["ablations"]:

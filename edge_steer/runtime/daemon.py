@@ -68,8 +68,11 @@ def build_engine(cfg: ServeConfig, robot: RobotHandle):
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     from edge_steer.runtime.engine import load_engine
+    # engine.threads bounds onnxruntime's intra-op pool as it does torch's: a pool the size of the
+    # machine would take the 1 kHz side's core
+    options = {"intra_op_threads": ec.threads} if ec.backend == "onnxruntime" else {}
     try:
-        return load_engine(ec.path or None, backend=ec.backend)
+        return load_engine(ec.path or None, backend=ec.backend, **options)
     except Exception as e:  # noqa: BLE001 - missing checkpoint, corrupt file, missing library
         raise ConfigError(f"cannot load the {ec.backend} engine from {ec.path or 'the default model'}: {e}") from e
 
