@@ -226,7 +226,34 @@ class SimPandaContext:
 # ----------------------------------------------------------------------------------------------
 # The robot
 # ----------------------------------------------------------------------------------------------
-class SimPanda:
+class PandaQueries:
+    """The read-only part of panda_py.Panda that follows from `get_pose` / `get_state`; shared by
+    SimPanda and its out-of-process twin."""
+
+    def get_pose(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_state(self) -> SimRobotState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_position(self) -> np.ndarray:
+        return self.get_pose()[:3, 3].copy()
+
+    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
+        quat = mat_to_quat(self.get_pose()[:3, :3])
+        return np.roll(quat, 1) if scalar_first else quat
+
+    def get_joint_limits_lower(self) -> np.ndarray:
+        return Q_MIN.copy()
+
+    def get_joint_limits_upper(self) -> np.ndarray:
+        return Q_MAX.copy()
+
+    def is_moving(self) -> bool:
+        return bool(np.linalg.norm(self.get_state().dq) > 1e-3)
+
+
+class SimPanda(PandaQueries):
     """panda_py.Panda over MuJoCo. `realtime` picks the wall-clock thread or as-fast-as-possible."""
 
     def __init__(self, world: World | None = None, realtime: bool = True, name: str = "panda",
@@ -352,30 +379,12 @@ class SimPanda:
         with self.world.lock:
             return self.world.q
 
-    def get_position(self) -> np.ndarray:
-        with self.world.lock:
-            return self.world.tcp_pose()[0]
-
-    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
-        with self.world.lock:
-            quat = mat_to_quat(self.world.tcp_pose()[1])
-        return np.roll(quat, 1) if scalar_first else quat
-
     def get_pose(self) -> np.ndarray:
         with self.world.lock:
             pos, rot = self.world.tcp_pose()
         t = np.eye(4)
         t[:3, :3], t[:3, 3] = rot, pos
         return t
-
-    def get_joint_limits_lower(self) -> np.ndarray:
-        return Q_MIN.copy()
-
-    def get_joint_limits_upper(self) -> np.ndarray:
-        return Q_MAX.copy()
-
-    def is_moving(self) -> bool:
-        return bool(np.linalg.norm(self.get_state().dq) > 1e-3)
 
     def start_controller(self, controller: TorqueController) -> None:
         if not isinstance(controller, TorqueController):

@@ -35,11 +35,10 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from edge_steer.geometry import mat_to_quat
 from edge_steer.realtime import LIBFRANKA_PRIORITY
 from edge_steer.sim.panda import (_DEFAULT_DAMPING, _DEFAULT_IMPEDANCE, _DEFAULT_STIFFNESS, DT, ControlException,
-                                  SimRobotState, _vec)
-from edge_steer.sim.panda_model import Q_MAX, Q_MIN, Q_START
+                                  PandaQueries, SimRobotState, _vec)
+from edge_steer.sim.panda_model import Q_START
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
 
@@ -313,7 +312,7 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-class SimPandaProcess:
+class SimPandaProcess(PandaQueries):
     """SimPanda with its 1 kHz loop in a child process. `world` is the mirror the parent's readers use."""
 
     realtime = True
@@ -425,25 +424,9 @@ class SimPandaProcess:
     def get_pose(self) -> np.ndarray:
         return np.asarray(self.get_state().O_T_EE).reshape(4, 4, order="F")
 
-    def get_position(self) -> np.ndarray:
-        return self.get_pose()[:3, 3].copy()
-
-    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
-        quat = mat_to_quat(self.get_pose()[:3, :3])
-        return np.roll(quat, 1) if scalar_first else quat
-
     @property
     def q(self) -> np.ndarray:
         return self.get_state().q
-
-    def get_joint_limits_lower(self) -> np.ndarray:
-        return Q_MIN.copy()
-
-    def get_joint_limits_upper(self) -> np.ndarray:
-        return Q_MAX.copy()
-
-    def is_moving(self) -> bool:
-        return bool(np.linalg.norm(self.get_state().dq) > 1e-3)
 
     def raise_error(self) -> None:
         errors = self.get_state().current_errors
