@@ -197,11 +197,11 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
     def tick() -> None:
         replies = []
         while conn.poll():
-            msg = conn.recv()
+            rid, *msg = conn.recv()
             try:
-                reply = ("ok", handle(msg))
+                reply = (rid, "ok", handle(msg))
             except Exception as e:  # noqa: BLE001 - answered, the loop runs on
-                reply = ("error", type(e).__name__, str(e))
+                reply = (rid, "error", type(e).__name__, str(e))
             if msg[0] not in ONE_WAY:
                 replies.append(reply)
         take_target()
@@ -335,6 +335,7 @@ class SimPandaProcess(PandaQueries):
         self._rpc_lock = threading.Lock()    # one request in flight at a time, replies in order
         self._send_lock = threading.Lock()   # one message on the socket at a time
         self._gen = 0.0
+        self._rid = 0
         self._err_epoch = -1.0
         self._errors: list[str] = []
         self._mirror_seq = -1.0
@@ -372,17 +373,22 @@ class SimPandaProcess(PandaQueries):
         self._alive()
         try:
             if msg[0] in ONE_WAY:
-                return self._send(msg)
+                return self._send((0, *msg))
             with self._rpc_lock:
-                self._send(msg)
-                if not self._conn.poll(RPC_TIMEOUT_S):
-                    raise ControlException(f"the simulated robot did not answer {msg[0]!r} within {RPC_TIMEOUT_S} s")
-                reply = self._conn.recv()
+                self._rid += 1
+                self._send((self._rid, *msg))
+                deadline = time.monotonic() + RPC_TIMEOUT_S
+                while True:   # a reply that came after its caller gave up is dropped here, not taken as ours
+                    if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                        raise ControlException(f"the simulated robot did not answer {msg[0]!r} within {RPC_TIMEOUT_S} s")
+                    reply = self._conn.recv()
+                    if reply[0] == self._rid:
+                        break
         except (EOFError, OSError) as e:
             raise ControlException(f"lost the simulated robot process: {e!r}") from None
-        if reply[0] == "error":
-            raise (ControlException if reply[1] == "ControlException" else RuntimeError)(reply[2])
-        return reply[1]
+        if reply[1] == "error":
+            raise (ControlException if reply[2] == "ControlException" else RuntimeError)(reply[3])
+        return reply[2]
 
     def _snapshot(self) -> tuple[float, np.ndarray]:
         self._alive()
