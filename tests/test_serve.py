@@ -292,3 +292,30 @@ def test_temporal_ensemble_averages_overlapping_chunks():
     assert sp._select(1)[0] == pytest.approx(0.02)
     sp.rates = sp.rates.__class__(ensemble=False)
     assert sp._select(1)[0] == pytest.approx(0.03)
+
+
+def test_latency_is_recorded_at_the_first_setpoint_a_chunk_drives_with_its_handover():
+    sp = _stage()
+    for _ in range(30):
+        sp.tick()
+    a = np.zeros((10, 7))
+    a[:, 0] = 0.01
+    now = time.time()
+    sp.inbox = Chunk(a, sp.segment, now - 0.040, 1, posted=now - 0.010)   # captured 40 ms ago, posted 10 ms ago
+    sp.tick()
+    t = sp.timing()
+    assert 40 <= t["latency_ms_p50"] < 60 and 10 <= t["handover_ms_p50"] < 30
+    sp.inbox = Chunk(a, sp.segment, now, 2)            # posted time unknown: latency only
+    sp.tick()
+    assert sp.latencies.n == 2 and sp.handovers.n == 1
+
+
+def test_status_breaks_the_latency_down(daemon):
+    d, c, e = daemon
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 3)
+    s = c.status()
+    c.stop()
+    f2p, sl = s["frame_to_policy_ms"], s["setpoint_loop"]
+    assert 0 < f2p["p50"] < 1000 and f2p["n"] >= 3
+    assert 0 <= sl["handover_ms_p50"] <= sl["latency_ms_p99"] and "tick_us_p50" in sl

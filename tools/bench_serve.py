@@ -130,7 +130,7 @@ def run(args, setup: str) -> dict:
         "setup": setup, "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
         "load_avg_1min_at_end": os.getloadavg()[0],
         "robot_loop_1khz (SimPanda)": s["robot_loop"], "setpoint_loop_1khz": s["setpoint_loop"],
-        "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
+        "frame_to_policy_ms": s["frame_to_policy_ms"], "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
         "zmq_status_rtt_ms": {"p50": float(np.percentile(rtt, 50)), "p99": float(np.percentile(rtt, 99)),
                               "max": float(rtt.max()), "n": int(rtt.size)},
         "telemetry_hz": round(tele_rate, 1), "episodes_started": episodes, "episodes_ending_in_success": successes,

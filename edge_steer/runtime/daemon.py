@@ -108,6 +108,7 @@ class Daemon:
         self.chunks_made = 0
         self.chunks_dropped = 0
         self.inference_ms = TimingWindow()
+        self.frame_to_policy_ms = TimingWindow()   # oldest frame's capture -> all frames in the policy's hands
         self.latest_chunk: np.ndarray | None = None
         self._running_since: float | None = None
         self._last_chunk_at: float | None = None
@@ -390,6 +391,9 @@ class Daemon:
             reset()
         self.setpoint.loop.clear()
         self.setpoint.latencies.clear()
+        self.setpoint.handovers.clear()
+        self.frame_to_policy_ms.clear()
+        self.inference_ms.clear()
 
     def status(self) -> dict:
         r = self.reading
@@ -398,7 +402,8 @@ class Daemon:
             "episode": self.episode, "steering": self.steering, "recording": self.recording,
             "hold": self.setpoint.hold_reason, "segment": self.setpoint.segment,
             "chunks": self.chunks_made, "chunks_dropped": self.chunks_dropped,
-            "inference_ms": self.inference_ms.summary(), "setpoint_loop": self.setpoint.timing(),
+            "inference_ms": self.inference_ms.summary(), "frame_to_policy_ms": self.frame_to_policy_ms.summary(),
+            "setpoint_loop": self.setpoint.timing(),
             "robot_loop": self.robot_loop_timing(), "telemetry_sent": self.telemetry_sent,
             "camera_errors": dict(self.cameras.errors), "engine": _jsonable(self.engine.metadata()),
             "transitions": list(self.transitions)[-10:], "uptime_s": time.time() - self.started_at,
@@ -542,6 +547,8 @@ class Daemon:
             frames = self.cameras.wait_fresh(after=t_b, timeout=stale_s)
             if frames is None or self.state != State.RUNNING:
                 continue
+            stamp = min(f.stamp for f in frames.values())
+            self.frame_to_policy_ms.add((time.time() - stamp) * 1e3)
             episode, instruction = self.episode, self.instruction
             try:
                 r = self.robot.read()
@@ -557,7 +564,6 @@ class Daemon:
             if not is_finite_chunk(actions):
                 self.fault(f"engine returned an invalid chunk (shape {actions.shape}, finite={np.isfinite(actions).all()})")
                 continue
-            stamp = min(f.stamp for f in frames.values())
             if time.time() - stamp > deadline_s:
                 self.chunks_dropped += 1
                 log.warning("chunk dropped: %.0f ms from frame to chunk exceeds the inference deadline",
@@ -566,7 +572,7 @@ class Daemon:
             if self.state != State.RUNNING or episode != self.episode:
                 continue  # paused, stopped or re-instructed while inferring
             seq += 1
-            sp.inbox = Chunk(actions, seg, stamp, seq)
+            sp.inbox = Chunk(actions, seg, stamp, seq, posted=time.time())
             self._last_chunk_at = time.perf_counter()
             self.chunks_made += 1
             self.latest_chunk = actions
@@ -582,6 +588,9 @@ class TimingWindow:
     def add(self, x: float) -> None:
         self.buf.append(x)
         self.last = x
+
+    def clear(self) -> None:
+        self.buf.clear()
 
     def summary(self) -> dict:
         if not self.buf:

@@ -39,6 +39,7 @@ class Chunk:
     anchor: int                # segment index at capture time
     frame_stamp: float         # wall-clock capture time of the oldest frame used
     seq: int
+    posted: float = 0.0        # wall-clock time the policy stage handed it over (0: unknown)
 
 
 class SetpointStage:
@@ -69,7 +70,7 @@ class SetpointStage:
         self._uw = (0.0, 0.0, 0.0)
         self._left = 0
         self._seg_action: np.ndarray | None = None
-        self._pending_latency: float | None = None
+        self._pending: Chunk | None = None       # the newest chunk, until its first setpoint
         self._pos = np.zeros(3)
         self._quat = np.array([0.0, 0.0, 0.0, 1.0])
         # outputs for telemetry / recording / watchdogs
@@ -79,6 +80,7 @@ class SetpointStage:
         self.executed: deque[tuple[int, np.ndarray]] = deque(maxlen=64)  # (segment, action) once it ended
         self.loop = LoopStats()                   # period error, tick time, missed ticks
         self.latencies = DurationHistogram()      # frame capture -> first setpoint using it
+        self.handovers = DurationHistogram()      # chunk posted -> first setpoint using it
         self.ticks = 0
         self.rejected = 0
         self._reset_request: tuple | None = None
@@ -146,7 +148,7 @@ class SetpointStage:
             if fresh:
                 self._seen_seq = new.seq
                 self._chunks.append(new)
-                self._pending_latency = new.frame_stamp
+                self._pending = new
             if self._holding:
                 if boundary or self._left == 0 and fresh:
                     self._holding = False
@@ -181,9 +183,13 @@ class SetpointStage:
                 self.controller = None
                 self.hold_reason = "controller_error"
                 self.fault_pending = f"controller: {e!r}"
-            if self._pending_latency is not None and not self._holding:
-                self.latencies.add(time.time() - self._pending_latency)
-                self._pending_latency = None
+            pending = self._pending
+            if pending is not None and not self._holding:
+                now = time.time()
+                self.latencies.add(now - pending.frame_stamp)
+                if pending.posted:
+                    self.handovers.add(now - pending.posted)
+                self._pending = None
 
     def _enter_hold(self) -> None:
         bp, bq = self.filter.brake_target()
@@ -192,7 +198,7 @@ class SetpointStage:
         self._left = 0
         self._chunks.clear()
         self._seg_action = None
-        self._pending_latency = None
+        self._pending = None
         self._holding = True
 
     def _select(self, seg: int) -> np.ndarray | None:
@@ -230,7 +236,8 @@ class SetpointStage:
     # ---- statistics -----------------------------------------------------------------------------
     def timing(self) -> dict:
         return {"ticks": self.ticks, "missed_ticks": self.loop.missed_ticks, "rejected": self.rejected,
-                "scheduling": self.scheduling(), **self.loop.summary(), **self.latencies.summary("latency_ms", 1e-3)}
+                "scheduling": self.scheduling(), **self.loop.summary(), **self.latencies.summary("latency_ms", 1e-3),
+                **self.handovers.summary("handover_ms", 1e-3)}
 
 
 def is_finite_chunk(a: np.ndarray) -> bool:
