@@ -178,13 +178,25 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         res = evaluate(load, [task], cfg.episodes, cell.seed, workers=cfg.workers)
         cell.successes, cell.episodes = sum(r.success for r in res), len(res)
         cell.episode_log = [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
-        for name, change in PERTURBATIONS.items() if cfg.perturb_episodes else ():
-            pres = evaluate(load, [task.vary(**change)], cfg.perturb_episodes, cell.seed, workers=cfg.workers)
+        evaluate_robustness(cell, model_dir, task)
+
+    def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
+        """The perturbations the cell lacks, on its saved model; the methods' main arms only (the
+        question is how each method's fine-tune holds up, not how each ablation's does)."""
+        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if cfg.perturb_episodes and cell.arm == "main" else []
+        load = partial(EdgeVLA.from_pretrained, model_dir)
+        for name in todo:
+            pres = evaluate(load, [task.vary(**PERTURBATIONS[name])], cfg.perturb_episodes, cell.seed,
+                            workers=cfg.workers)
             cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
+        return bool(todo)
+
+    def save() -> None:
+        results_file.write_text(json.dumps([asdict(c) for c in cells], indent=1))   # resumable after a crash
 
     def record(cell: Cell) -> None:
         cells.append(cell)
-        results_file.write_text(json.dumps([asdict(c) for c in cells], indent=1))   # resumable after a crash
+        save()
         say(f"{cell.variant} K={cell.shots} {cell.method} arm {cell.arm} seed {cell.seed}: "
             f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
                                                    if cell.method != "zero-shot" else ""))
@@ -204,7 +216,14 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                         if arm != "main" and seed != cfg.seeds[0]:
                             continue
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
-                        if _key(cell) in done:
+                        run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
+                        if _key(cell) in done:   # done, but perhaps without the robustness runs asked now
+                            old = next(c for c in cells if _key(c) == _key(cell))
+                            model_dir = base_dir if method == "zero-shot" else run_dir / "model"
+                            if model_dir.exists() and evaluate_robustness(old, model_dir, task):
+                                save()
+                                say(f"{old.variant} K={old.shots} {old.method} seed {old.seed} robustness: "
+                                    + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items()))
                             continue
                         if method == "zero-shot":
                             if k != min(cfg.shots):
@@ -217,7 +236,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": change.get("lr", cfg.lr),
                             "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
                             "slices": change.get("slices", cfg.slices), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
-                            "out": str(out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}")}, cfg.isolate)
+                            "out": str(run_dir)}, cfg.isolate)
                         for key in ("trainable_params", "finetune_s", "peak_rss_mb", "final_loss", "heads"):
                             setattr(cell, key, ft[key])
                         evaluate_cell(cell, Path(ft["model_dir"]), task)
