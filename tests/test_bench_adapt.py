@@ -32,6 +32,14 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     # resumable: a second run finds every cell done and trains nothing
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == 0 and "recording" not in res.output and "seed 0:" not in res.output
+    # asking for robustness later runs only the perturbations, on the saved fine-tuned models
+    res = runner.invoke(app, [str(a) for a in args + ["--perturb-episodes", "1"]])
+    assert res.exit_code == 0, res.output
+    assert "recording" not in res.output and "seed 0:" not in res.output and "robustness: dim_light" in res.output
+    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
+    assert all(set(c["robustness"]) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
+    assert all(r[1] == 1 for c in cells for r in c["robustness"].values())
+    assert (tmp_path / "run" / "adapt_robustness.png").exists()
 
 
 def test_summary_pools_episodes_with_wilson_intervals():
@@ -57,11 +65,3 @@ def test_learning_rate_arms_run_for_every_method_and_are_reported_per_method():
     assert abl["lr=0.003"]["success"] == 0.45 and abl["main"]["n"] == 20
     assert abl["lora: lr=0.003"]["success"] == 0.1 and abl["lora: main"]["method"] == "lora"
     assert "| lora: lr=0.003 | 10.0 % |" in markdown(summarise(cells), cfg, "cmd", "abc")
-    # asking for robustness later runs only the perturbations, on the saved fine-tuned models
-    res = runner.invoke(app, [str(a) for a in args + ["--perturb-episodes", "1"]])
-    assert res.exit_code == 0, res.output
-    assert "recording" not in res.output and "seed 0:" not in res.output and "robustness: dim_light" in res.output
-    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
-    assert all(set(c["robustness"]) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
-    assert all(r[1] == 1 for c in cells for r in c["robustness"].values())
-    assert (tmp_path / "run" / "adapt_robustness.png").exists()
