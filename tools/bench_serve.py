@@ -3,6 +3,11 @@
     .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|onnx|expert+load|expert]
                                           [--setups process:fifo,thread:fifo,thread:other] [--out FILE]
 
+A setup is `where:scheduler[:option...]`; options: `render=N` (the sim cameras' software renderer
+threads, LP_NUM_THREADS; default: the renderer's own choice) and `switch=S` (Python's GIL switch
+interval in seconds; default 0.0005, what `edge-steer serve` sets). Every setup runs in a fresh
+interpreter, so none inherits another's threads, GL state or warm caches.
+
 Engines: `model` runs the embedded default model in torch (its motion is the model's); `onnx` runs the
 same model exported to ONNX on onnxruntime, as `edge-steer demo` serves it; `expert+load` runs a
 default-size EdgeVLA with random weights for the inference load and latency and takes the motion
@@ -60,7 +65,7 @@ def run(args, setup: str) -> dict:
     from edge_steer.runtime.expert_engine import ExpertEngine
     from edge_steer.runtime.robot import open_robot
 
-    where, scheduler = setup.split(":")
+    where, scheduler, _ = _parse_setup(setup)
     cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
     fifo = scheduler == "fifo"
@@ -127,7 +132,8 @@ def run(args, setup: str) -> dict:
     d.close()
     rtt = np.array(rtts)
     return {
-        "setup": setup, "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
+        "setup": setup, "switch_interval_s": sys.getswitchinterval(),
+        "render_threads": os.environ.get("LP_NUM_THREADS", "default"), "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
         "load_avg_1min_at_end": os.getloadavg()[0],
         "robot_loop_1khz (SimPanda)": s["robot_loop"], "setpoint_loop_1khz": s["setpoint_loop"],
         "frame_to_policy_ms": s["frame_to_policy_ms"], "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
@@ -137,6 +143,25 @@ def run(args, setup: str) -> dict:
     }
 
 
+def _parse_setup(setup: str) -> tuple[str, str, dict[str, str]]:
+    where, _, rest = setup.partition(":")
+    sched, *options = rest.split(":")
+    opts = dict(o.split("=", 1) for o in options if "=" in o)
+    if where not in ("process", "thread") or sched not in ("fifo", "other") or set(opts) - {"render", "switch"} \
+            or len(opts) != len(options):
+        raise SystemExit(f"bad setup {setup!r}: where:scheduler[:render=N][:switch=S], where in process|thread, "
+                         "scheduler in fifo|other")
+    return where, sched, opts
+
+
+def _run_here(args) -> None:
+    import logging
+    logging.basicConfig(level="WARNING", stream=sys.stderr)
+    where, sched, opts = _parse_setup(args.one)
+    sys.setswitchinterval(float(opts.get("switch", 0.0005)))   # 0.0005: as `edge-steer serve` does
+    print(json.dumps(run(args, args.one)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -144,23 +169,32 @@ def main() -> None:
     ap.add_argument("--setups", default="process:fifo,thread:fifo,thread:other",
                     help="comma-separated where:scheduler, where in process|thread, scheduler in fifo|other")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--onnx-path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run this setup here
     args = ap.parse_args()
+    if args.one:
+        return _run_here(args)
     setups = args.setups.split(",")
     for setup in setups:
-        where, _, sched = setup.partition(":")
-        if where not in ("process", "thread") or sched not in ("fifo", "other"):
-            raise SystemExit(f"bad setup {setup!r}: where:scheduler, where in process|thread, scheduler in fifo|other")
-
-    import logging
+        _parse_setup(setup)
+    import subprocess
     import tempfile
-    logging.basicConfig(level="WARNING", stream=sys.stderr)
-    if args.engine == "onnx":   # the embedded default model, exported as `edge-steer export` does
+    onnx_path = ""
+    if args.engine == "onnx":   # the embedded default model, exported once, as `edge-steer export` does
         from edge_steer.export import export_onnx
         from edge_steer.models import load_model
-        args.onnx_path = os.path.join(tempfile.mkdtemp(prefix="bench_serve_"), "default.onnx")
-        export_onnx(load_model(None), args.onnx_path)
-    sys.setswitchinterval(0.0005)  # as `edge-steer serve` does
-    runs = {setup: run(args, setup) for setup in setups}
+        onnx_path = os.path.join(tempfile.mkdtemp(prefix="bench_serve_"), "default.onnx")
+        export_onnx(load_model(None), onnx_path)
+    runs = {}
+    for setup in setups:
+        where, sched, opts = _parse_setup(setup)
+        env = {**os.environ, **({"LP_NUM_THREADS": opts["render"]} if "render" in opts else {})}
+        cmd = [sys.executable, __file__, "--one", setup, "--seconds", str(args.seconds), "--engine", args.engine,
+               "--onnx-path", onnx_path]
+        res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if res.returncode:
+            raise SystemExit(f"setup {setup} failed (exit {res.returncode})")
+        runs[setup] = json.loads(res.stdout.strip().splitlines()[-1])
     out = {"runs": runs}
     base = runs[setups[0]]
     for setup in setups[1:]:   # ratios measured side by side in this one invocation
