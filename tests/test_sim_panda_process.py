@@ -149,3 +149,11 @@ def test_a_late_reply_is_never_taken_for_the_next_request(arm, monkeypatch):
     monkeypatch.setattr(pp, "RPC_TIMEOUT_S", 3.0)
     time.sleep(0.05)
     assert arm.loop_timing()["ticks"] > 10   # the answer to this request, not the stale one
+
+
+def test_the_robot_process_outlives_ctrl_c_and_ends_with_its_owner(arm):
+    os.kill(arm._proc.pid, signal.SIGINT)         # Ctrl-C reaches the whole foreground group
+    time.sleep(0.1)
+    assert arm._proc.poll() is None and arm.get_state().robot_mode == "kIdle"
+    arm._conn.close()                             # the owner goes away without a word
+    assert arm._proc.wait(timeout=5) == 0

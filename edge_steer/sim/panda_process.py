@@ -110,6 +110,10 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
     from edge_steer.realtime import LoopStats, make_realtime, run_periodic, scheduling
     from edge_steer.sim.panda import CartesianImpedance, JointPosition, SimPanda
 
+    import signal
+    # Ctrl-C reaches the whole foreground group; the parent decides when the robot stops (it closes us,
+    # or its end closes our socket), as libfranka's loop stops when its owner says so
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(conn_fd)
     spec, q0, finger, rt_priority, cpu = conn.recv()
     world = World(spec)
@@ -217,7 +221,7 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
     conn.send(("ready", rt_refused))
     try:
         run_periodic(tick, DT, lambda: running[0], stats)
-    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):  # the parent went away
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent went away
         pass
 
 
