@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -133,3 +135,24 @@ def test_the_documented_example_config_is_valid():
     from pathlib import Path
     cfg = load_config(Path(__file__).parent.parent / "docs" / "serve.example.toml")
     assert cfg.robot.backend == "panda" and len(cfg.cameras) == 2
+
+
+def test_sim_cameras_render_in_their_own_thread_unless_told_otherwise(monkeypatch):
+    from dataclasses import replace
+
+    from edge_steer.runtime.camera import SimCameraSource
+    from edge_steer.runtime.config import CameraConfig
+    from edge_steer.sim.scene import SceneSpec
+    from edge_steer.sim.world import World
+
+    with pytest.raises(ConfigError, match="sim_render_threads"):
+        ServeConfig.sim().with_(cameras=(CameraConfig("front", sim_render_threads=-2),))
+    world = World(SceneSpec(objects=()))
+    monkeypatch.delenv("LP_NUM_THREADS", raising=False)
+    SimCameraSource(replace(CameraConfig("front"), sim_render_threads=-1), world)
+    assert "LP_NUM_THREADS" not in os.environ                  # -1: Mesa's own choice
+    SimCameraSource(CameraConfig("front"), world)
+    assert os.environ["LP_NUM_THREADS"] == "0"                 # the default: no renderer worker threads
+    monkeypatch.setenv("LP_NUM_THREADS", "3")
+    SimCameraSource(CameraConfig("front"), world)
+    assert os.environ["LP_NUM_THREADS"] == "3"                 # an operator's own setting wins

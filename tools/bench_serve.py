@@ -4,7 +4,7 @@
                                           [--setups process:fifo,thread:fifo,thread:other] [--out FILE]
 
 A setup is `where:scheduler[:option...]`; options: `render=N` (the sim cameras' software renderer
-threads, LP_NUM_THREADS; default: the renderer's own choice) and `switch=S` (Python's GIL switch
+threads, `sim_render_threads`; default 0, the config's; `render=mesa`: Mesa's own choice) and `switch=S` (Python's GIL switch
 interval in seconds; default 0.0005, what `edge-steer serve` sets). Every setup runs in a fresh
 interpreter, so none inherits another's threads, GL state or warm caches.
 
@@ -65,13 +65,17 @@ def run(args, setup: str) -> dict:
     from edge_steer.runtime.expert_engine import ExpertEngine
     from edge_steer.runtime.robot import open_robot
 
-    where, scheduler, _ = _parse_setup(setup)
+    where, scheduler, opts = _parse_setup(setup)
     cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
     fifo = scheduler == "fifo"
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
                                   robot={"stop_on_success": False, "sim_loop": where},
                                   realtime={"priority": 10 if fifo else 0, "required": fifo})
+    if "render" in opts:
+        from dataclasses import replace
+        n = -1 if opts["render"] == "mesa" else int(opts["render"])
+        cfg = cfg.with_(cameras=tuple(replace(c, sim_render_threads=n) for c in cfg.cameras))
     robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0)
     if fifo and robot.arm.rt_refused:
         raise SystemExit(f"the fifo run needs real-time scheduling: {robot.arm.rt_refused}")
@@ -133,7 +137,7 @@ def run(args, setup: str) -> dict:
     rtt = np.array(rtts)
     return {
         "setup": setup, "switch_interval_s": sys.getswitchinterval(),
-        "render_threads": os.environ.get("LP_NUM_THREADS", "default"), "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
+        "render_threads": cfg.cameras[0].sim_render_threads, "engine": args.engine, "seconds": round(elapsed, 1), "cpus": os.cpu_count(),
         "load_avg_1min_at_end": os.getloadavg()[0],
         "robot_loop_1khz (SimPanda)": s["robot_loop"], "setpoint_loop_1khz": s["setpoint_loop"],
         "frame_to_policy_ms": s["frame_to_policy_ms"], "inference_ms": s["inference_ms"], "chunks": s["chunks"], "chunks_dropped": s["chunks_dropped"],
@@ -188,7 +192,7 @@ def main() -> None:
     runs = {}
     for setup in setups:
         where, sched, opts = _parse_setup(setup)
-        env = {**os.environ, **({"LP_NUM_THREADS": opts["render"]} if "render" in opts else {})}
+        env = {k: v for k, v in os.environ.items() if k != "LP_NUM_THREADS"}   # the setup decides
         cmd = [sys.executable, __file__, "--one", setup, "--seconds", str(args.seconds), "--engine", args.engine,
                "--onnx-path", onnx_path]
         res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)

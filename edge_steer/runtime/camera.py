@@ -8,6 +8,7 @@ counted and the camera is reopened, while the stale-frame watchdog decides what 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class SimCameraSource:
 
     def __init__(self, cfg: CameraConfig, world):
         from edge_steer.sim.camera import SimCamera, SimConfig
+        if cfg.sim_render_threads >= 0:
+            # read by Mesa when this process creates its first GL context, which the capture thread does
+            os.environ.setdefault("LP_NUM_THREADS", str(cfg.sim_render_threads))
         self.name = cfg.name
         self._cfg = cfg
         self.pipeline = SimCamera(world, cfg.sim_camera or cfg.name, realtime=True)

@@ -56,6 +56,10 @@ class CameraConfig:
     height: int = 96
     fps: int = 30
     sim_camera: str = ""                 # sim: MuJoCo camera name (default: same as name)
+    # sim: the software renderer's worker threads (Mesa llvmpipe's LP_NUM_THREADS). 0 renders in the
+    # capture thread itself: its own workers would preempt whichever Python thread holds the GIL, and
+    # the FIFO setpoint thread waits for that one (half the missed ticks, docs/serve.md); -1: Mesa's choice
+    sim_render_threads: int = 0
 
     def check(self, where: str) -> None:
         _one_of(f"{where}.backend", self.backend, ("sim", "realsense"))
@@ -65,6 +69,8 @@ class CameraConfig:
             raise ConfigError(f"{where}: resolution {self.width}x{self.height} outside 16x16..1920x1080")
         if not 1 <= self.fps <= 90:
             raise ConfigError(f"{where}.fps must be in 1..90")
+        if not -1 <= self.sim_render_threads <= 64:
+            raise ConfigError(f"{where}.sim_render_threads must be -1 (Mesa's choice) or 0..64")
 
 
 @dataclass(frozen=True)
