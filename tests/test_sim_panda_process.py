@@ -157,3 +157,26 @@ def test_the_robot_process_outlives_ctrl_c_and_ends_with_its_owner(arm):
     assert arm._proc.poll() is None and arm.get_state().robot_mode == "kIdle"
     arm._conn.close()                             # the owner goes away without a word
     assert arm._proc.wait(timeout=5) == 0
+
+
+def test_the_daemon_faults_when_the_robot_process_dies_and_shuts_down_cleanly():
+    from edge_steer.client import Client, ClientError
+    from edge_steer.runtime.config import ServeConfig
+    from edge_steer.runtime.daemon import Daemon
+    from edge_steer.runtime.launch import free_endpoint, wait_for
+
+    cmd, tel = free_endpoint(), free_endpoint()
+    d = Daemon(ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, engine={"backend": "expert"})).start()
+    c = Client(cmd, tel, timeout_ms=5000)
+    try:
+        assert c.status()["robot_loop"]["scheduling"].endswith("(own process)")
+        os.kill(d.robot.arm._proc.pid, signal.SIGKILL)
+        wait_for(lambda: c.status()["state"] == "FAULT", timeout=5)
+        assert "exited" in c.status()["fault"]
+        with pytest.raises(ClientError, match="recover_failed"):
+            c.recover()                                   # a dead robot stays a fault, with the reason
+    finally:
+        c.close()
+        t0 = time.perf_counter()
+        d.close()
+        assert time.perf_counter() - t0 < 10

@@ -364,7 +364,13 @@ class Daemon:
 
     # ---- status and telemetry -------------------------------------------------------------------
     def _sim_success(self) -> bool | None:
-        return self.robot.sim.success() if self.robot.sim is not None else None
+        """The sim task's predicate; None on hardware, or when the sim robot cannot be read (it is gone)."""
+        if self.robot.sim is None:
+            return None
+        try:
+            return self.robot.sim.success()
+        except Exception:  # noqa: BLE001 - the monitor faults on the same error, with its reason
+            return None
 
     def _start_setpoint_loop(self) -> None:
         rt = self.cfg.realtime
@@ -382,7 +388,10 @@ class Daemon:
     def robot_loop_timing(self) -> dict:
         """SimPanda's own 1 kHz loop (the stand-in for libfranka's); empty on hardware."""
         timing = getattr(self.robot.arm, "loop_timing", None)
-        return timing() if timing is not None else {}
+        try:
+            return timing() if timing is not None else {}
+        except Exception as e:  # noqa: BLE001 - status must answer even when the robot side is gone
+            return {"error": f"{type(e).__name__}: {e}"}
 
     def reset_loop_timing(self) -> None:
         """Start the 1 kHz loops' statistics afresh (benchmarks: so start-up is not measured)."""
