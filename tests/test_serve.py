@@ -256,12 +256,18 @@ def _stage(**rates):
     return sp
 
 
-def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
+def _running_stage_and_push_x() -> tuple[SetpointStage, np.ndarray]:
+    """A stage that has ticked a while, and a chunk moving +x 1 cm per action."""
     sp = _stage()
     for _ in range(30):
         sp.tick()
     a = np.zeros((10, 7))
     a[:, 0] = 0.01
+    return sp, a
+
+
+def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
+    sp, a = _running_stage_and_push_x()
     sp.inbox = Chunk(a, sp.segment, time.time(), 1)
     sp.tick()
     sp.tick()
@@ -295,11 +301,7 @@ def test_temporal_ensemble_averages_overlapping_chunks():
 
 
 def test_latency_is_recorded_at_the_first_setpoint_a_chunk_drives_with_its_handover():
-    sp = _stage()
-    for _ in range(30):
-        sp.tick()
-    a = np.zeros((10, 7))
-    a[:, 0] = 0.01
+    sp, a = _running_stage_and_push_x()
     now = time.time()
     sp.inbox = Chunk(a, sp.segment, now - 0.040, 1, posted=now - 0.010)   # captured 40 ms ago, posted 10 ms ago
     sp.tick()
