@@ -2,7 +2,7 @@
 daemon puts beside it, one at a time, in one run (docs/serve.md).
 
     .venv/bin/python tools/bench_loop_jitter.py [--seconds 6] [--switch 0.0005] [--cases alone,cameras,...]
-                                                [--schedulers other,fifo]
+                                                [--schedulers other,fifo] [--where thread,process]
 
 Cases: `alone`; `cameras` (front + wrist SimCamera at 30 fps, 96 px, software EGL); `inference` (the
 default model, 1 torch thread, 10 Hz); `setter` (a pure-Python 1 kHz loop like the setpoint stage);
@@ -10,8 +10,10 @@ default model, 1 torch thread, 10 Hz); `setter` (a pure-Python 1 kHz loop like t
 inference + setter together). Period errors are binned 2.3 % wide (edge_steer.realtime.DurationHistogram,
 what the daemon reports). Each case runs once per scheduler of the 1 kHz loop: `other` (SCHED_OTHER,
 as any Python thread) and `fifo` (SCHED_FIFO 20, as libfranka raises its control thread; the setter
-load then runs SCHED_FIFO 10 like the setpoint stage). Prints one row per (case, scheduler): ticks,
-missed ticks, period error p50/p99/max, and the fifo/other ratio of p99.
+load then runs SCHED_FIFO 10 like the setpoint stage), and once per place of the loop: `thread` (beside
+the loads, in their process) and `process` (SimPandaProcess: its own interpreter; the loads stay here and
+the cameras render its mirror world). Prints one row per (case, where, scheduler): ticks, missed ticks,
+period error p50/p99/max (at wake-up, as the daemon reports it), tick run time, and the ratios.
 """
 
 from __future__ import annotations
@@ -77,37 +79,41 @@ def _loads(kinds, world, stop: threading.Event) -> tuple[list[threading.Thread],
     return threads, cams, rt
 
 
-def run_case(name: str, seconds: float, scheduler: str) -> dict:
-    from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime, scheduling
+def run_case(name: str, seconds: float, scheduler: str, where: str = "thread") -> dict:
+    from edge_steer.realtime import LIBFRANKA_PRIORITY, make_realtime
     from edge_steer.sim.panda import SimPanda
+    from edge_steer.sim.panda_process import SimPandaProcess
     from edge_steer.sim.tasks import get_task
     from edge_steer.sim.world import World
 
-    task = get_task("red_cube_on_blue_plate")
-    world = World(task.sample_scene(np.random.default_rng(0), 96).spec)
-    world.reset()
+    spec = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96).spec
     fifo = scheduler == "fifo"
-    arm = SimPanda(world, realtime=True, rt_priority=LIBFRANKA_PRIORITY if fifo else 0)
-    if arm.rt_refused:
+    prio = LIBFRANKA_PRIORITY if fifo else 0
+    if where == "process":   # the loop in its own interpreter; the loads here, on its mirror world
+        arm = SimPandaProcess(spec, rt_priority=prio)
+    else:
+        world = World(spec)
+        world.reset()
+        arm = SimPanda(world, realtime=True, rt_priority=prio)
+    if fifo and arm.rt_refused:
         raise SystemExit(f"the fifo case needs real-time scheduling: {arm.rt_refused}")
     stop = threading.Event()
-    threads, cams, rt = _loads(CASES[name], world, stop)
+    threads, cams, rt = _loads(CASES[name], arm.world, stop)
     for t in threads:
         t.start()
         if fifo and t in rt and (why := make_realtime(t, 10)):
             raise SystemExit(why)
-    sched = scheduling(arm._thread)
     time.sleep(1.0)   # loads running before the window opens
     arm.reset_loop_timing()
     time.sleep(seconds)
-    h, missed = arm.loop.period_errors, arm.loop.missed_ticks
+    t = arm.loop_timing()
     stop.set()
     for c in cams:
         c.stop()
     arm.close()
-    p50, p99 = h.percentiles(50, 99)
-    return {"case": name, "scheduler": sched, "ticks": h.n, "missed": int(missed),
-            "err_us_p50": p50 * 1e6, "err_us_p99": p99 * 1e6, "err_us_max": h.max * 1e6}
+    return {"case": name, "where": where, "scheduler": t["scheduling"].replace(" (own process)", ""),
+            "ticks": t["ticks"], "missed": int(t["missed_ticks"]), "err_us_p50": t["period_err_us_p50"],
+            "err_us_p99": t["period_err_us_p99"], "err_us_max": t["period_err_us_max"], "tick_us_p50": t["tick_us_p50"]}
 
 
 def main() -> None:
@@ -116,6 +122,8 @@ def main() -> None:
     ap.add_argument("--switch", type=float, default=0.0005, help="sys.setswitchinterval (the daemon's: 0.0005)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--schedulers", default="other,fifo", help="the 1 kHz loop's: other (SCHED_OTHER), fifo (SCHED_FIFO)")
+    ap.add_argument("--where", default="thread,process",
+                    help="where the 1 kHz loop runs: thread (beside the loads) or process (its own interpreter)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sys.setswitchinterval(args.switch)
@@ -125,22 +133,30 @@ def main() -> None:
     for name in args.cases.split(","):
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}; choose from {sorted(CASES)}")
-        for sched in args.schedulers.split(","):
-            if sched not in ("other", "fifo"):
-                raise SystemExit(f"unknown scheduler {sched!r}; choose from other, fifo")
-            r = run_case(name, args.seconds, sched)
-            rows.append(r)
-            print(f"{name:10s} {r['scheduler']:13s} ticks {r['ticks']:6d} missed {r['missed']:5d}   period error "
-                  f"p50 {r['err_us_p50']:7.1f}  p99 {r['err_us_p99']:8.1f}  max {r['err_us_max']:8.1f} us", flush=True)
-    by = {(r["case"], r["scheduler"].split()[0]): r for r in rows}
-    base = by.get(("alone", "SCHED_OTHER"))
-    if base:
-        print("p99 relative to alone under SCHED_OTHER: " + ", ".join(
-            f"{r['case']}/{r['scheduler'].split()[0][6:].lower()} {r['err_us_p99'] / base['err_us_p99']:.1f}x" for r in rows[1:]))
-    pairs = [(c, by[(c, "SCHED_OTHER")], by[(c, "SCHED_FIFO")]) for c in CASES
-             if (c, "SCHED_OTHER") in by and (c, "SCHED_FIFO") in by]
-    if pairs:
-        print("p99 SCHED_FIFO / SCHED_OTHER: " + ", ".join(f"{c} {f['err_us_p99'] / o['err_us_p99']:.2f}x" for c, o, f in pairs))
+        for where in args.where.split(","):
+            if where not in ("thread", "process"):
+                raise SystemExit(f"unknown --where {where!r}; choose from thread, process")
+            for sched in args.schedulers.split(","):
+                if sched not in ("other", "fifo"):
+                    raise SystemExit(f"unknown scheduler {sched!r}; choose from other, fifo")
+                r = run_case(name, args.seconds, sched, where)
+                rows.append(r)
+                print(f"{name:10s} {where:8s} {r['scheduler']:13s} ticks {r['ticks']:6d} missed {r['missed']:5d}   "
+                      f"period error p50 {r['err_us_p50']:7.1f}  p99 {r['err_us_p99']:8.1f}  max {r['err_us_max']:8.1f} us  "
+                      f"tick p50 {r['tick_us_p50']:6.1f} us", flush=True)
+    by = {(r["case"], r["where"], r["scheduler"].split()[0]): r for r in rows}
+    for where in args.where.split(","):
+        pairs = [(c, by[(c, where, "SCHED_OTHER")], by[(c, where, "SCHED_FIFO")]) for c in CASES
+                 if (c, where, "SCHED_OTHER") in by and (c, where, "SCHED_FIFO") in by]
+        if pairs:
+            print(f"{where}: p99 SCHED_FIFO / SCHED_OTHER: "
+                  + ", ".join(f"{c} {f['err_us_p99'] / o['err_us_p99']:.2f}x" for c, o, f in pairs))
+    for c in CASES:
+        for sched in ("SCHED_OTHER", "SCHED_FIFO"):
+            if (c, "thread", sched) in by and (c, "process", sched) in by:
+                p, t = by[(c, "process", sched)], by[(c, "thread", sched)]
+                print(f"{c} {sched}: p99 process / thread {p['err_us_p99'] / t['err_us_p99']:.2f}x, "
+                      f"missed {p['missed']} vs {t['missed']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"seconds": args.seconds, "switch_interval": args.switch, "cpus": len(os.sched_getaffinity(0)),
