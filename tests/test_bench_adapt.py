@@ -65,3 +65,12 @@ def test_learning_rate_arms_run_for_every_method_and_are_reported_per_method():
     assert abl["lr=0.003"]["success"] == 0.45 and abl["main"]["n"] == 20
     assert abl["lora: lr=0.003"]["success"] == 0.1 and abl["lora: main"]["method"] == "lora"
     assert "| lora: lr=0.003 | 10.0 % |" in markdown(summarise(cells), cfg, "cmd", "abc")
+
+
+def test_zero_shot_never_runs_an_ablation_arm_and_other_fine_tunes_only_lr_arms():
+    from edge_steer.bench.adapt import AdaptConfig, ablation_arms, method_arms
+
+    arms = ablation_arms(AdaptConfig(ablations=True))
+    assert [a for a, _ in method_arms(arms, "zero-shot")] == ["main"]
+    assert [a for a, _ in method_arms(arms, "lora")] == ["main", "lr=0.003"] == [a for a, _ in method_arms(arms, "full")]
+    assert method_arms(arms, "steer") == arms and len(arms) > 5

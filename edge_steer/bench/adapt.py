@@ -157,6 +157,16 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
     return arms
 
 
+def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tuple[str, dict[str, Any]]]:
+    """The arms a method runs: steer all of them; the other fine-tunes "main" and the learning-rate arms;
+    zero-shot, which trains nothing, only "main"."""
+    if method == "steer":
+        return arms
+    if method == "zero-shot":
+        return arms[:1]
+    return [a for a in arms if a[0] == "main" or set(a[1]) == {"lr"}]
+
+
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print) -> list[Cell]:
     from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
     from edge_steer.sim.demos import generate_demos
@@ -210,7 +220,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                 generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
             for k in cfg.shots:
                 for method in cfg.methods:
-                    for arm, change in (arms if method == "steer" else [a for a in arms if a[0] == "main" or "lr" in a[1]]):
+                    for arm, change in method_arms(arms, method):
                         if arm != "main" and k != min(cfg.shots):
                             continue
                         if arm != "main" and seed != cfg.seeds[0]:
@@ -369,7 +379,8 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                 continue
             rob = ""
             if any(x["robustness"] for x in summary["rows"]):
-                rob = " " + " / ".join(f"{100 * r['robustness'].get(n, float('nan')):.0f} %" for n in PERTURBATIONS) + " |"
+                rob = " " + " / ".join(f"{100 * r['robustness'][n]:.0f} %" if n in r["robustness"] else "–"
+                                       for n in PERTURBATIONS) + " |"
             lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
                          f"{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f} % | {r['n']} | {r['trainable_params']:,.0f} | "
                          f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
