@@ -161,7 +161,7 @@ def _parse_setup(setup: str) -> tuple[str, str, dict[str, str]]:
 def _run_here(args) -> None:
     import logging
     logging.basicConfig(level="WARNING", stream=sys.stderr)
-    where, sched, opts = _parse_setup(args.one)
+    opts = _parse_setup(args.one)[2]
     sys.setswitchinterval(float(opts.get("switch", 0.0005)))   # 0.0005: as `edge-steer serve` does
     print(json.dumps(run(args, args.one)))
 
@@ -191,7 +191,6 @@ def main() -> None:
         export_onnx(load_model(None), onnx_path)
     runs = {}
     for setup in setups:
-        where, sched, opts = _parse_setup(setup)
         env = {k: v for k, v in os.environ.items() if k != "LP_NUM_THREADS"}   # the setup decides
         cmd = [sys.executable, __file__, "--one", setup, "--seconds", str(args.seconds), "--engine", args.engine,
                "--onnx-path", onnx_path]

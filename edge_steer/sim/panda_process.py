@@ -209,10 +209,7 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
             if msg[0] not in ONE_WAY:
                 replies.append(reply)
         take_target()
-        try:
-            panda._tick()
-        except Exception as e:  # noqa: BLE001 - as SimPanda's own loop: fault, never die
-            panda._fault(f"control_loop_exception: {e!r}")
+        panda._locked_tick()   # SimPanda's own loop body: a tick that raises faults the arm, never the loop
         publish()
         for reply in replies:   # after publishing: whoever gets the answer also sees its effect
             conn.send(reply)
