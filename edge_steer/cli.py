@@ -77,10 +77,19 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                                               help="m: first grasp aimed this far off, unrecorded; the demo shows the recovery"),
                    miss_share: float = typer.Option(0.5, min=0.0, max=1.0, help="share of episodes with the missed grasp"),
                    start_noise: Optional[float] = typer.Option(None, min=0.0, max=0.5,
-                                                               help="rad of joint noise on the start pose (default: the sim's)")
+                                                               help="rad of joint noise on the start pose (default: the sim's)"),
+                   takeover: Optional[Path] = typer.Option(None, help="checkpoint that drives each episode first; "
+                                                           "the expert takes over and only its part is recorded"),
+                   takeover_steps: str = typer.Option("5:100", help="FIRST:LAST, the range of handover steps")
                    ) -> None:
-    """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe)."""
-    from edge_steer.sim.demos import generate_demos
+    """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe).
+
+    With --takeover, a policy drives the first part of each episode (a random number of steps), and
+    the recorded demo is the expert's recovery from the state the policy reached (docs/model.md)."""
+    from functools import partial
+
+    from edge_steer.models import CheckpointError, EdgeVLA
+    from edge_steer.sim.demos import Takeover, generate_demos
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.expert import Perturbation
     from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
@@ -92,8 +101,16 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
     except TaskError as e:
         _fail(str(e))
     perturb = Perturbation(action_noise, push, approach_push, approach_share, descent_push, miss, miss_share)
+    handover = None
+    if takeover is not None:
+        try:
+            first, last = (int(x) for x in takeover_steps.split(":"))
+            EdgeVLA.from_pretrained(takeover)  # fail here, with the reason, rather than in a worker
+            handover = Takeover(partial(EdgeVLA.from_pretrained, takeover), first, last)
+        except (ValueError, CheckpointError) as e:
+            _fail(f"--takeover {takeover} --takeover-steps {takeover_steps}: {e}")
     t0 = time.perf_counter()
-    saved = failed = 0
+    saved = failed = skipped = 0
     with _progress() as prog:
         bar = prog.add_task(f"demos {task}", total=episodes * len(names))
 
@@ -105,10 +122,11 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             env = EnvConfig(image_size=image_size) if start_noise is None else \
                 EnvConfig(image_size=image_size, start_noise=start_noise)
             summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
-                                     keep_failed=keep_failed, on_episode=tick, perturb=perturb)
-            saved, failed = saved + summary["saved"], failed + summary["failed"]
+                                     keep_failed=keep_failed, on_episode=tick, perturb=perturb, takeover=handover)
+            saved, failed, skipped = saved + summary["saved"], failed + summary["failed"], skipped + summary["skipped"]
     dt = time.perf_counter() - t0
-    console.print(f"saved {saved} episodes to {out} ({failed} expert failures, "
+    finished = f", {skipped} finished by the policy before the handover" if handover else ""
+    console.print(f"saved {saved} episodes to {out} ({failed} expert failures{finished}, "
                   f"{dt:.1f} s, {60 * saved / dt:.1f} episodes/min)")
 
 

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from edge_steer.cli import app
 from edge_steer.data import Dataset
 from edge_steer.sim.demos import episode_seed, generate_demos, replay_episode
-from edge_steer.sim.env import EnvConfig
+from edge_steer.sim.env import EnvConfig, SimEnv
+from edge_steer.sim.tasks import get_task
 
 runner = CliRunner()
 SMALL = EnvConfig(image_size=48)
@@ -102,3 +103,48 @@ def test_parallel_generation_after_rendering_in_this_process(tmp_path):
         env.observe()
     summary = generate_demos("red_cube_on_blue_plate", 2, 3, tmp_path / "ds", SMALL, workers=2)
     assert summary["saved"] == 2
+
+
+class _StandStill:
+    """A policy that holds the arm where it is (zero deltas, gripper open)."""
+    def predict(self, observation, instruction):
+        return np.zeros((10, 7), np.float32)
+
+
+def test_takeover_demos_record_only_the_experts_part_from_where_the_policy_left_the_scene(tmp_path):
+    """`--takeover`: the policy drives first, then the expert; the dataset holds the expert's part
+    alone, marked with its handover step, with the object's position at the handover as the scene
+    target, and it refuses an open-loop replay (its first part is missing)."""
+    from edge_steer.sim.demos import Takeover, scene_targets
+    out = tmp_path / "ds"
+    takeover = Takeover(_StandStill, first=4, last=9)
+    summary = generate_demos("red_cube_on_blue_plate", 2, 5, out, SMALL, workers=1, takeover=takeover)
+    assert summary["saved"] == 2 and summary["skipped"] == 0
+    ds = Dataset(out)
+    targets = scene_targets(ds)
+    for ep in ds.episodes:
+        step = ep.extra["takeover_step"]
+        assert step == takeover.step(ep.extra["seed"]) and 4 <= step <= 9
+        frames = ds.episode(ep.index)
+        # standing still, the arm is where it started: the expert's first frame is at the start pose
+        with SimEnv(get_task("red_cube_on_blue_plate"), ep.extra["seed"], SMALL) as env:
+            start = env.observe()["observation.state"]
+        assert np.allclose(frames["observation.state"][0][:3], start[:3], atol=0.01)
+        assert np.allclose(targets[ep.index][:2], [ep.extra["pick_x"], ep.extra["pick_y"]])
+        with pytest.raises(ValueError, match="handed over at step"):
+            replay_episode(out, ep.index)
+
+
+@pytest.mark.parametrize("steps", ["9:3", "a:b"])
+def test_takeover_refuses_a_bad_step_range(steps, tmp_path):
+    from edge_steer.models import DEFAULT_MODEL_DIR
+    res = runner.invoke(app, ["demos", "generate", "--task", "red_cube_on_blue_plate", "--out", str(tmp_path / "ds"),
+                              "--takeover", str(DEFAULT_MODEL_DIR), "--takeover-steps", steps])
+    assert res.exit_code == 2 and "--takeover-steps" in res.output
+    assert not (tmp_path / "ds").exists()
+
+
+def test_takeover_refuses_a_missing_checkpoint(tmp_path):
+    res = runner.invoke(app, ["demos", "generate", "--task", "red_cube_on_blue_plate", "--out", str(tmp_path / "ds"),
+                              "--takeover", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "nope" in res.output

@@ -242,3 +242,45 @@ def test_the_wrist_camera_sees_the_object_between_the_fingers_at_the_grasp(clean
         w = img.shape[1]
         assert abs(cols.mean() - w / 2) < w / 6
         assert 0.1 * w < rows.mean() < 0.9 * w
+
+
+def _drive_expert_until(env, phase: int) -> None:
+    """The clean expert drives `env` until it reaches waypoint `phase`, then is dropped: a stand-in for
+    a policy that got the episode that far."""
+    from edge_steer.sim.expert import ScriptedExpert
+    expert = ScriptedExpert(env)
+    while expert.phase < phase:
+        env.step(expert.act_env(env))
+        assert env.steps < 120, "the expert never got there"
+
+
+@pytest.mark.parametrize("phase, resumed, grip", [
+    (0, 0, 0.0),     # nothing done yet: start from above the object
+    (2, 1, 1.0),     # at the grasp, fingers open: inside the cone (descend), already down, so close
+    (4, 3, 1.0),     # carrying the object: keep it closed, go on to the goal
+])
+def test_an_expert_taking_over_reads_its_phase_from_the_scene_and_finishes(phase, resumed, grip):
+    """`ScriptedExpert.resume` (the handover of `demos generate --takeover`) knows nothing of how the
+    episode got where it is: the phase comes from the arm, the gripper and the object alone, and
+    from every such state the resumed expert completes the task."""
+    from edge_steer.sim.expert import ScriptedExpert
+    with SimEnv(get_task("red_cube_on_blue_plate"), 5) as env:
+        _drive_expert_until(env, phase)
+        expert = ScriptedExpert.resume(env)
+        assert expert.phase == resumed
+        labels = []
+        assert run_expert_episode(env, lambda obs, a: labels.append(a), expert=expert)
+        assert labels[0][6] == grip
+
+
+def test_an_expert_taking_over_a_gripper_shut_on_nothing_opens_it_and_starts_over():
+    from edge_steer.sim.expert import ScriptedExpert
+    with SimEnv(get_task("red_cube_on_blue_plate"), 5) as env:
+        for _ in range(8):                        # close in mid-air, where the start pose is
+            env.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
+        assert env.gripper_closed and env.world.gripper_width < 0.01
+        expert = ScriptedExpert.resume(env)
+        assert expert.phase == 0
+        labels = []
+        assert run_expert_episode(env, lambda obs, a: labels.append(a), expert=expert)
+        assert labels[0][6] == 0.0

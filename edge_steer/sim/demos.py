@@ -11,13 +11,14 @@ import os
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edge_steer.sim.env import ACTION_NAMES, EnvConfig, SimEnv
-from edge_steer.sim.expert import Perturbation, run_expert_episode
+from edge_steer.sim.expert import Perturbation, ScriptedExpert, run_expert_episode
+from edge_steer.sim.panda import ControlException
 from edge_steer.sim.tasks import get_task
 
 
@@ -34,6 +35,32 @@ def episode_seed(seed: int, attempt: int, task_name: str) -> int:
     return int(np.random.SeedSequence([seed, attempt, zlib.crc32(task_name.encode())]).generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """Demos from the states a policy gets itself into (DAgger's point, in a form the dataset's
+    chunk labels can hold): the policy drives each episode for a random number of steps in
+    [first, last], then the expert takes over from wherever the policy left the arm, the gripper
+    and the object (`ScriptedExpert.resume`). Only the expert's part is recorded, so every recorded
+    chunk is one consistent expert plan, starting from a state the policy visited. An episode the
+    policy finishes before the handover records nothing.
+
+    `load_policy`: a picklable zero-argument callable that each worker calls once."""
+    load_policy: Callable
+    first: int = 5
+    last: int = 100
+    execute: int = 5
+
+    def __post_init__(self):
+        if not 0 <= self.first <= self.last:
+            raise ValueError(f"takeover steps must satisfy 0 <= first <= last, got {self.first}..{self.last}")
+        if self.execute < 1:
+            raise ValueError(f"execute must be >= 1, got {self.execute}")
+
+    def step(self, seed: int) -> int:
+        """The handover step of the episode with this scene seed (reproducible)."""
+        return int(np.random.default_rng([seed, 7]).integers(self.first, self.last + 1))
+
+
 @dataclass
 class RecordedEpisode:
     task: str
@@ -41,19 +68,38 @@ class RecordedEpisode:
     seed: int
     success: bool
     frames: list[dict[str, np.ndarray]]
+    extra: dict = field(default_factory=dict)   # what the episode's metadata adds (a takeover's step)
+    skipped: bool = False                       # the policy finished the task before the handover
 
 
 def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
-                   perturb: Perturbation = Perturbation()) -> RecordedEpisode:
+                   perturb: Perturbation = Perturbation(), takeover: Takeover | None = None) -> RecordedEpisode:
+    """One expert demo; with `takeover`, the worker's policy (`rollout.init_policy_worker`) drives
+    the first part and the expert's rest is what is recorded."""
+    from edge_steer.sim.rollout import drive_policy, worker_policy
+
     task = get_task(task_name)
     frames: list[dict[str, np.ndarray]] = []
 
     def record(obs, action):
         frames.append({**obs, "action": action})
 
+    if takeover is not None:   # the expert's part gets a whole episode's budget after the handover
+        config = replace(config, max_steps=config.max_steps + takeover.last)
     with SimEnv(task, seed, config) as env:
-        ok = run_expert_episode(env, record, perturb)
-    return RecordedEpisode(task_name, task.instruction, seed, ok, frames)
+        expert, extra = None, {}
+        if takeover is not None:
+            try:
+                if drive_policy(env, worker_policy(), takeover.step(seed), takeover.execute):
+                    return RecordedEpisode(task_name, task.instruction, seed, False, [], skipped=True)
+            except ControlException:   # the policy tripped a reflex: no state to take over from
+                return RecordedEpisode(task_name, task.instruction, seed, False, [])
+            expert = ScriptedExpert.resume(env)
+            with env.world.lock:
+                pick = env.world.object_pos(0)
+            extra = {"takeover_step": env.steps, "pick_x": float(pick[0]), "pick_y": float(pick[1])}
+        ok = run_expert_episode(env, record, perturb, expert=expert)
+    return RecordedEpisode(task_name, task.instruction, seed, ok, frames, extra)
 
 
 def _record(args) -> RecordedEpisode:
@@ -62,7 +108,8 @@ def _record(args) -> RecordedEpisode:
 
 def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, config: EnvConfig = EnvConfig(),
                    workers: int | None = None, keep_failed: bool = False, perturb: Perturbation = Perturbation(),
-                   on_episode: Callable[[RecordedEpisode], None] | None = None) -> dict:
+                   on_episode: Callable[[RecordedEpisode], None] | None = None,
+                   takeover: Takeover | None = None) -> dict:
     """Record `episodes` expert demos of a task into the dataset at `out` (appending)."""
     from edge_steer.data import DatasetWriter, default_spec
 
@@ -71,38 +118,48 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
         raise ValueError("episodes must be >= 1")
     workers = workers or min(2, os.cpu_count() or 1)
     spec = default_spec(image_size=config.image_size, fps=config.fps)
-    saved, failed, attempts = 0, 0, 0
-    max_attempts = 2 * episodes + 10
+    saved, failed, skipped, attempts = 0, 0, 0, 0
+    # a policy that often finishes before the handover leaves many tries with nothing to record
+    max_attempts = (2 if takeover is None else 5) * episodes + 10
     with DatasetWriter(out, spec) as writer:
-        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, perturb):
+        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, perturb, takeover):
             attempts += 1
-            if ep.success or keep_failed:
+            if ep.skipped:
+                skipped += 1
+            elif ep.success or (keep_failed and ep.frames):
                 writer.begin_episode()
                 for f in ep.frames:
                     writer.add_frame(f, task=ep.instruction)
                 writer.end_episode(success=ep.success, extra={"task_name": ep.task, "seed": ep.seed,
                                                               "env_config": str(asdict(config)),
-                                                              **asdict(perturb)})
+                                                              **asdict(perturb), **ep.extra})
                 saved += 1
-            if not ep.success:
+            if not ep.success and not ep.skipped:
                 failed += 1
             if on_episode:
                 on_episode(ep)
             if saved >= episodes:
                 break
     if saved < episodes:
-        raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries")
-    return {"task": task_name, "saved": saved, "failed": failed, "attempts": attempts, "out": str(out)}
+        raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries"
+                           + (f" ({skipped} finished by the policy before the handover)" if skipped else ""))
+    return {"task": task_name, "saved": saved, "failed": failed, "skipped": skipped, "attempts": attempts,
+            "out": str(out)}
 
 
-def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb) -> Iterator[RecordedEpisode]:
-    args = ((task_name, episode_seed(seed, i, task_name), config, perturb)
+def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, takeover) -> Iterator[RecordedEpisode]:
+    from edge_steer.sim.rollout import init_policy_worker
+
+    args = ((task_name, episode_seed(seed, i, task_name), config, perturb, takeover)
             for i in range(max_attempts))
+    init = (init_policy_worker, (takeover.load_policy,)) if takeover is not None else (None, ())
     if workers <= 1:
+        if takeover is not None:
+            init[0](*init[1])
         yield from map(_record, args)
         return
     # keep at most `workers` episodes in flight so a short run does not over-generate
-    with process_pool(workers) as pool:
+    with process_pool(workers, *init) as pool:
         pending = [pool.submit(_record, next(args)) for _ in range(min(workers, wanted))]
         while pending:
             ep = pending.pop(0).result()
@@ -122,6 +179,9 @@ def replay_episode(dataset_root: str | Path, episode_index: int, config: EnvConf
     task_name, seed = extra.get("task_name"), extra.get("seed")
     if task_name is None or seed is None:
         raise ValueError(f"episode {episode_index} carries no task_name/seed; it was not recorded in sim")
+    if extra.get("takeover_step") is not None:
+        raise ValueError(f"episode {episode_index} starts where a policy handed over at step "
+                         f"{extra['takeover_step']}; that first part was not recorded, so it cannot be replayed")
     actions = ds.episode(episode_index)["action"]
     if actions.shape[1] != len(ACTION_NAMES):
         raise ValueError(f"episode actions have {actions.shape[1]} dims, expected {len(ACTION_NAMES)}")
@@ -147,7 +207,10 @@ def scene_targets(dataset) -> dict[int, np.ndarray]:
         mine = frames["episode_index"] == ep.index
         shut = frames["frame_index"][mine & closes]
         close = int(shut.min()) if len(shut) else ep.length
-        out[ep.index] = np.array([*scene.spec.objects[0].xy, *scene.goal_xy, close], dtype=np.float32)
+        pick = scene.spec.objects[0].xy
+        if ep.extra.get("pick_x") is not None:   # a takeover: the policy may have moved the object
+            pick = (ep.extra["pick_x"], ep.extra["pick_y"])
+        out[ep.index] = np.array([*pick, *scene.goal_xy, close], dtype=np.float32)
     return out
 
 

@@ -135,6 +135,11 @@ class SimEnv:
         self._target_p, self._target_r = p1, r1
 
     @property
+    def gripper_closed(self) -> bool:
+        """Whether the last action commanded the gripper closed."""
+        return self._grip_closed
+
+    @property
     def target(self) -> tuple[np.ndarray, np.ndarray]:
         """The commanded TCP target (position, rotation) that the next action is relative to."""
         return self._target_p.copy(), self._target_r.copy()

@@ -103,6 +103,36 @@ class ScriptedExpert:
         self._cruising = False
         self._replan = lambda: _plan_locked(env)   # a function: deepcopy (the chunk's ghost) shares it
 
+    @classmethod
+    def resume(cls, env: SimEnv) -> "ScriptedExpert":
+        """An expert taking over mid-episode from whatever state another controller (a policy) left,
+        with the phase read from the scene rather than from a history it did not see: holding the
+        object, it carries it on (or lowers it, if already above the goal); not holding it, it
+        descends if the hand is inside the cone above the object, else starts from above it. A
+        gripper closed on nothing opens on the way, since neither phase closes it."""
+        ex = cls(env)      # planned from the objects where they are now
+        wps = ex.waypoints
+        with env.world.lock:
+            tcp = env.world.tcp_pose()[0]
+            width = env.world.gripper_width
+            obj = env.world.object_pos(0)
+        held = (env.gripper_closed and ex.MISS_SHARE * ex.width < width <= ex.width + 0.006
+                and np.linalg.norm(obj - tcp) < 0.025)
+        if held:
+            place = wps[5].pos
+            if np.linalg.norm((tcp - place)[:2]) < 0.02 and tcp[2] < place[2] + APPROACH + 0.015:
+                ex.phase = 5
+            else:   # straight up first, as after a grasp, then over to the goal
+                z = max(tcp[2], max(env.task.obj.half_height, 0.016) + 0.15)
+                wps[3] = replace(wps[3], pos=np.array([tcp[0], tcp[1], z]))
+                ex.phase = 3
+        else:
+            grasp = wps[1].pos
+            rise = tcp[2] - grasp[2]
+            inside = rise < APPROACH + 0.015 and np.linalg.norm((tcp - grasp)[:2]) < 0.01 + 0.2 * max(rise, 0.0)
+            ex.phase = 1 if inside else 0
+        return ex
+
     @property
     def lifting(self) -> bool:
         """On the way up from the grasp (the waypoint after the one that closes the gripper)."""
@@ -210,11 +240,12 @@ class Perturbation:
 
 
 def run_expert_episode(env: SimEnv, record=None, perturb: Perturbation = Perturbation(),
-                       rng: np.random.Generator | None = None) -> bool:
+                       rng: np.random.Generator | None = None, expert: ScriptedExpert | None = None) -> bool:
     """Run the expert until it has retreated from the placed object; `record(obs, action)` is called at
     each step with the clean expert action, whatever `perturb` then does to what is executed; the
-    expert's next action, computed from where the arm is, corrects it."""
-    expert = ScriptedExpert(env)
+    expert's next action, computed from where the arm is, corrects it. `expert`: one already under
+    way (`ScriptedExpert.resume` after a policy drove the first part of the episode)."""
+    expert = expert or ScriptedExpert(env)
     rng = rng or np.random.default_rng(env.seed)
     # the draws below happen only for the perturbations asked for: older seeds replay as before
     push_at = int(rng.integers(2, 25)) if perturb.push > 0 else -1

@@ -38,32 +38,39 @@ def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvCo
     """Run until the success predicate holds or max_steps; re-plan every `execute` actions.
     `ensemble` (a decay): each step's action is ACT's temporal ensemble of every chunk that covers it.
     A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode."""
-    max_steps = max_steps or config.max_steps
     frames: list[np.ndarray] = []
-    chunks: list[tuple[int, np.ndarray]] = []     # (step it was predicted at, chunk), oldest first
     with SimEnv(task, seed, config) as env:
         try:
-            while env.steps < max_steps:
-                obs = env.observe()
-                if keep_frames:
-                    frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
-                chunk = policy.predict(obs, task.instruction)
-                if ensemble is None:
-                    plan = chunk[:execute]
-                else:
-                    now = env.steps
-                    chunks = [(t, c) for t, c in chunks if now - t < len(c)] + [(now, chunk)]
-                    plan = [ensemble_actions([c[now + k - t] for t, c in chunks if now + k - t < len(c)], ensemble)
-                            for k in range(min(execute, len(chunk)))]
-                for action in plan:
-                    env.step(action)
-                    if env.success():
-                        return EpisodeResult(task.name, seed, True, env.steps, frames)
-                    if env.steps >= max_steps:
-                        break
+            ok = drive_policy(env, policy, max_steps or config.max_steps, execute, ensemble,
+                              frames if keep_frames else None)
         except ControlException as e:
             return EpisodeResult(task.name, seed, False, env.steps, frames, error=str(e))
-        return EpisodeResult(task.name, seed, False, env.steps, frames)
+        return EpisodeResult(task.name, seed, ok, env.steps, frames)
+
+
+def drive_policy(env: SimEnv, policy: ChunkPolicy, until: int, execute: int = 5, ensemble: float | None = None,
+                 frames: list[np.ndarray] | None = None) -> bool:
+    """Let the policy drive `env` until the task succeeds (True) or env.steps reaches `until` (False)."""
+    chunks: list[tuple[int, np.ndarray]] = []     # (step it was predicted at, chunk), oldest first
+    while env.steps < until:
+        obs = env.observe()
+        if frames is not None:
+            frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
+        chunk = policy.predict(obs, env.task.instruction)
+        if ensemble is None:
+            plan = chunk[:execute]
+        else:
+            now = env.steps
+            chunks = [(t, c) for t, c in chunks if now - t < len(c)] + [(now, chunk)]
+            plan = [ensemble_actions([c[now + k - t] for t, c in chunks if now + k - t < len(c)], ensemble)
+                    for k in range(min(execute, len(chunk)))]
+        for action in plan:
+            env.step(action)
+            if env.success():
+                return True
+            if env.steps >= until:
+                break
+    return False
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -87,16 +94,23 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation scenes never coincide with demo scene
 _worker_policy: ChunkPolicy | None = None
 
 
-def _init_worker(load_policy) -> None:
+def init_policy_worker(load_policy) -> None:
+    """A worker process's initializer: load its one policy (`worker_policy()`)."""
     global _worker_policy
     import torch
     torch.set_num_threads(1)  # one process per core beats two threads per process here
     _worker_policy = load_policy()
 
 
+def worker_policy() -> ChunkPolicy:
+    if _worker_policy is None:
+        raise RuntimeError("this process has no policy: start it with init_policy_worker")
+    return _worker_policy
+
+
 def _run_one(args) -> EpisodeResult:
     task, seed, config, execute, keep, ensemble = args
-    return run_policy_episode(_worker_policy, task, seed, config, execute, keep_frames=keep, ensemble=ensemble)
+    return run_policy_episode(worker_policy(), task, seed, config, execute, keep_frames=keep, ensemble=ensemble)
 
 
 def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, config: EnvConfig = EnvConfig(),
@@ -111,14 +125,14 @@ def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, confi
             for t in tasks for i in range(episodes)]
     results = []
     if workers <= 1:
-        _init_worker(load_policy)
+        init_policy_worker(load_policy)
         it = map(_run_one, jobs)
         for r in it:
             results.append(r)
             if on_result:
                 on_result(r)
         return results
-    with process_pool(workers, initializer=_init_worker, initargs=(load_policy,)) as pool:
+    with process_pool(workers, initializer=init_policy_worker, initargs=(load_policy,)) as pool:
         for r in pool.map(_run_one, jobs):
             results.append(r)
             if on_result:
