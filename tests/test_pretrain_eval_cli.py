@@ -91,7 +91,7 @@ def test_pretrain_with_keypoints_state_dropout_and_scene_loss(run_dir, tmp_path)
 class _FakeEnv:
     """Records the actions a rollout executes; never succeeds."""
     def __init__(self, task, seed, config):
-        self.steps, self.actions = 0, []
+        self.task, self.steps, self.actions = task, 0, []
 
     def __enter__(self):
         _FakeEnv.last = self
