@@ -166,7 +166,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 
     from edge_steer.data import Dataset, DatasetError
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
-    from edge_steer.models.train import TrainConfig, batches, fit
+    from edge_steer.models.train import TrainConfig, fit
     from edge_steer.sim.tasks import tasks_by_split
 
     try:
@@ -196,16 +196,11 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters")
     ds.preload()
-    if cfg.scene_aux:
-        from edge_steer.sim.demos import scene_targets, with_scene_targets
-        try:
-            targets = scene_targets(ds)
-        except ValueError as e:
-            _fail(f"--scene-aux needs demos recorded in sim: {e}")
-
-    def make_batches(start: int):
-        stream = batches(ds, batch_size, cfg.chunk, seed, start)
-        return with_scene_targets(stream, targets) if cfg.scene_aux else stream
+    from edge_steer.sim.demos import training_batches
+    try:
+        make_batches = training_batches(ds, batch_size, cfg.chunk, seed, bool(cfg.scene_aux))
+    except ValueError as e:
+        _fail(f"--scene-aux needs demos recorded in sim: {e}")
     result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
     model.save_pretrained(out / "model")
     console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "

@@ -65,8 +65,8 @@ def train_baseline(base_dir: Path, data: Path, out: Path, steps: int, lr: float,
 
     from edge_steer.data import Dataset
     from edge_steer.models import EdgeVLA
-    from edge_steer.models.train import TrainConfig, batches, fit
-    from edge_steer.sim.demos import scene_targets, with_scene_targets
+    from edge_steer.models.train import TrainConfig, fit
+    from edge_steer.sim.demos import training_batches
 
     if (out / "model" / "config.json").exists():
         return json.loads((out / "train.json").read_text())
@@ -78,13 +78,8 @@ def train_baseline(base_dir: Path, data: Path, out: Path, steps: int, lr: float,
     unexpected = sorted(set(base.state_dict()) - set(shared))   # the MiniLM-side weights left behind
     ds = Dataset(data)
     ds.preload()
-    targets = scene_targets(ds) if model.config.scene_aux else None
+    make_batches = training_batches(ds, 64, model.config.chunk, seed, bool(model.config.scene_aux))
     torch.set_num_threads(2)
-
-    def make_batches(start: int):
-        stream = batches(ds, 64, model.config.chunk, seed, start)
-        return with_scene_targets(stream, targets) if targets is not None else stream
-
     r = fit(model, list(model.parameters()), make_batches, TrainConfig(steps=steps, lr=lr, seed=seed), out)
     model.save_pretrained(out / "model")
     info = {"steps": r.steps, "final_loss": r.final_loss, "seconds": r.seconds, "fresh": sorted(missing),

@@ -152,14 +152,14 @@ def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, t
 
     args = ((task_name, episode_seed(seed, i, task_name), config, perturb, takeover)
             for i in range(max_attempts))
-    init = (init_policy_worker, (takeover.load_policy,)) if takeover is not None else (None, ())
+    policy = (takeover.load_policy,) if takeover is not None else None
     if workers <= 1:
-        if takeover is not None:
-            init[0](*init[1])
+        if policy:
+            init_policy_worker(*policy)
         yield from map(_record, args)
         return
     # keep at most `workers` episodes in flight so a short run does not over-generate
-    with process_pool(workers, *init) as pool:
+    with process_pool(workers, init_policy_worker if policy else None, policy or ()) as pool:
         pending = [pool.submit(_record, next(args)) for _ in range(min(workers, wanted))]
         while pending:
             ep = pending.pop(0).result()
@@ -222,3 +222,17 @@ def with_scene_targets(batches: Iterator[dict], targets: dict[int, np.ndarray]) 
         valid = np.ones((len(rows), 4), dtype=bool)
         valid[:, :2] = (batch["frame_index"] < rows[:, 4])[:, None]
         yield {**batch, "scene_xy": rows[:, :4], "scene_xy_valid": valid}
+
+
+def training_batches(dataset, batch_size: int, chunk: int, seed: int,
+                     scene_aux: bool) -> Callable[[int], Iterator[dict]]:
+    """`make_batches` for `models.train.fit` over sim demos: the endless chunk stream, with the scene
+    loss's targets when the model has that loss (ValueError if an episode was not recorded in sim)."""
+    from edge_steer.models.train import batches
+
+    targets = scene_targets(dataset) if scene_aux else None
+
+    def make(start: int) -> Iterator[dict]:
+        stream = batches(dataset, batch_size, chunk, seed, start)
+        return with_scene_targets(stream, targets) if targets is not None else stream
+    return make
