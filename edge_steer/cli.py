@@ -110,7 +110,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
         except (ValueError, CheckpointError) as e:
             _fail(f"--takeover {takeover} --takeover-steps {takeover_steps}: {e}")
     t0 = time.perf_counter()
-    saved = failed = skipped = 0
+    totals = {"saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0}
     with _progress() as prog:
         bar = prog.add_task(f"demos {task}", total=episodes * len(names))
 
@@ -123,11 +123,12 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                 EnvConfig(image_size=image_size, start_noise=start_noise)
             summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
                                      keep_failed=keep_failed, on_episode=tick, perturb=perturb, takeover=handover)
-            saved, failed, skipped = saved + summary["saved"], failed + summary["failed"], skipped + summary["skipped"]
+            totals = {k: v + summary[k] for k, v in totals.items()}
     dt = time.perf_counter() - t0
-    finished = f", {skipped} finished by the policy before the handover" if handover else ""
-    console.print(f"saved {saved} episodes to {out} ({failed} expert failures{finished}, "
-                  f"{dt:.1f} s, {60 * saved / dt:.1f} episodes/min)")
+    finished = (f", {totals['skipped']} finished by the policy before the handover, {totals['policy_faults']} "
+                f"where the policy tripped a reflex first") if handover else ""
+    console.print(f"saved {totals['saved']} episodes to {out} ({totals['failed']} expert failures{finished}, "
+                  f"{dt:.1f} s, {60 * totals['saved'] / dt:.1f} episodes/min)")
 
 
 @demos_app.command("replay")

@@ -135,6 +135,27 @@ def test_takeover_demos_record_only_the_experts_part_from_where_the_policy_left_
             replay_episode(out, ep.index)
 
 
+class _ReflexFirst(_StandStill):
+    """Trips a robot reflex in its first episode (as env.step raises it), then stands still."""
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, observation, instruction):
+        from edge_steer.sim.panda import ControlException
+        self.calls += 1
+        if self.calls == 1:
+            raise ControlException("Motion aborted by reflex! [cartesian_reflex]")
+        return super().predict(observation, instruction)
+
+
+def test_a_policy_that_trips_a_reflex_before_the_handover_is_not_counted_as_an_expert_failure(tmp_path):
+    from edge_steer.sim.demos import Takeover
+    summary = generate_demos("red_cube_on_blue_plate", 1, 5, tmp_path / "ds", SMALL, workers=1,
+                             takeover=Takeover(_ReflexFirst, first=4, last=9))
+    assert summary["saved"] == 1 and summary["policy_faults"] == 1 and summary["failed"] == 0
+    assert summary["attempts"] == 2
+
+
 @pytest.mark.parametrize("steps", ["9:3", "a:b"])
 def test_takeover_refuses_a_bad_step_range(steps, tmp_path):
     from edge_steer.models import DEFAULT_MODEL_DIR

@@ -70,6 +70,7 @@ class RecordedEpisode:
     frames: list[dict[str, np.ndarray]]
     extra: dict = field(default_factory=dict)   # what the episode's metadata adds (a takeover's step)
     skipped: bool = False                       # the policy finished the task before the handover
+    policy_fault: bool = False                  # the policy tripped a robot reflex before the handover
 
 
 def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
@@ -93,7 +94,7 @@ def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
                 if drive_policy(env, worker_policy(), takeover.step(seed), takeover.execute):
                     return RecordedEpisode(task_name, task.instruction, seed, False, [], skipped=True)
             except ControlException:   # the policy tripped a reflex: no state to take over from
-                return RecordedEpisode(task_name, task.instruction, seed, False, [])
+                return RecordedEpisode(task_name, task.instruction, seed, False, [], policy_fault=True)
             expert = ScriptedExpert.resume(env)
             with env.world.lock:
                 pick = env.world.object_pos(0)
@@ -118,7 +119,7 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
         raise ValueError("episodes must be >= 1")
     workers = workers or min(2, os.cpu_count() or 1)
     spec = default_spec(image_size=config.image_size, fps=config.fps)
-    saved, failed, skipped, attempts = 0, 0, 0, 0
+    saved, failed, skipped, faults, attempts = 0, 0, 0, 0, 0
     # a policy that often finishes before the handover leaves many tries with nothing to record
     max_attempts = (2 if takeover is None else 5) * episodes + 10
     with DatasetWriter(out, spec) as writer:
@@ -134,7 +135,9 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
                                                               "env_config": str(asdict(config)),
                                                               **asdict(perturb), **ep.extra})
                 saved += 1
-            if not ep.success and not ep.skipped:
+            if ep.policy_fault:
+                faults += 1
+            elif not ep.success and not ep.skipped:
                 failed += 1
             if on_episode:
                 on_episode(ep)
@@ -143,7 +146,8 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
     if saved < episodes:
         raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries"
                            + (f" ({skipped} finished by the policy before the handover)" if skipped else ""))
-    return {"task": task_name, "saved": saved, "failed": failed, "skipped": skipped, "attempts": attempts,
+    return {"task": task_name, "saved": saved, "failed": failed, "skipped": skipped, "policy_faults": faults,
+            "attempts": attempts,
             "out": str(out)}
 
 
