@@ -72,5 +72,6 @@ def test_zero_shot_never_runs_an_ablation_arm_and_other_fine_tunes_only_lr_arms(
 
     arms = ablation_arms(AdaptConfig(ablations=True))
     assert [a for a, _ in method_arms(arms, "zero-shot")] == ["main"]
-    assert [a for a, _ in method_arms(arms, "lora")] == ["main", "lr=0.003"] == [a for a, _ in method_arms(arms, "full")]
+    assert [a for a, _ in method_arms(arms, "lora")] == ["main", "lr=0.003", "lr=0.0001"] == \
+        [a for a, _ in method_arms(arms, "full")]
     assert method_arms(arms, "steer") == arms and len(arms) > 5

@@ -50,7 +50,7 @@ class AdaptConfig:
     ablations: bool = False                      # k / slices / selection sweeps at the smallest K, seed 0
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
-    ablation_lr: tuple[float, ...] = (3e-3,)     # for steer, LoRA and full alike
+    ablation_lr: tuple[float, ...] = (3e-3, 1e-4)  # for steer, LoRA and full alike (1e-4: full FT's own scale)
     arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
