@@ -205,7 +205,8 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
     model.save_pretrained(out / "model")
     console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
-                  f"{result.samples_per_s:.0f} samples/s; model saved to {out / 'model'}")
+                  f"{result.samples_per_s:.0f} samples/s ({'bf16' if result.bf16 else 'fp32'}); "
+                  f"model saved to {out / 'model'}")
     if eval_episodes:
         _eval_report(partial(EdgeVLA.from_pretrained, out / "model"), tasks_by_split("base"), eval_episodes,
                      seed, workers, out / "eval.json")

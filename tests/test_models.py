@@ -217,6 +217,23 @@ def test_nan_loss_stops_training(tmp_path):
             progress=False)
 
 
+@pytest.mark.parametrize("has_bf16, asked, autocast", [(True, None, True), (False, None, False), (False, True, True),
+                                                      (True, False, False)])
+def test_bf16_autocast_only_where_the_cpu_has_bf16_units_unless_asked(has_bf16, asked, autocast, tmp_path, monkeypatch):
+    """Emulated bf16 made a training step 9x slower on an AVX2-only CPU: the default follows the CPU."""
+    import edge_steer.models.train as train
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+    m, seen = tiny(), []
+
+    def loss(b):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return m.loss(b)
+
+    r = fit(m, list(m.parameters()), _stream(m), TrainConfig(steps=2, warmup=1, bf16=asked), tmp_path, loss_fn=loss,
+            progress=False)
+    assert seen == [autocast, autocast] and r.bf16 == autocast
+
+
 def test_reference_vla_implements_the_model_interface():
     from edge_steer.models import VLAPolicy
     assert isinstance(tiny(), VLAPolicy)
