@@ -42,7 +42,8 @@ class ServeProcess:
     """`edge-steer serve --config` in a child process; `with` starts it, waits until it answers
     `status`, and stops it with SIGTERM (SIGKILL if it hangs)."""
 
-    def __init__(self, workdir: str | Path, config: str = "", name: str = "serve", up_timeout: float = 120.0):
+    def __init__(self, workdir: str | Path, config: str = "", name: str = "serve", up_timeout: float = 120.0,
+                 reply_timeout_ms: int = 10_000):
         from edge_steer.client import Client
 
         self.workdir = Path(workdir)
@@ -53,7 +54,9 @@ class ServeProcess:
         self.log_path = self.workdir / f"{name}.log"
         self.up_timeout = up_timeout
         self.proc: subprocess.Popen | None = None
-        self.client = Client(self.command, self.telemetry, timeout_ms=2000)
+        # a liveness bound, not a latency check: on a slow 2-core machine running the suite, a loaded daemon
+        # was seen taking over 2 s to answer `status` (bench_serve measures the round trip)
+        self.client = Client(self.command, self.telemetry, timeout_ms=reply_timeout_ms)
 
     def start(self) -> "ServeProcess":
         with open(self.log_path, "w") as log:   # the child keeps its own descriptor
