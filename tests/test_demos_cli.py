@@ -156,6 +156,19 @@ def test_a_policy_that_trips_a_reflex_before_the_handover_is_not_counted_as_an_e
     assert summary["attempts"] == 2
 
 
+class _AlwaysReflex(_StandStill):
+    def predict(self, observation, instruction):
+        from edge_steer.sim.panda import ControlException
+        raise ControlException("Motion aborted by reflex! [cartesian_reflex]")
+
+
+def test_a_run_the_policy_keeps_faulting_says_so_rather_than_blaming_the_expert(tmp_path):
+    from edge_steer.sim.demos import Takeover
+    with pytest.raises(RuntimeError, match="15 where the policy tripped a reflex first"):
+        generate_demos("red_cube_on_blue_plate", 1, 5, tmp_path / "ds", SMALL, workers=1,
+                       takeover=Takeover(_AlwaysReflex, first=4, last=9))
+
+
 @pytest.mark.parametrize("steps", ["9:3", "a:b"])
 def test_takeover_refuses_a_bad_step_range(steps, tmp_path):
     from edge_steer.models import DEFAULT_MODEL_DIR

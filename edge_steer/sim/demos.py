@@ -144,11 +144,15 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
             if saved >= episodes:
                 break
     if saved < episodes:
+        why = []
+        if skipped:
+            why.append(f"{skipped} finished by the policy before the handover")
+        if faults:
+            why.append(f"{faults} where the policy tripped a reflex first")
         raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries"
-                           + (f" ({skipped} finished by the policy before the handover)" if skipped else ""))
+                           + (f" ({', '.join(why)})" if why else ""))
     return {"task": task_name, "saved": saved, "failed": failed, "skipped": skipped, "policy_faults": faults,
-            "attempts": attempts,
-            "out": str(out)}
+            "attempts": attempts, "out": str(out)}
 
 
 def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, takeover) -> Iterator[RecordedEpisode]:
