@@ -156,3 +156,64 @@ def test_sim_cameras_render_in_their_own_thread_unless_told_otherwise(monkeypatc
     monkeypatch.setenv("LP_NUM_THREADS", "3")
     SimCameraSource(CameraConfig("front"), world)
     assert os.environ["LP_NUM_THREADS"] == "3"                 # an operator's own setting wins
+
+
+class _Unpluggable:
+    """A camera whose cable is out for the first `out_s` seconds after its first read error."""
+
+    def __init__(self, out_s: float):
+        import time
+        self.name, self.out_s, self.starts, self._time = "cam", out_s, [], time
+        self._pulled_at: float | None = None
+        self.n = 0
+
+    def _out(self) -> bool:
+        return self._pulled_at is not None and self._time.perf_counter() - self._pulled_at < self.out_s
+
+    def start(self) -> None:
+        from edge_steer.runtime.camera import CameraError
+        self.starts.append(self._time.perf_counter())
+        if self._out():
+            raise CameraError("No device connected")
+
+    def read(self, timeout_ms: int):
+        import numpy as np
+
+        from edge_steer.runtime.camera import CameraError, Frame
+        self._time.sleep(0.01)
+        self.n += 1
+        if self.n == 20 and self._pulled_at is None:
+            self._pulled_at = self._time.perf_counter()
+        if self._out() or self.n == 20:
+            raise CameraError("device disconnected")
+        return Frame(np.zeros((4, 4, 3), np.uint8), self._time.time(), self.n)
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("out_s", [0.0, 0.5])
+def test_a_camera_that_drops_out_is_retried_at_once_then_with_backoff(out_s):
+    import time
+
+    from edge_steer.runtime.camera import CameraStage
+    cam = _Unpluggable(out_s)
+    stage = CameraStage([cam], reopen_s=0.4)
+    stage.start()
+    try:
+        deadline = time.perf_counter() + 5
+        while stage.latest()["cam"] is None or stage.latest()["cam"].number <= 20:  # 20: the read that failed
+            assert time.perf_counter() < deadline, "frames did not come back"
+            time.sleep(0.01)
+        assert stage.errors["cam"] >= 1
+    finally:
+        stage.stop()
+    gaps = [b - a for a, b in zip(cam.starts[1:], cam.starts[2:])]  # starts[0]: the daemon's own open
+    if out_s == 0.0:
+        # a blink: the first retry works; it must not wait the full reopen_s as a fixed pause would
+        assert len(cam.starts) == 2 and cam.starts[1] - cam._pulled_at < 0.2
+    else:
+        # out for 0.5 s: a handful of tries whose gaps grow, not a hot loop and not reopen_s each
+        assert 4 <= len(cam.starts) <= 10, cam.starts
+        assert all(g2 >= g1 * 0.9 for g1, g2 in zip(gaps, gaps[1:])), gaps
+        assert max(gaps) <= 0.4 + 0.1

@@ -183,18 +183,22 @@ class CameraStage:
                 self._cond.notify_all()
 
     def _reopen_camera(self, cam: Camera) -> None:
+        """Re-open until it works: first after 20 ms (a USB link that blinked is back at once, and every
+        100 ms of waiting is 100 ms of holding the arm), then backing off to `reopen_s` between tries."""
         try:
             cam.stop()
         except Exception:  # noqa: BLE001 - it is already broken
             pass
+        wait = min(0.02, self._reopen)
         while self._running:
-            time.sleep(self._reopen)
+            time.sleep(wait)
             try:
                 cam.start()
                 log.info("camera %s reopened", cam.name)
                 return
             except Exception as e:  # noqa: BLE001
                 self.last_error[cam.name] = str(e)
+            wait = min(2 * wait, self._reopen)
 
     def latest(self) -> dict[str, Frame | None]:
         return dict(self._latest)
