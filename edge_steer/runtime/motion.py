@@ -145,6 +145,10 @@ class MotionSide:
 # ----------------------------------------------------------------------------------------------
 # Daemon side: what the daemon reads and writes of a SetpointStage
 # ----------------------------------------------------------------------------------------------
+def _status_field(index: int, cast) -> property:
+    return property(lambda self: cast(self._snap()[index]), doc=f"status[{index}], as the stage last published it")
+
+
 class RemoteSetpoint:
     """The daemon's handle on the setpoint stage running in the robot process (`MotionSide`)."""
 
@@ -198,25 +202,11 @@ class RemoteSetpoint:
         self.control[1] = code
         self.control[0] = self._request     # after the code: the stage reads the pair once it sees this
 
-    @property
-    def segment(self) -> int:
-        return int(self._snap()[1])
-
-    @property
-    def boundary_time(self) -> float:
-        return float(self._snap()[2])
-
-    @property
-    def ticks(self) -> int:
-        return int(self._snap()[3])
-
-    @property
-    def rejected(self) -> int:
-        return int(self._snap()[4])
-
-    @property
-    def missed_ticks(self) -> int:
-        return int(self._snap()[7])
+    segment = _status_field(1, int)
+    boundary_time = _status_field(2, float)
+    ticks = _status_field(3, int)
+    rejected = _status_field(4, int)
+    missed_ticks = _status_field(7, int)
 
     @property
     def commanded(self) -> tuple[list[float], tuple[float, ...]]:
