@@ -20,6 +20,7 @@ Rare requests (re-anchor, timing) go over the robot process's request socket.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -160,6 +161,7 @@ class RemoteSetpoint:
         self._request = 0
         self._hold_wanted: str | None = "idle"
         self._ring_read = 0
+        self._ring_lock = threading.Lock()   # the monitor and an ending episode both drain it
         self._fault_seen = 0.0
         self.controller = None      # the daemon's handle; the stage drives the robot side's own controller
         self.q_nullspace = np.zeros(7)
@@ -230,13 +232,12 @@ class RemoteSetpoint:
 
     def take_executed(self) -> list[tuple[int, np.ndarray]]:
         ring = self.ring
-        n = int(ring[0])
-        out = []
-        start = max(self._ring_read, n - RING)   # a reader that fell a whole ring behind loses the oldest
-        for i in range(start, n):
-            slot = 1 + (i % RING) * 8
-            out.append((int(ring[slot]), ring[slot + 1:slot + 8].copy()))
-        self._ring_read = n
+        with self._ring_lock:
+            n = int(ring[0])
+            start = max(self._ring_read, n - RING)   # a reader that fell a whole ring behind loses the oldest
+            out = [(int(ring[1 + (i % RING) * 8]), ring[2 + (i % RING) * 8:9 + (i % RING) * 8].copy())
+                   for i in range(start, n)]
+            self._ring_read = n
         return out
 
     def take_fault(self) -> str | None:
