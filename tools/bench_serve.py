@@ -18,7 +18,8 @@ period error and missed ticks, camera-frame -> first-setpoint latency, `status` 
 ZMQ (20 Hz), telemetry rate seen by a subscriber. `--setups` runs the whole benchmark once per setup,
 side by side, and prints each one's ratios to the first. A setup is `where:scheduler`: where SimPanda's
 loop runs (`process`, the default: its own interpreter, as libfranka's C++ loop is outside the GIL;
-`thread`: inside the daemon), and how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
+`thread`: inside the daemon; `motion`: its own interpreter with the setpoint stage ticking in its loop,
+`realtime.motion = "process"`), and how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
 SCHED_FIFO 20 as libfranka's, the setpoint loop SCHED_FIFO 10; `other`: both SCHED_OTHER).
 """
 
@@ -69,14 +70,17 @@ def run(args, setup: str) -> dict:
     cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
     fifo = scheduler == "fifo"
+    # "motion": the robot's own process, with the setpoint stage ticking in its loop (runtime/motion.py)
+    motion = "process" if where == "motion" else "thread"
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
-                                  robot={"stop_on_success": False, "sim_loop": where},
-                                  realtime={"priority": 10 if fifo else 0, "required": fifo})
+                                  robot={"stop_on_success": False, "sim_loop": "process" if motion == "process" else where},
+                                  realtime={"priority": 10 if fifo else 0, "required": fifo, "motion": motion})
     if "render" in opts:
         from dataclasses import replace
         n = -1 if opts["render"] == "mesa" else int(opts["render"])
         cfg = cfg.with_(cameras=tuple(replace(c, sim_render_threads=n) for c in cfg.cameras))
-    robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0)
+    robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0,
+                       motion=(cfg.rates, cfg.safety) if motion == "process" else None)
     if fifo and robot.arm.rt_refused:
         raise SystemExit(f"the fifo run needs real-time scheduling: {robot.arm.rt_refused}")
     import torch
@@ -151,9 +155,9 @@ def _parse_setup(setup: str) -> tuple[str, str, dict[str, str]]:
     where, _, rest = setup.partition(":")
     sched, *options = rest.split(":")
     opts = dict(o.split("=", 1) for o in options if "=" in o)
-    if where not in ("process", "thread") or sched not in ("fifo", "other") or set(opts) - {"render", "switch"} \
+    if where not in ("process", "thread", "motion") or sched not in ("fifo", "other") or set(opts) - {"render", "switch"} \
             or len(opts) != len(options):
-        raise SystemExit(f"bad setup {setup!r}: where:scheduler[:render=N][:switch=S], where in process|thread, "
+        raise SystemExit(f"bad setup {setup!r}: where:scheduler[:render=N][:switch=S], where in process|thread|motion, "
                          "scheduler in fifo|other")
     return where, sched, opts
 

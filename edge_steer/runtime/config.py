@@ -115,8 +115,12 @@ class RealtimeConfig:
     priority: int = 10
     cpu: int = -1                        # pin the setpoint thread to this CPU (-1: the process's affinity)
     required: bool = False               # refuse to start without real-time scheduling (robot PC), not just warn
+    # where the setpoint stage runs: "thread", a FIFO thread of the daemon (it shares the daemon's GIL), or
+    # "process", in the robot's own process beside its 1 kHz loop (runtime/motion.py; sim robot only so far)
+    motion: str = "thread"
 
     def check(self) -> None:
+        _one_of("realtime.motion", self.motion, ("thread", "process"))
         if not 0 <= self.priority <= 99:
             raise ConfigError("realtime.priority must be in 0..99 (0: no SCHED_FIFO)")
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -240,6 +244,14 @@ class ServeConfig:
             raise ConfigError("engine.backend 'expert' is the sim's scripted expert: it needs robot.backend 'sim'")
         for part in (self.engine, self.rates, self.realtime, self.safety, self.zmq, self.record):
             part.check()
+        if self.realtime.motion == "process":
+            if self.robot.backend != "sim" or self.robot.sim_loop != "process":
+                raise ConfigError("realtime.motion 'process' runs the setpoint stage in the sim robot's own process: it "
+                                  "needs robot.backend 'sim' and robot.sim_loop 'process' (not built for the panda "
+                                  "backend yet: there the stage runs as a daemon thread)")
+            if self.rates.control_hz != 1000:
+                raise ConfigError("realtime.motion 'process' ticks the stage with the robot's 1 kHz loop: "
+                                  "rates.control_hz must be 1000")
         _one_of("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
         return self
 

@@ -80,7 +80,8 @@ def build_engine(cfg: ServeConfig, robot: RobotHandle):
 class Daemon:
     def __init__(self, cfg: ServeConfig, engine=None, robot: RobotHandle | None = None, cameras=None):
         self.cfg = cfg
-        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required)
+        motion = (cfg.rates, cfg.safety) if cfg.realtime.motion == "process" else None
+        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=motion)
         try:
             world = self.robot.sim.world if self.robot.sim is not None else None
             self.cameras = CameraStage(cameras if cameras is not None else [open_camera(c, world) for c in cfg.cameras],
@@ -91,7 +92,11 @@ class Daemon:
             raise
         self.engine_lock = threading.Lock()
         self.filter = SafetyFilter(cfg.safety, 1.0 / cfg.rates.control_hz)
-        self.setpoint = SetpointStage(cfg.rates, self.filter, self.robot.gripper.command)
+        # the stage runs here as a thread, or in the robot's process (realtime.motion, runtime/motion.py);
+        # in the latter case the filter here only checks the start pose, the stage's own filters setpoints
+        motion = getattr(self.robot.arm, "motion", None)
+        self.setpoint = motion if motion is not None else SetpointStage(cfg.rates, self.filter,
+                                                                        self.robot.gripper.command)
         self.setpoint.q_nullspace = np.asarray(self.robot.q_nullspace, dtype=float)
         self.joint_limits = JointLimits.panda()
         self._lock = threading.RLock()
@@ -398,9 +403,7 @@ class Daemon:
         reset = getattr(self.robot.arm, "reset_loop_timing", None)
         if reset is not None:
             reset()
-        self.setpoint.loop.clear()
-        self.setpoint.latencies.clear()
-        self.setpoint.handovers.clear()
+        self.setpoint.clear_timing()
         self.frame_to_policy_ms.clear()
         self.inference_ms.clear()
 
@@ -429,12 +432,12 @@ class Daemon:
 
     def _telemetry(self) -> dict:
         r = self.reading
-        f = self.filter
+        p, q = self.setpoint.commanded
         self._telemetry_seq += 1
         msg = {"v": 1, "seq": self._telemetry_seq, "t": time.time(), "state": self.state.value,
                "hold": self.setpoint.hold_reason, "segment": self.setpoint.segment,
-               "setpoint": [*f.p, *f.q], "chunks": self.chunks_made,
-               "inference_ms": self.inference_ms.last, "missed_ticks": self.setpoint.loop.missed_ticks}
+               "setpoint": [*p, *q], "chunks": self.chunks_made,
+               "inference_ms": self.inference_ms.last, "missed_ticks": self.setpoint.missed_ticks}
         if r is not None:
             msg.update(tcp=[*map(float, r.position), *map(float, r.quat)], q=[float(x) for x in r.q],
                        gripper_width=float(r.gripper_width))
@@ -444,9 +447,7 @@ class Daemon:
 
     # ---- threads ---------------------------------------------------------------------------------
     def _drain_executed(self) -> None:
-        ex = self.setpoint.executed
-        while ex:
-            seg, action = ex.popleft()
+        for seg, action in self.setpoint.take_executed():
             if self.recording and self.recorder is not None and self.state != State.FAULT:
                 self.recorder.action(seg, action)
 
@@ -491,8 +492,8 @@ class Daemon:
         self.reading = r
         self.setpoint.measured_p = r.position
         state = self.state
-        if self.setpoint.fault_pending is not None:  # raised on the 1 kHz side, handled here
-            reason, self.setpoint.fault_pending = self.setpoint.fault_pending, None
+        reason = self.setpoint.take_fault()
+        if reason is not None:  # raised on the 1 kHz side, handled here
             self.fault(reason)
             return
         if state != State.FAULT:
@@ -533,7 +534,8 @@ class Daemon:
         obs["observation.state"] = tcp_state(r.position, quat_to_mat(r.quat), r.gripper_width)
         obs["observation.joints"] = r.q.astype(np.float32)
         # for engines that plan from the commanded target (the sim's expert); models ignore runtime.*
-        obs["runtime.target"] = np.array([*self.setpoint._anchor_p, *self.setpoint._anchor_q])
+        p, q = self.setpoint.anchor
+        obs["runtime.target"] = np.array([*p, *q])
         obs["runtime.episode"] = self.episode
         return obs
 
@@ -547,8 +549,7 @@ class Daemon:
             if self.state != State.RUNNING or sp.hold_reason is not None:
                 time.sleep(0.005)
                 continue
-            sp.boundary.clear()
-            if not sp.boundary.wait(0.5):
+            if not sp.wait_boundary(0.5):
                 continue
             seg, t_b = sp.segment, sp.boundary_time
             if (seg - self._episode_start_seg) % every:

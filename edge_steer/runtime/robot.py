@@ -160,15 +160,20 @@ class RobotHandle:
             close()
 
 
-def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority: int | None = None) -> RobotHandle:
+def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority: int | None = None,
+               motion: tuple | None = None) -> RobotHandle:
     """Connect the configured arm. `enforce_realtime`: libfranka refuses to run its control loop
     without SCHED_FIFO (panda-py's default only tries). `sim_rt_priority`: the sim twin's loop priority
-    (default libfranka's 20; 0 leaves it SCHED_OTHER, for benchmarks that compare)."""
+    (default libfranka's 20; 0 leaves it SCHED_OTHER, for benchmarks that compare). `motion`:
+    (RatesConfig, SafetyConfig) to run the setpoint stage in the sim robot's process; the arm's
+    `motion` is then the daemon's handle on it (runtime/motion.py)."""
     kt, kr = cfg.impedance
     impedance = np.diag([kt] * 3 + [kr] * 3)
     if cfg.backend == "sim":
         from edge_steer.realtime import LIBFRANKA_PRIORITY
-        return _open_sim(cfg, impedance, LIBFRANKA_PRIORITY if sim_rt_priority is None else sim_rt_priority)
+        return _open_sim(cfg, impedance, LIBFRANKA_PRIORITY if sim_rt_priority is None else sim_rt_priority, motion)
+    if motion is not None:
+        raise RobotError("the setpoint stage in the robot's process is built for the sim robot only")
     try:
         import panda_py
         from panda_py import controllers, libfranka
@@ -185,7 +190,7 @@ def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority
                        lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness), q_null)
 
 
-def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int) -> RobotHandle:
+def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int, motion: tuple | None = None) -> RobotHandle:
     from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
     from edge_steer.sim.panda_model import Q_START
     from edge_steer.sim.tasks import get_task
@@ -197,9 +202,12 @@ def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int) -> Robo
     q0 = Q_START + rng.uniform(-0.05, 0.05, 7)
     if cfg.sim_loop == "process":
         from edge_steer.sim.panda_process import RemoteCartesianImpedance, SimPandaProcess
-        arm = SimPandaProcess(scene.spec, q0, rt_priority=rt_priority)
+        arm = SimPandaProcess(scene.spec, q0, rt_priority=rt_priority,
+                              motion=None if motion is None else (*motion, cfg.grasp_force, q0))
         world, controller = arm.world, RemoteCartesianImpedance
     else:
+        if motion is not None:
+            raise RobotError("the setpoint stage runs in the sim robot's process only with robot.sim_loop 'process'")
         world = World(scene.spec)
         world.reset(q0)
         arm, controller = SimPanda(world, realtime=True, rt_priority=rt_priority), CartesianImpedance

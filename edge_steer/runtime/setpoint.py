@@ -86,6 +86,7 @@ class SetpointStage:
         self._reset_request: tuple | None = None
         self._running = False
         self._thread: threading.Thread | None = None
+        self._driver: threading.Thread | None = None
 
     # ---- control from other threads --------------------------------------------------------
     def reset(self, p, q) -> None:
@@ -100,8 +101,13 @@ class SetpointStage:
         self._thread.start()
         return make_realtime(self._thread, priority, cpu)
 
+    def attach(self, thread, stats: LoopStats) -> None:
+        """Tick from another loop instead of starting one (the robot process's, runtime/motion.py):
+        its thread's scheduling and its statistics are then this stage's."""
+        self._driver, self.loop = thread, stats
+
     def scheduling(self) -> str:
-        return scheduling(self._thread)
+        return scheduling(self._thread or self._driver)
 
     def stop(self) -> None:
         self._running = False
@@ -232,6 +238,39 @@ class SetpointStage:
         self._up = [(float(p1[i]) - rp[i]) / left for i in range(3)]
         w = qlog(qmul((float(q1[0]), float(q1[1]), float(q1[2]), float(q1[3])), qconj(self._raw_q)))
         self._uw = (w[0] / left, w[1] / left, w[2] / left)
+
+    # ---- what the daemon reads (runtime/motion.py's RemoteSetpoint answers the same) ----------
+    def wait_boundary(self, timeout: float) -> bool:
+        """Block until the next segment starts (True) or `timeout` s pass (False)."""
+        self.boundary.clear()
+        return self.boundary.wait(timeout)
+
+    def take_executed(self) -> list[tuple[int, np.ndarray]]:
+        out = []
+        while self.executed:
+            out.append(self.executed.popleft())
+        return out
+
+    def take_fault(self) -> str | None:
+        reason, self.fault_pending = self.fault_pending, None
+        return reason
+
+    @property
+    def commanded(self) -> tuple[list[float], tuple[float, ...]]:
+        return list(self.filter.p), self.filter.q
+
+    @property
+    def anchor(self) -> tuple[list[float], tuple[float, ...]]:
+        return list(self._anchor_p), self._anchor_q
+
+    @property
+    def missed_ticks(self) -> int:
+        return self.loop.missed_ticks
+
+    def clear_timing(self) -> None:
+        self.loop.clear()
+        self.latencies.clear()
+        self.handovers.clear()
 
     # ---- statistics -----------------------------------------------------------------------------
     def timing(self) -> dict:

@@ -115,15 +115,16 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
     # or its end closes our socket), as libfranka's loop stops when its owner says so
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(conn_fd)
-    spec, q0, finger, rt_priority, cpu = conn.recv()
+    spec, q0, finger, rt_priority, cpu, motion_cfg = conn.recv()
     world = World(spec)
     world.reset(q0, finger)
     panda = SimPanda(world, realtime=False)   # physics + controller; this process's loop ticks it
     lay = _Layout(world.model.nq, world.model.nv)
-    mem = mmap.mmap(mem_fd, lay.nbytes)
+    mem = mmap.mmap(mem_fd, os.fstat(mem_fd).st_size)
     state, target, err = lay.buffers(mem)
     stats = LoopStats()
     rt_refused = make_realtime(threading.current_thread(), rt_priority, cpu)
+    motion = None if motion_cfg is None else _motion_side(panda, lay, mem, stats, *motion_cfg)
     active = {"gen": 0.0, "ctrl": None, "seen": -1.0}
     published_errors: list[tuple] = [()]
     running = [True]
@@ -174,10 +175,14 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
             ctrl = CartesianImpedance(**params) if kind == "cartesian" else JointPosition(**params)
             panda.start_controller(ctrl)         # raises ControlException in reflex
             active.update(gen=gen, ctrl=ctrl, seen=-1.0)
+            if motion is not None:               # the stage here drives it; the parent writes no targets
+                motion.stage.controller = ctrl
             return None
         if op == "stop":
             panda.stop_controller()
             active["ctrl"] = None
+            if motion is not None:
+                motion.stage.controller = None
             return None
         if op == "recover":
             panda.recover()
@@ -193,6 +198,8 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
         if op == "reset_timing":
             stats.clear()
             return None
+        if motion is not None and op.startswith("motion_"):
+            return _motion_request(motion.stage, op, args)
         if op == "close":
             running[0] = False
             return None
@@ -208,6 +215,8 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
                 reply = (rid, "error", type(e).__name__, str(e))
             if msg[0] not in ONE_WAY:
                 replies.append(reply)
+        if motion is not None:   # the motion generator first, then the controller and physics (libfranka's order)
+            motion.tick(pose[:3, 3])
         take_target()
         panda._locked_tick()   # SimPanda's own loop body: a tick that raises faults the arm, never the loop
         publish()
@@ -220,6 +229,36 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
         run_periodic(tick, DT, lambda: running[0], stats)
     except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent went away
         pass
+
+
+def _motion_side(panda, lay: _Layout, mem, stats, rates, safety, grasp_force: float, q_nullspace):
+    """The setpoint stage in this process (runtime/motion.py), ticked by this loop."""
+    from edge_steer.runtime.motion import MotionLayout, MotionSide
+    from edge_steer.runtime.robot import GripperDriver
+    from edge_steer.runtime.safety import SafetyFilter
+    from edge_steer.runtime.setpoint import SetpointStage
+    from edge_steer.sim.panda import SimGripper
+
+    stage = SetpointStage(rates, SafetyFilter(safety, 1.0 / rates.control_hz),
+                          GripperDriver(SimGripper(panda), grasp_force, asynchronous=True).command)
+    stage.q_nullspace = np.asarray(q_nullspace, dtype=float)
+    stage.attach(threading.current_thread(), stats)
+    return MotionSide(stage, MotionLayout(lay.nbytes), mem)
+
+
+def _motion_request(stage, op: str, args: tuple):
+    if op == "motion_reset":
+        stage.reset(*args)
+        return None
+    if op == "motion_timing":
+        t = stage.timing()
+        t["scheduling"] = f"{t['scheduling']} (in the robot's loop, own process)"
+        return t
+    if op == "motion_clear_timing":
+        stage.latencies.clear()
+        stage.handovers.clear()
+        return None
+    raise ValueError(f"unknown request {op!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,18 +358,24 @@ class SimPandaProcess(PandaQueries):
     realtime = True
 
     def __init__(self, spec: SceneSpec, q0: np.ndarray = Q_START, finger: float = 0.04,
-                 rt_priority: int = LIBFRANKA_PRIORITY, cpu: int = -1, name: str = "panda"):
+                 rt_priority: int = LIBFRANKA_PRIORITY, cpu: int = -1, name: str = "panda",
+                 motion: tuple | None = None):
+        """`motion`: (RatesConfig, SafetyConfig, grasp force, q_nullspace) to run the setpoint stage in the
+        child's loop; `self.motion` is then the daemon's handle on it (runtime/motion.py)."""
+        from edge_steer.runtime.motion import MotionLayout
         self.name = name
         self.world = World(spec)
         self.world.reset(q0, finger)
         self._lay = _Layout(self.world.model.nq, self.world.model.nv)
+        motion_lay = MotionLayout(self._lay.nbytes) if motion is not None else None
+        nbytes = self._lay.nbytes + (motion_lay.nbytes if motion_lay is not None else 0)
         # one unnamed shared file: nothing to clean up, whichever way either process ends
         if hasattr(os, "memfd_create"):
             mem_fd = os.memfd_create("edge-steer-simpanda")
         else:  # pragma: no cover - non-Linux
             mem_fd = os.dup(tempfile.TemporaryFile().fileno())
-        os.ftruncate(mem_fd, self._lay.nbytes)
-        self._mem = mmap.mmap(mem_fd, self._lay.nbytes)
+        os.ftruncate(mem_fd, nbytes)
+        self._mem = mmap.mmap(mem_fd, nbytes)
         self._state, self._target, self._err = self._lay.buffers(self._mem)
         self._target_lock = threading.Lock()
         self._rpc_lock = threading.Lock()    # one request in flight at a time, replies in order
@@ -349,7 +394,7 @@ class SimPandaProcess(PandaQueries):
             os.close(mem_fd)
             theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send((spec, np.asarray(q0, float), float(finger), rt_priority, cpu))
+        self._conn.send((spec, np.asarray(q0, float), float(finger), rt_priority, cpu, motion))
         self.world.lock = _MirrorLock(self._refresh_mirror)
         if not self._conn.poll(30.0):
             self._proc.kill()
@@ -359,6 +404,10 @@ class SimPandaProcess(PandaQueries):
         except EOFError:
             raise ControlException(f"the simulated robot process exited at start (code {self._proc.wait()})") from None
         self.rt_refused: str | None = ready[1]   # why its loop is not SCHED_FIFO, if it is not
+        self.motion = None
+        if motion_lay is not None:
+            from edge_steer.runtime.motion import RemoteSetpoint
+            self.motion = RemoteSetpoint(self, motion_lay, self._mem)
 
     # --- plumbing --------------------------------------------------------------------------------
     def _alive(self) -> None:

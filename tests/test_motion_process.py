@@ -1,0 +1,110 @@
+"""The setpoint stage in the robot's process (`realtime.motion = "process"`, runtime/motion.py): what the
+daemon writes (holds, chunks) reaches the stage, what the stage makes (segments, executed actions,
+faults, the commanded pose) comes back, and the daemon does its job through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_steer.client import Client
+from edge_steer.runtime.config import ConfigError, RatesConfig, SafetyConfig, ServeConfig
+from edge_steer.runtime.daemon import Daemon
+from edge_steer.runtime.launch import free_endpoint, wait_for
+from edge_steer.runtime.setpoint import Chunk
+from edge_steer.sim.panda_model import Q_START
+from edge_steer.sim.panda_process import RemoteCartesianImpedance, SimPandaProcess
+from edge_steer.sim.tasks import get_task
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_motion_process_needs_the_sim_robot_in_its_own_process_at_1khz():
+    assert ServeConfig.sim().realtime.motion == "thread"
+    with pytest.raises(ConfigError, match="realtime.motion"):
+        ServeConfig.sim().with_(realtime={"motion": "elsewhere"})
+    with pytest.raises(ConfigError, match="robot.sim_loop 'process'"):
+        ServeConfig.sim().with_(realtime={"motion": "process"}, robot={"sim_loop": "thread"})
+    with pytest.raises(ConfigError, match="control_hz must be 1000"):
+        ServeConfig.sim().with_(realtime={"motion": "process"}, rates={"control_hz": 500})
+    assert ServeConfig.sim().with_(realtime={"motion": "process"}).realtime.motion == "process"
+
+
+@pytest.fixture
+def arm():
+    scene = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96)
+    a = SimPandaProcess(scene.spec, Q_START, rt_priority=0,
+                        motion=(RatesConfig(), SafetyConfig(), 40.0, Q_START))
+    yield a
+    a.close()
+
+
+def _pose(arm):
+    from edge_steer.geometry import mat_to_quat
+    t = arm.get_pose()
+    return t[:3, 3].copy(), mat_to_quat(t[:3, :3])
+
+
+def test_holds_chunks_executed_actions_and_faults_cross_the_process_boundary(arm):
+    sp = arm.motion
+    p0, q0 = _pose(arm)
+    sp.reset(p0, q0)
+    arm.start_controller(RemoteCartesianImpedance())
+    assert sp.hold_reason == "idle"
+    sp.hold_reason = None
+    assert sp.hold_reason is None            # what was asked, even before the stage's next tick
+    seg0 = sp.segment
+    assert sp.wait_boundary(1.0) and sp.segment > seg0
+    actions = np.zeros((10, 7))
+    actions[:, 0] = 0.004                    # +4 mm per segment in x, gripper open
+    sp.inbox = Chunk(actions, sp.segment, 0.0, 1)
+    done = wait_for(lambda: [e for e in sp.take_executed() if e[1][0] == 0.004], timeout=5.0, what="executed")
+    assert done[0][1].shape == (7,)
+    wait_for(lambda: sp.commanded[0][0] > p0[0] + 0.006, timeout=5.0, what="the commanded pose moving in +x")
+    wait_for(lambda: _pose(arm)[0][0] > p0[0] + 0.004, timeout=5.0, what="the arm following")
+    assert sp.take_fault() is None and sp.rejected == 0
+    with pytest.raises(ValueError, match=r"\(1..64, 7\)"):
+        sp.inbox = Chunk(np.zeros((3, 6)), sp.segment, 0.0, 2)
+    # a non-finite action makes a non-finite target: the stage rejects it, brakes and reports why
+    bad = actions.copy()
+    bad[:, 1] = np.nan
+    sp.inbox = Chunk(bad, sp.segment, 0.0, 3)
+    reason = wait_for(sp.take_fault, timeout=5.0, what="the fault")
+    assert "non-finite" in reason and sp.hold_reason == "rejected_setpoint" and sp.rejected >= 1
+    assert sp.take_fault() is None           # reported once
+    assert np.all(np.isfinite(sp.commanded[0]))
+    timing = sp.timing()
+    assert timing["ticks"] > 100 and "robot's loop" in timing["scheduling"]
+
+
+def test_the_daemon_does_and_records_the_task_with_the_stage_in_the_robot_process(tmp_path):
+    from edge_steer.data import Dataset
+    cmd, tel = free_endpoint(), free_endpoint()
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, engine={"backend": "expert"},
+                                  realtime={"motion": "process"}, record={"dir": str(tmp_path / "rec")})
+    d = Daemon(cfg).start()
+    c = Client(cmd, tel, timeout_ms=5000)
+    try:
+        assert d.setpoint is d.robot.arm.motion
+        c.record(True)
+        c.instruct("put the red cube on the blue plate")
+        wait_for(lambda: c.status()["state"] != "RUNNING", timeout=60.0, step=0.2, what="the episode's end")
+        s = c.status()
+        assert s["transitions"][-1]["why"] == "task_success", s["transitions"]
+        assert "robot's loop" in s["setpoint_loop"]["scheduling"] and s["setpoint_loop"]["rejected"] == 0
+        c.record(False)
+        wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1, what="the recorded episode")
+        ds = Dataset(tmp_path / "rec")
+        ep = ds.episode(ds.episodes[0].index)
+        actions = ep["action"]          # the executed actions, paired with their observations by segment
+        assert ds.num_episodes == 1 and len(actions) > 20 and np.abs(actions[:, :3]).max() > 0
+        assert set(np.unique(actions[:, 6])) == {0.0, 1.0}     # it opened, grasped and let go
+        msg = next(iter(c.telemetry(timeout_ms=2000)))
+        assert len(msg["setpoint"]) == 7 and np.allclose(msg["setpoint"][:3], msg["tcp"][:3], atol=0.02)
+        # e-stop drops the robot process's controller at once; recover starts a new one
+        c.instruct("put the red cube on the blue plate")
+        assert c.estop()["state"] == "FAULT" and d.robot.read().mode == "kIdle"
+        assert c.recover()["state"] == "IDLE" and d.robot.read().mode == "kMove"
+    finally:
+        c.close()
+        d.close()
