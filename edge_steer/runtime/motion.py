@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_steer.runtime.setpoint import Chunk, SetpointStage
-from edge_steer.sim.panda_process import _seq_read, _seq_write
+from edge_steer.sim.panda_process import _get_text, _put_text, _seq_read, _seq_write
 
 # Every hold the daemon or the stage sets; index 0 is "no hold" (running).
 HOLDS = (None, "idle", "paused", "fault", "shutdown", "stale_frame", "rejected_setpoint",
@@ -47,8 +47,8 @@ class MotionLayout:
     # control slot: [request number, hold code]
     control_size = 2
     # status: [lock, segment, boundary_time, ticks, rejected, hold, hold request applied, missed,
-    #          has_controller, fault_epoch, p(3), q(4), anchor p(3), anchor q(4)]
-    status_size = 10 + 14
+    #          fault_epoch, p(3), q(4), anchor p(3), anchor q(4)]
+    status_size = 9 + 14
     # executed ring: [count, then RING x (segment, action 7)]
     ring_size = 1 + RING * 8
 
@@ -86,7 +86,6 @@ class MotionSide:
         self._seen_chunk = 0.0          # the daemon numbers chunks from 1; slot 0 is the empty one
         self._seen_request = 0.0
         self._fault_epoch = 0
-        self._last_segment = -1
 
     def tick(self, measured_p) -> None:
         sp = self.stage
@@ -105,16 +104,12 @@ class MotionSide:
                 sp.inbox = Chunk(snap[6:6 + 7 * h].reshape(h, 7).copy(), int(snap[2]), float(snap[3]),
                                  int(snap[1]), posted=float(snap[4]))
         sp.tick()
-        if sp.fault_pending is not None:
-            raw = sp.fault_pending.encode()[:FAULT_BYTES - 2]
-            sp.fault_pending = None
-            self.fault[:2] = np.frombuffer(len(raw).to_bytes(2, "little"), np.uint8)
-            self.fault[2:2 + len(raw)] = np.frombuffer(raw, np.uint8)
-            self._fault_epoch += 1
-        ex = sp.executed
-        while ex:
-            seg, action = ex.popleft()
-            ring = self.ring
+        reason = sp.take_fault()
+        if reason is not None:
+            _put_text(self.fault, reason)
+            self._fault_epoch += 1       # published after the text: a reader that sees it sees the text
+        ring = self.ring
+        for seg, action in sp.take_executed():
             n = int(ring[0])
             slot = 1 + (n % RING) * 8
             ring[slot] = seg
@@ -124,7 +119,7 @@ class MotionSide:
 
     def _publish(self) -> None:
         sp, st = self.stage, self.status
-        f = sp.filter
+        (p, q), (ap, aq) = sp.commanded, sp.anchor
 
         def write():
             st[1] = sp.segment
@@ -133,13 +128,12 @@ class MotionSide:
             st[4] = sp.rejected
             st[5] = HOLDS.index(sp.hold_reason) if sp.hold_reason in HOLDS else HOLDS.index("fault")
             st[6] = self._seen_request
-            st[7] = sp.loop.missed_ticks
-            st[8] = 1.0 if sp.controller is not None else 0.0
-            st[9] = self._fault_epoch
-            st[10:13] = f.p
-            st[13:17] = f.q
-            st[17:20] = sp._anchor_p
-            st[20:24] = sp._anchor_q
+            st[7] = sp.missed_ticks
+            st[8] = self._fault_epoch
+            st[9:12] = p
+            st[12:16] = q
+            st[16:19] = ap
+            st[19:23] = aq
         _seq_write(st, write)
 
 
@@ -152,8 +146,6 @@ def _status_field(index: int, cast) -> property:
 
 class RemoteSetpoint:
     """The daemon's handle on the setpoint stage running in the robot process (`MotionSide`)."""
-
-    remote = True
 
     def __init__(self, robot, layout: MotionLayout, mem):
         self._robot = robot         # the robot process's parent side: its request socket
@@ -213,12 +205,12 @@ class RemoteSetpoint:
     @property
     def commanded(self) -> tuple[list[float], tuple[float, ...]]:
         st = self._snap()
-        return [float(x) for x in st[10:13]], tuple(float(x) for x in st[13:17])
+        return [float(x) for x in st[9:12]], tuple(float(x) for x in st[12:16])
 
     @property
     def anchor(self) -> tuple[list[float], tuple[float, ...]]:
         st = self._snap()
-        return [float(x) for x in st[17:20]], tuple(float(x) for x in st[20:24])
+        return [float(x) for x in st[16:19]], tuple(float(x) for x in st[19:23])
 
     def wait_boundary(self, timeout: float) -> bool:
         """Block until the next segment starts (True) or `timeout` s pass (False)."""
@@ -235,18 +227,19 @@ class RemoteSetpoint:
         with self._ring_lock:
             n = int(ring[0])
             start = max(self._ring_read, n - RING)   # a reader that fell a whole ring behind loses the oldest
-            out = [(int(ring[1 + (i % RING) * 8]), ring[2 + (i % RING) * 8:9 + (i % RING) * 8].copy())
-                   for i in range(start, n)]
+            out = []
+            for i in range(start, n):
+                slot = 1 + (i % RING) * 8      # as MotionSide.tick writes it
+                out.append((int(ring[slot]), ring[slot + 1:slot + 8].copy()))
             self._ring_read = n
         return out
 
     def take_fault(self) -> str | None:
         st = self._snap()
-        if st[9] == self._fault_seen:
+        if st[8] == self._fault_seen:
             return None
-        self._fault_seen = st[9]
-        n = int.from_bytes(bytes(self.fault[:2]), "little")
-        return bytes(self.fault[2:2 + n]).decode(errors="replace")
+        self._fault_seen = st[8]
+        return _get_text(self.fault)
 
     # ---- requests --------------------------------------------------------------------------------
     def reset(self, p, q) -> None:

@@ -92,6 +92,18 @@ def _seq_write(buf: np.ndarray, write) -> None:
     buf[0] += 1
 
 
+def _put_text(buf: np.ndarray, text: str) -> None:
+    """Write `text` into a uint8 array as a 2-byte length and UTF-8 bytes (cut to fit)."""
+    raw = text.encode()[:buf.size - 2]
+    buf[:2] = np.frombuffer(len(raw).to_bytes(2, "little"), np.uint8)
+    buf[2:2 + len(raw)] = np.frombuffer(raw, np.uint8)
+
+
+def _get_text(buf: np.ndarray) -> str:
+    n = int.from_bytes(bytes(buf[:2]), "little")
+    return bytes(buf[2:2 + n]).decode(errors="replace")
+
+
 def _seq_read(buf: np.ndarray) -> tuple[float, np.ndarray]:
     for _ in range(10_000):
         s0 = buf[0]
@@ -144,9 +156,7 @@ def _child_main(mem_fd: int, conn_fd: int) -> None:
             state[lay.qpos] = world.data.qpos
             state[lay.qvel] = world.data.qvel
             if tuple(errors) != published_errors[0]:
-                raw = "\n".join(errors).encode()[:ERR_BYTES - 2]
-                err[:2] = np.frombuffer(len(raw).to_bytes(2, "little"), np.uint8)
-                err[2:2 + len(raw)] = np.frombuffer(raw, np.uint8)
+                _put_text(err, "\n".join(errors))
                 published_errors[0] = tuple(errors)
                 state[lay.err_epoch] += 1
         _seq_write(state, write)
@@ -461,8 +471,7 @@ class SimPandaProcess(PandaQueries):
         if epoch != self._err_epoch:
             while True:   # the text and its epoch are written in one seqlocked update
                 s0 = self._state[0]
-                n = int.from_bytes(bytes(self._err[:2]), "little")
-                text = bytes(self._err[2:2 + n]).decode(errors="replace")
+                text = _get_text(self._err)
                 if s0 % 2 == 0 and self._state[0] == s0:
                     break
                 time.sleep(0)
