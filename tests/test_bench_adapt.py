@@ -40,6 +40,11 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     assert all(set(c["robustness"]) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
     assert all(r[1] == 1 for c in cells for r in c["robustness"].values())
     assert (tmp_path / "run" / "adapt_robustness.png").exists()
+    # a larger K later finds the 2-demo set too small and records it again at 3, instead of training on 2
+    res = runner.invoke(app, [str(a) for a in args[:-6] + ["--shots", "2,3", "--methods", "zero-shot"]])
+    assert res.exit_code == 0 and "recording 3 demos" in res.output, res.output
+    info = json.loads((tmp_path / "run" / "demos" / "purple_cylinder_in_yellow_bowl_seed0" / "meta" / "info.json").read_text())
+    assert info["total_episodes"] == 3
 
 
 def test_summary_pools_episodes_with_wilson_intervals():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -215,8 +216,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     for task in variants:
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
-            if not (demos / "meta" / "info.json").exists():
+            if _demo_count(demos) < max(cfg.shots):
+                # a set recorded for a smaller K is re-recorded whole: same seed, so its first episodes are the same
                 say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
+                shutil.rmtree(demos, ignore_errors=True)
                 generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
             for k in cfg.shots:
                 for method in cfg.methods:
@@ -252,6 +255,12 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                         evaluate_cell(cell, Path(ft["model_dir"]), task)
                         record(cell)
     return cells
+
+
+def _demo_count(root: Path) -> int:
+    """Episodes committed in a recorded demo set; 0 when there is none (or only an interrupted start)."""
+    from edge_steer.data import layout
+    return int(layout.read_info(root)["total_episodes"]) if (root / "meta" / "info.json").exists() else 0
 
 
 def _key(c: Cell) -> tuple:
