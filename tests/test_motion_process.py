@@ -13,7 +13,9 @@ from edge_steer.runtime.daemon import Daemon
 from edge_steer.runtime.launch import free_endpoint, wait_for
 from edge_steer.runtime.setpoint import Chunk
 from edge_steer.sim.panda_model import Q_START
-from edge_steer.sim.panda_process import RemoteCartesianImpedance, SimPandaProcess
+from edge_steer.runtime.panda_process import PandaProcess
+from edge_steer.runtime.robot_process import RemoteCartesianImpedance
+from edge_steer.sim.panda_process import SimPandaProcess
 from edge_steer.sim.tasks import get_task
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,11 +32,18 @@ def test_the_motion_process_needs_the_sim_robot_in_its_own_process_at_1khz():
     assert ServeConfig.sim().with_(realtime={"motion": "process"}).realtime.motion == "process"
 
 
-@pytest.fixture
-def arm():
-    scene = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96)
-    a = SimPandaProcess(scene.spec, Q_START, rt_priority=0,
-                        motion=(RatesConfig(), SafetyConfig(), 40.0, Q_START))
+TWIN = "edge_steer.sim.panda:connect_twin"
+
+
+@pytest.fixture(params=["sim", "panda"])
+def arm(request):
+    """The stage beside the sim twin's own loop, and beside the panda backend's child (panda_py.Panda's
+    place taken by the twin: libfranka's loop is then SimPanda's thread in that child)."""
+    if request.param == "sim":
+        scene = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96)
+        a = SimPandaProcess(scene.spec, Q_START, rt_priority=0, motion=(RatesConfig(), SafetyConfig(), 40.0, Q_START))
+    else:
+        a = PandaProcess("172.16.0.2", rt_priority=0, motion=(RatesConfig(), SafetyConfig()), connect=TWIN)
     yield a
     a.close()
 
@@ -108,3 +117,42 @@ def test_the_daemon_does_and_records_the_task_with_the_stage_in_the_robot_proces
     finally:
         c.close()
         d.close()
+
+
+def test_the_panda_backend_runs_the_stage_in_a_child_that_owns_the_arm(monkeypatch):
+    """open_robot on the panda backend with the stage in the robot's process: the daemon never connects
+    to the arm itself; it reads the state the child publishes and drives the gripper through it."""
+    import edge_steer.runtime.panda_process as pp
+    from edge_steer.runtime.config import RobotConfig
+    from edge_steer.runtime.robot import open_robot
+    cfg = ServeConfig.sim().with_(realtime={"motion": "process"})
+    monkeypatch.setattr(pp, "CONNECT", TWIN)
+    h = open_robot(RobotConfig(backend="panda", host="172.16.0.2"), motion=(cfg.rates, cfg.safety))
+    try:
+        assert isinstance(h.arm, PandaProcess) and h.arm.motion is not None and h.sim is None
+        r = h.read()
+        assert r.mode == "kIdle" and r.errors == [] and abs(r.gripper_width - 0.08) < 1e-6
+        assert np.allclose(h.q_nullspace, Q_START, atol=1e-6)
+        ctrl = h.make_controller()
+        h.arm.start_controller(ctrl)
+        assert h.read().mode == "kMove"
+        h.gripper.command(True)            # through the child's gripper driver
+        wait_for(lambda: h.read().gripper_width < 0.01, timeout=5.0, what="the fingers closing")
+        assert "own process" in h.arm.loop_timing()["scheduling"]
+    finally:
+        h.close()
+    assert h.arm._proc.poll() is not None
+
+
+def test_the_panda_child_says_why_it_could_not_connect(monkeypatch):
+    from pathlib import Path
+
+    from edge_steer.runtime.robot import RobotError
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", here + ":" + __import__("os").environ.get("PYTHONPATH", ""))
+    with pytest.raises(RobotError, match=r"Panda at 192\.0\.2\.7: RuntimeError: no arm answers at 192\.0\.2\.7 "
+                                         r"\(enforce_realtime=True\)"):
+        PandaProcess("192.0.2.7", enforce_realtime=True, motion=(RatesConfig(), SafetyConfig()),
+                     connect="fake_franka:refuse")
+    with pytest.raises(RobotError, match="connect must be 'module:function'"):
+        PandaProcess("192.0.2.7", connect="fake_franka")

@@ -217,3 +217,13 @@ def test_a_camera_that_drops_out_is_retried_at_once_then_with_backoff(out_s):
         assert 4 <= len(cam.starts) <= 10, cam.starts
         assert all(g2 >= g1 * 0.9 for g1, g2 in zip(gaps, gaps[1:])), gaps
         assert max(gaps) <= 0.4 + 0.1
+
+
+def test_the_stage_runs_in_the_robot_process_on_either_backend(tmp_path):
+    p = tmp_path / "serve.toml"
+    p.write_text(GOOD + "[realtime]\nmotion = 'process'\n")
+    cfg = load_config(p)
+    assert cfg.robot.backend == "panda" and cfg.realtime.motion == "process"
+    p.write_text(GOOD.replace("policy_hz = 5", "policy_hz = 5\ncontrol_hz = 500") + "[realtime]\nmotion = 'process'\n")
+    with pytest.raises(ConfigError, match="control_hz must be 1000"):
+        load_config(p)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from edge_steer.sim.panda import CartesianImpedance, ControlException, SimGripper
-from edge_steer.sim.panda_process import RemoteCartesianImpedance, RemoteJointPosition, SimPandaProcess
+from edge_steer.runtime.robot_process import RemoteCartesianImpedance, RemoteJointPosition
+from edge_steer.sim.panda_process import SimPandaProcess
 from edge_steer.sim.tasks import get_task
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,7 +142,7 @@ def test_the_daemon_runs_the_sim_robot_in_its_own_process_by_default():
 
 
 def test_a_late_reply_is_never_taken_for_the_next_request(arm, monkeypatch):
-    import edge_steer.sim.panda_process as pp
+    import edge_steer.runtime.robot_process as pp
     time.sleep(0.05)
     monkeypatch.setattr(pp, "RPC_TIMEOUT_S", 0.0)
     with pytest.raises(ControlException, match="did not answer"):

@@ -116,7 +116,8 @@ class RealtimeConfig:
     cpu: int = -1                        # pin the setpoint thread to this CPU (-1: the process's affinity)
     required: bool = False               # refuse to start without real-time scheduling (robot PC), not just warn
     # where the setpoint stage runs: "thread", a FIFO thread of the daemon (it shares the daemon's GIL), or
-    # "process", in the robot's own process beside its 1 kHz loop (runtime/motion.py; sim robot only so far)
+    # "process", in the robot's own process beside its 1 kHz loop (runtime/motion.py): the sim twin's, or on
+    # the panda backend a child that owns panda_py.Panda (runtime/panda_process.py)
     motion: str = "thread"
 
     def check(self) -> None:
@@ -245,10 +246,9 @@ class ServeConfig:
         for part in (self.engine, self.rates, self.realtime, self.safety, self.zmq, self.record):
             part.check()
         if self.realtime.motion == "process":
-            if self.robot.backend != "sim" or self.robot.sim_loop != "process":
+            if self.robot.backend == "sim" and self.robot.sim_loop != "process":
                 raise ConfigError("realtime.motion 'process' runs the setpoint stage in the sim robot's own process: it "
-                                  "needs robot.backend 'sim' and robot.sim_loop 'process' (not built for the panda "
-                                  "backend yet: there the stage runs as a daemon thread)")
+                                  "needs robot.sim_loop 'process'")
             if self.rates.control_hz != 1000:
                 raise ConfigError("realtime.motion 'process' ticks the stage with the robot's 1 kHz loop: "
                                   "rates.control_hz must be 1000")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_steer.runtime.setpoint import Chunk, SetpointStage
-from edge_steer.sim.panda_process import _get_text, _put_text, _seq_read, _seq_write
+from edge_steer.runtime.robot_process import get_text, put_text, seq_read, seq_write
 
 # Every hold the daemon or the stage sets; index 0 is "no hold" (running).
 HOLDS = (None, "idle", "paused", "fault", "shutdown", "stale_frame", "rejected_setpoint",
@@ -106,7 +106,7 @@ class MotionSide:
         sp.tick()
         reason = sp.take_fault()
         if reason is not None:
-            _put_text(self.fault, reason)
+            put_text(self.fault, reason)
             self._fault_epoch += 1       # published after the text: a reader that sees it sees the text
         ring = self.ring
         for seg, action in sp.take_executed():
@@ -134,7 +134,7 @@ class MotionSide:
             st[12:16] = q
             st[16:19] = ap
             st[19:23] = aq
-        _seq_write(st, write)
+        seq_write(st, write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class RemoteSetpoint:
     # ---- slots ---------------------------------------------------------------------------------
     def _snap(self) -> np.ndarray:
         # no liveness check here (a syscall): the monitor's robot reads notice a dead robot process
-        return _seq_read(self.status)[1]
+        return seq_read(self.status)[1]
 
     @property
     def inbox(self) -> None:
@@ -179,7 +179,7 @@ class RemoteSetpoint:
             buf[2], buf[3], buf[4], buf[5] = c.anchor, c.frame_stamp, c.posted, a.shape[0]
             buf[6:6 + a.size] = a.ravel()
             buf[1] = c.seq
-        _seq_write(buf, write)
+        seq_write(buf, write)
 
     @property
     def hold_reason(self) -> str | None:
@@ -239,7 +239,7 @@ class RemoteSetpoint:
         if st[8] == self._fault_seen:
             return None
         self._fault_seen = st[8]
-        return _get_text(self.fault)
+        return get_text(self.fault)
 
     # ---- requests --------------------------------------------------------------------------------
     def reset(self, p, q) -> None:

@@ -145,13 +145,12 @@ class RobotHandle:
         st = self.arm.get_state()
         t = np.asarray(st.O_T_EE, dtype=float).reshape(4, 4, order="F")
         from edge_steer.geometry import mat_to_quat
-        errors = st.current_errors
-        if not isinstance(errors, list):  # libfranka's Errors: truthy when any flag is set
-            errors = [str(errors)] if bool(errors) else []
+        from edge_steer.runtime.robot_process import error_list
+        errors = error_list(st.current_errors)
         mode = getattr(st.robot_mode, "name", str(st.robot_mode))
         return RobotReading(np.asarray(st.q, dtype=float), np.asarray(st.dq, dtype=float), t[:3, 3].copy(),
                             mat_to_quat(t[:3, :3]),
-                            self.gripper.read_width(), mode.split(".")[-1], list(errors))
+                            self.gripper.read_width(), mode.split(".")[-1], errors)
 
     def close(self) -> None:
         self.gripper.close()
@@ -165,29 +164,32 @@ def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority
     """Connect the configured arm. `enforce_realtime`: libfranka refuses to run its control loop
     without SCHED_FIFO (panda-py's default only tries). `sim_rt_priority`: the sim twin's loop priority
     (default libfranka's 20; 0 leaves it SCHED_OTHER, for benchmarks that compare). `motion`:
-    (RatesConfig, SafetyConfig) to run the setpoint stage in the sim robot's process; the arm's
-    `motion` is then the daemon's handle on it (runtime/motion.py)."""
+    (RatesConfig, SafetyConfig) to run the setpoint stage in the robot's process: the sim twin's, or on
+    the panda backend a child that owns the arm (runtime/panda_process.py); the arm's `motion` is then
+    the daemon's handle on it (runtime/motion.py)."""
     kt, kr = cfg.impedance
     impedance = np.diag([kt] * 3 + [kr] * 3)
     if cfg.backend == "sim":
         from edge_steer.realtime import LIBFRANKA_PRIORITY
         return _open_sim(cfg, impedance, LIBFRANKA_PRIORITY if sim_rt_priority is None else sim_rt_priority, motion)
     if motion is not None:
-        raise RobotError("the setpoint stage in the robot's process is built for the sim robot only")
-    try:
-        import panda_py
-        from panda_py import controllers, libfranka
-    except ImportError as e:
-        raise RobotError(f"the panda backend needs panda-python (pip install 'edge-steer[robot]'): {e}") from e
-    try:
-        rt = libfranka.RealtimeConfig.kEnforce if enforce_realtime else libfranka.RealtimeConfig.kIgnore
-        arm = panda_py.Panda(cfg.host, realtime_config=rt)
-        gripper = libfranka.Gripper(cfg.host)
-    except Exception as e:  # noqa: BLE001 - libfranka raises its own types
-        raise RobotError(f"cannot connect to the Panda at {cfg.host}: {e}") from e
+        return _open_panda_process(cfg, impedance, enforce_realtime, motion)
+    from edge_steer.runtime.panda_process import connect_panda_py
+    arm, gripper, controllers = connect_panda_py(cfg.host, enforce_realtime)
     q_null = np.asarray(arm.q, dtype=float)
     return RobotHandle(arm, GripperDriver(gripper, cfg.grasp_force, asynchronous=False),
                        lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness), q_null)
+
+
+def _open_panda_process(cfg: RobotConfig, impedance: np.ndarray, enforce_realtime: bool, motion: tuple) -> RobotHandle:
+    """The arm owned by a child process with the setpoint stage beside it (runtime/panda_process.py):
+    the daemon reads the state the child publishes and drives the gripper through it."""
+    from edge_steer.runtime.panda_process import PandaProcess
+    from edge_steer.runtime.robot_process import RemoteCartesianImpedance
+    arm = PandaProcess(cfg.host, enforce_realtime, cfg.grasp_force, motion=motion)
+    return RobotHandle(arm, GripperDriver(arm.gripper, cfg.grasp_force, asynchronous=True),
+                       lambda: RemoteCartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness),
+                       np.asarray(arm.q, dtype=float))
 
 
 def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int, motion: tuple | None = None) -> RobotHandle:
@@ -201,7 +203,8 @@ def _open_sim(cfg: RobotConfig, impedance: np.ndarray, rt_priority: int, motion:
     scene = task.sample_scene(rng, 96)
     q0 = Q_START + rng.uniform(-0.05, 0.05, 7)
     if cfg.sim_loop == "process":
-        from edge_steer.sim.panda_process import RemoteCartesianImpedance, SimPandaProcess
+        from edge_steer.runtime.robot_process import RemoteCartesianImpedance
+        from edge_steer.sim.panda_process import SimPandaProcess
         arm = SimPandaProcess(scene.spec, q0, rt_priority=rt_priority,
                               motion=None if motion is None else (*motion, cfg.grasp_force, q0))
         world, controller = arm.world, RemoteCartesianImpedance

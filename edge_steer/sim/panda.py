@@ -18,33 +18,26 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
+from edge_steer.runtime.robot_process import DEFAULT_DAMPING as _DEFAULT_DAMPING
+from edge_steer.runtime.robot_process import DEFAULT_IMPEDANCE as _DEFAULT_IMPEDANCE
+from edge_steer.runtime.robot_process import DEFAULT_STIFFNESS as _DEFAULT_STIFFNESS
+from edge_steer.runtime.robot_process import RobotState as SimRobotState
+from edge_steer.runtime.robot_process import check_vec as _vec
 from edge_steer.realtime import LIBFRANKA_PRIORITY, LoopStats, make_realtime, run_periodic, scheduling
 from edge_steer.sim.panda_model import DQ_MAX, GRIPPER_MAX_WIDTH, Q_MAX, Q_MIN, Q_START, TAU_MAX
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
 
 DT = 0.001
-_DEFAULT_IMPEDANCE = np.diag([600.0, 600.0, 600.0, 30.0, 30.0, 30.0])
-_DEFAULT_STIFFNESS = np.array([600.0, 600.0, 600.0, 600.0, 250.0, 150.0, 50.0])
-_DEFAULT_DAMPING = np.array([50.0, 50.0, 50.0, 20.0, 20.0, 20.0, 10.0])
 
 
 class ControlException(RuntimeError):
     """Raised like libfranka's ControlException when the 1 kHz loop faulted (reflex)."""
-
-
-def _vec(x, n: int, name: str) -> np.ndarray:
-    a = np.array(x, dtype=float).reshape(-1)  # a copy: the control thread must not see later edits
-    if a.shape != (n,):
-        raise ValueError(f"{name} must have {n} elements, got shape {np.shape(x)}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or inf: {a}")
-    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,17 +175,6 @@ def _blend_rot(r0: np.ndarray, r1: np.ndarray, a: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # State (libfranka.RobotState subset) and context
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class SimRobotState:
-    q: np.ndarray
-    dq: np.ndarray
-    tau_J: np.ndarray
-    O_T_EE: list[float]          # column-major 4x4, as libfranka
-    time: float
-    robot_mode: str = "kIdle"     # kIdle | kMove | kReflex
-    current_errors: list[str] = field(default_factory=list)
-
-
 class SimPandaContext:
     """panda_py.PandaContext: `while ctx.ok():` runs at `frequency` Hz (sim time or wall time)."""
 
@@ -586,3 +568,12 @@ class SimGripper:
     def stop(self) -> bool:
         self._send(self.read_once().width, 0.1, self._force, self._grasping)
         return True
+
+
+def connect_twin(host: str, enforce_realtime: bool = False):
+    """The sim twin where the panda backend connects (runtime/panda_process.py's `connect`): an empty
+    cell's SimPanda with its own 1 kHz thread, its gripper and its controllers, answering as
+    (panda_py.Panda, libfranka.Gripper, panda_py.controllers) would. `host` is not dialled."""
+    import sys
+    arm = SimPanda(World(SceneSpec(objects=())), realtime=True)
+    return arm, SimGripper(arm), sys.modules[__name__]
