@@ -1,7 +1,7 @@
 """Reliability and security of the serve daemon: protocol fuzzing, injected faults, load, CURVE, and the
 safety invariants (every setpoint recorded and checked, e-stop latency) — figures in docs/reliability.md.
 
-    .venv/bin/python tools/bench_reliability.py [--seconds 10] [--fuzz 3000] [--atheris-runs 30000]
+    .venv/bin/python tools/bench_reliability.py [--seconds 10] [--fuzz 3000] [--atheris-runs 30000] [--motion process]
 
 The fast subset runs in the test suite (tests/test_reliability*.py) by calling the functions below with
 small sizes, so the tests and this report exercise one implementation. Heavy imports stay inside
@@ -77,7 +77,41 @@ class SetpointLog:
 
         robot.make_controller = make_recorded
 
+    def attach_remote(self, arm, every_s: float = 0.5) -> None:
+        """The stage runs in the sim robot's process (`realtime.motion = "process"`): the child records what
+        it sets (SimPandaProcess.record_setpoints), and a thread here pulls the rows every `every_s`, so no
+        single reply grows large enough to hold up the child's 1 kHz loop."""
+        arm.record_setpoints(len(self.buf))
+        self.remote, self._lock = arm, threading.Lock()
+
+        def pull_forever():
+            while self.remote is not None:
+                time.sleep(every_s)
+                try:
+                    self.pull()
+                except Exception:  # noqa: BLE001 - the robot process closed: the rows so far stay
+                    return
+        threading.Thread(target=pull_forever, name="setpoint-log", daemon=True).start()
+
+    remote: Any = None
+
+    def pull(self) -> None:
+        if self.remote is None:
+            return
+        with self._lock:
+            rows, overflow = self.remote.take_setpoints()
+            k = min(len(rows), len(self.buf) - self.n)
+            self.buf[self.n:self.n + k] = rows[:k]
+            self.n += k
+            self.overflow |= overflow or k < len(rows)
+            if self.n:
+                self.gen = int(self.buf[:self.n, 1].max())
+
     def rows(self) -> np.ndarray:
+        try:
+            self.pull()
+        except Exception:  # noqa: BLE001 - closed since: what was pulled is what there is
+            pass
         return self.buf[: self.n]
 
     def check(self, safety, dt: float) -> dict:
@@ -199,13 +233,17 @@ class Cell:
     endpoint: str = ""
 
     def close(self) -> None:
+        self.log.rows()              # the last of a remote record, before its process closes
+        self.log.remote = None
         self.client.close()
         self.daemon.close()
 
 
-def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None = None, **safety: float) -> Cell:
+def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None = None, motion: str = "thread",
+               **safety: float) -> Cell:
     """The sim daemon in this process, its engine the scripted expert behind FaultyEngine, every
-    camera behind FlakyCamera, every controller's setpoints recorded, and e-stop times logged."""
+    camera behind FlakyCamera, every controller's setpoints recorded, and e-stop times logged.
+    `motion`: where the setpoint stage runs (realtime.motion): a daemon thread, or the robot's process."""
     from edge_steer.client import Client
     from edge_steer.runtime.camera import open_camera
     from edge_steer.runtime.config import ServeConfig
@@ -218,10 +256,13 @@ def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None =
           "inference_stop_ms": 1200.0, **safety}
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel, **(curve or {})}, safety=sf,
                                   engine={"backend": "expert"}, record={"dir": str(tmp / "rec")},
-                                  robot={"stop_on_success": stop_on_success})
-    robot = open_robot(cfg.robot)
+                                  robot={"stop_on_success": stop_on_success}, realtime={"motion": motion})
+    robot = open_robot(cfg.robot, motion=(cfg.rates, cfg.safety) if motion == "process" else None)
     log = SetpointLog()
-    log.attach(robot)
+    if motion == "process":
+        log.attach_remote(robot.arm)
+    else:
+        log.attach(robot)
     link = RobotLink(robot.arm)
     world = robot.sim.world
     cams = [FlakyCamera(open_camera(c, world)) for c in cfg.cameras]
@@ -358,7 +399,7 @@ def fuzz_handler(cell: Cell, examples: int, seed: int = 0) -> FuzzReport:
     d = cell.daemon
     cell.engine.mode = "still"
     rep = FuzzReport()
-    p0 = np.array(d.filter.p)
+    p0 = np.array(d.setpoint.commanded[0])
     max_drift = [0.0]
 
     def restore() -> None:
@@ -399,7 +440,7 @@ def fuzz_handler(cell: Cell, examples: int, seed: int = 0) -> FuzzReport:
                 rep.fail(data, f"rejected ({code}) but the daemon's state changed")
         if len(raw) > 4096 and not (reply["ok"] and "status" in data[:64].decode("latin-1")):
             rep.fail(data, f"reply of {len(raw)} bytes to a {len(data)}-byte request")
-        max_drift[0] = max(max_drift[0], float(np.abs(np.array(d.filter.p) - p0).max()))
+        max_drift[0] = max(max_drift[0], float(np.abs(np.array(d.setpoint.commanded[0]) - p0).max()))
         restore()
 
     try:
@@ -625,11 +666,11 @@ def _engine_fault(mode: str, want: str) -> Callable[[Cell], str]:
         cell.engine.mode, cell.engine.delay_s = mode, 0.6
         d = cell.daemon
         wait_for(lambda: d.state.value == "FAULT", timeout=8, step=0.002)
-        p0 = np.array(d.filter.p)
+        p0 = np.array(d.setpoint.commanded[0])
         time.sleep(0.3)  # braking from max_speed at max_accel takes 0.125 s
-        p1 = np.array(d.filter.p)
+        p1 = np.array(d.setpoint.commanded[0])
         time.sleep(0.1)
-        braked, still = float(np.abs(p1 - p0).max()), float(np.abs(np.array(d.filter.p) - p1).max())
+        braked, still = float(np.abs(p1 - p0).max()), float(np.abs(np.array(d.setpoint.commanded[0]) - p1).max())
         s = c.status()
         # v^2 / 2a at the configured limits, per axis
         bound = d.cfg.safety.max_speed ** 2 / (2 * d.cfg.safety.max_accel) + 1e-3
@@ -644,7 +685,7 @@ def f_robot_reflex(cell: Cell) -> str:
     _running(cell)
     cell.daemon.robot.arm.inject_fault("cartesian_reflex")
     s = wait_for(lambda: (s := c.status())["state"] == "FAULT" and s, timeout=5)
-    ok = "cartesian_reflex" in s["fault"] and cell.daemon.setpoint.controller is None
+    ok = "cartesian_reflex" in s["fault"] and not cell.daemon.setpoint.driving
     return f"{'ok: ' if ok else ''}{s['fault'][:40]}, controller dropped"
 
 
@@ -669,13 +710,16 @@ def f_controller_lost(cell: Cell) -> str:
     """The controller's setter raises on the 1 kHz side (robot dropped it): hold, FAULT."""
     c = cell.client
     _running(cell)
-    ctrl = cell.daemon.setpoint.controller
+    if cell.daemon.robot.arm.motion is not None:      # the stage and its controller live in the robot's process
+        cell.daemon.robot.arm.fail_setter("libfranka: controller not running")
+    else:
+        ctrl = cell.daemon.setpoint.controller
 
-    def broken(*a):
-        raise RuntimeError("libfranka: controller not running")
-    ctrl.set_control = broken
+        def broken(*a):
+            raise RuntimeError("libfranka: controller not running")
+        ctrl.set_control = broken
     s = wait_for(lambda: (s := c.status())["state"] == "FAULT" and s, timeout=5)
-    ok = s["fault"].startswith("controller") and cell.daemon.setpoint.controller is None
+    ok = s["fault"].startswith("controller") and not cell.daemon.setpoint.driving
     return f"{'ok: ' if ok else ''}{s['fault'][:48]}"
 
 
@@ -913,7 +957,7 @@ def estop_latency(cell: Cell, cycles: int, background_clients: int = 0) -> dict:
             reply_lat.append((time.perf_counter() - t0) * 1e3)
             if len(cell.stops) > n:
                 stop_lat.append((cell.stops[n] - t0) * 1e3)
-            assert cell.daemon.setpoint.controller is None
+            assert not cell.daemon.setpoint.driving
             c.recover()
     finally:
         if bg is not None:
@@ -1158,6 +1202,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "bench_reliability.json"))
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running")
+    ap.add_argument("--motion", choices=("thread", "process"), default="thread",
+                    help="where the setpoint stage runs (realtime.motion): a daemon thread or the robot's process")
     args = ap.parse_args()
     if args.report_only:
         r = json.loads(Path(args.json).read_text())
@@ -1176,7 +1222,8 @@ def main() -> None:
     r["fuzz_decoder"] = fuzz_decoder(args.fuzz).__dict__
     print("atheris", file=sys.stderr)
     r["atheris"] = run_atheris(args.atheris_runs)
-    cell = start_cell(tmp)
+    r["motion"] = args.motion
+    cell = start_cell(tmp, motion=args.motion)
     try:
         print("fuzzing the live handler and socket", file=sys.stderr)
         r["fuzz_handler"] = fuzz_handler(cell, args.fuzz).__dict__

@@ -47,8 +47,8 @@ class MotionLayout:
     # control slot: [request number, hold code]
     control_size = 2
     # status: [lock, segment, boundary_time, ticks, rejected, hold, hold request applied, missed,
-    #          fault_epoch, p(3), q(4), anchor p(3), anchor q(4)]
-    status_size = 9 + 14
+    #          fault_epoch, p(3), q(4), anchor p(3), anchor q(4), driving a controller]
+    status_size = 9 + 14 + 1
     # executed ring: [count, then RING x (segment, action 7)]
     ring_size = 1 + RING * 8
 
@@ -134,6 +134,7 @@ class MotionSide:
             st[12:16] = q
             st[16:19] = ap
             st[19:23] = aq
+            st[23] = sp.controller is not None
         seq_write(st, write)
 
 
@@ -201,6 +202,7 @@ class RemoteSetpoint:
     ticks = _status_field(3, int)
     rejected = _status_field(4, int)
     missed_ticks = _status_field(7, int)
+    driving = _status_field(23, bool)
 
     @property
     def commanded(self) -> tuple[list[float], tuple[float, ...]]:

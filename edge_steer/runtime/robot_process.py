@@ -189,6 +189,10 @@ class RobotChild:
     def controller_is_running(self, ctrl: Any) -> bool:
         return True
 
+    def stage_controller(self, ctrl: Any) -> Any:
+        """What the stage here calls set_control on for a started controller (the sim wraps it to record)."""
+        return ctrl
+
     # ---- the loop ----------------------------------------------------------------------------------
     def serve(self, mem_fd: int, conn_fd: int) -> None:
         from edge_steer.realtime import LoopStats, make_realtime, run_periodic
@@ -250,7 +254,7 @@ class RobotChild:
             ctrl = self.start_controller(kind, params)      # raises in reflex
             self.active.update(gen=gen, ctrl=ctrl, seen=-1.0)
             if self.motion is not None:               # the stage here drives it; the parent writes no targets
-                self.motion.stage.controller = ctrl
+                self.motion.stage.controller = self.stage_controller(ctrl)
             return None
         if op == "stop":
             self.stop_controller()

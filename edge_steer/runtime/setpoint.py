@@ -264,6 +264,11 @@ class SetpointStage:
         return list(self._anchor_p), self._anchor_q
 
     @property
+    def driving(self) -> bool:
+        """Whether a controller takes this stage's setpoints (it drops it when the setter raises)."""
+        return self.controller is not None
+
+    @property
     def missed_ticks(self) -> int:
         return self.loop.missed_ticks
 

@@ -82,13 +82,73 @@ class SimChild(RobotChild):
         if op == "fault":
             self.panda.inject_fault(*args)
             return None
+        if op == "record_setpoints":
+            self.recorder = _SetpointRecorder(*args)
+            if self.motion is not None and self.motion.stage.controller is not None:
+                self.motion.stage.controller = self.stage_controller(self.motion.stage.controller)
+            return None
+        if op == "take_setpoints":
+            return self.recorder.take()
+        if op == "fail_setter":
+            stage = self.motion.stage if self.motion is not None else None
+            if stage is None or stage.controller is None:
+                raise ValueError("no controller is driven by a stage here")
+            stage.controller = _FailingSetter(args[0])
+            return None
         return super().request(op, args)
+
+    recorder: "_SetpointRecorder | None" = None
+
+    def stage_controller(self, ctrl):
+        return ctrl if self.recorder is None else _RecordedController(ctrl, self.recorder)
 
     def motion_side(self, lay, mem, rates, safety, q_nullspace):
         from edge_steer.runtime.robot import GripperDriver
         from edge_steer.sim.panda import SimGripper
         gripper = GripperDriver(SimGripper(self.panda), self._grasp_force, asynchronous=True)
         return super().motion_side(lay, mem, rates, safety, gripper.command, q_nullspace)
+
+
+class _SetpointRecorder:
+    """Every pose the stage here sets (t, controller number, x y z, qx qy qz qw), for the reliability
+    harness's safety check (tools/bench_reliability.py), which records the daemon-side controllers the
+    same way when the stage runs there. Preallocated: the 1 kHz tick only copies a row."""
+
+    def __init__(self, capacity: int):
+        self.buf = np.zeros((int(capacity), 9))
+        self.n = self.taken = self.gen = 0
+        self.overflow = False
+
+    def take(self) -> tuple[np.ndarray, bool]:
+        rows = self.buf[self.taken:self.n].copy()
+        self.taken = self.n
+        return rows, self.overflow
+
+
+class _RecordedController:
+    def __init__(self, inner, rec: _SetpointRecorder):
+        rec.gen += 1
+        self._inner, self._rec, self._gen = inner, rec, rec.gen
+
+    def set_control(self, position, orientation, q_nullspace):
+        rec = self._rec
+        if rec.n < len(rec.buf):
+            row = rec.buf[rec.n]
+            row[0], row[1], row[2:5], row[5:9] = time.perf_counter(), self._gen, position, orientation
+            rec.n += 1
+        else:
+            rec.overflow = True
+        self._inner.set_control(position, orientation, q_nullspace)
+
+
+class _FailingSetter:
+    """A controller whose setter raises, as panda-py's does once libfranka dropped the controller."""
+
+    def __init__(self, message: str):
+        self._message = message
+
+    def set_control(self, *_):
+        raise RuntimeError(self._message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +215,19 @@ class SimPandaProcess(RobotProcess, PandaQueries):
     def inject_fault(self, error: str = "communication_constraints_violation") -> None:
         """Sim only: make the next control tick fault as the real robot's reflexes would."""
         self._rpc("fault", error)
+
+    # --- the reliability harness's handles on the stage here (sim only) ---------------------------
+    def record_setpoints(self, capacity: int = 1 << 20) -> None:
+        """From now on, record every pose the stage here sets; `take_setpoints` returns the new rows."""
+        self._rpc("record_setpoints", int(capacity))
+
+    def take_setpoints(self) -> tuple[np.ndarray, bool]:
+        """(rows t, controller, x, y, z, qx, qy, qz, qw since the last take, whether the record overflowed)."""
+        return self._rpc("take_setpoints")
+
+    def fail_setter(self, message: str) -> None:
+        """Make the stage's next set_control raise `message`, as once the robot side dropped the controller."""
+        self._rpc("fail_setter", str(message))
 
     # --- the fingers (SimGripper's side door) -----------------------------------------------------
     def _gripper_reading(self) -> tuple[float, float]:
