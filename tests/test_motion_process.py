@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_the_motion_process_needs_the_sim_robot_in_its_own_process_at_1khz():
-    assert ServeConfig.sim().realtime.motion == "thread"
+    assert ServeConfig.sim().realtime.motion == "process"      # the default
+    assert ServeConfig.sim().with_(realtime={"motion": "thread"}, robot={"sim_loop": "thread"}).realtime.motion == "thread"
     with pytest.raises(ConfigError, match="realtime.motion"):
         ServeConfig.sim().with_(realtime={"motion": "elsewhere"})
     with pytest.raises(ConfigError, match="robot.sim_loop 'process'"):

@@ -102,16 +102,28 @@ def test_realtime_config_is_validated():
 
 @linux
 @pytest.mark.timeout(60)
-def test_daemon_start_refuses_without_realtime_when_required(monkeypatch):
+@pytest.mark.parametrize("motion", ["thread", "process"])
+def test_daemon_start_refuses_without_realtime_when_required(monkeypatch, motion):
     from edge_steer.runtime.daemon import Daemon
     from edge_steer.runtime.launch import free_endpoint
-    from edge_steer.runtime.setpoint import SetpointStage
+    from edge_steer.sim.panda_process import SimPandaProcess
 
-    monkeypatch.setattr(SetpointStage, "start", lambda self, priority=0, cpu=-1: "SCHED_FIFO 10 refused (test)")
+    if motion == "thread":   # the stage's own thread is refused SCHED_FIFO
+        from edge_steer.runtime.setpoint import SetpointStage
+        monkeypatch.setattr(SetpointStage, "start", lambda self, priority=0, cpu=-1: "SCHED_FIFO 10 refused (test)")
+        want = "realtime.required: SCHED_FIFO 10 refused"
+    else:                    # the robot process's loop, where the stage ticks, is refused it
+        real = SimPandaProcess._spawn
+
+        def spawn(self, *a, **kw):
+            real(self, *a, **kw)
+            self.rt_refused = "SCHED_FIFO 20 refused (test)"
+        monkeypatch.setattr(SimPandaProcess, "_spawn", spawn)
+        want = "realtime.required: the robot process's 1 kHz loop: SCHED_FIFO 20 refused"
     cfg = ServeConfig.sim().with_(zmq={"command": free_endpoint(), "telemetry": free_endpoint()},
-                                  engine={"backend": "expert"}, realtime={"required": True})
+                                  engine={"backend": "expert"}, realtime={"required": True, "motion": motion})
     d = Daemon(cfg)
-    with pytest.raises(ConfigError, match="realtime.required: SCHED_FIFO 10 refused"):
+    with pytest.raises(ConfigError, match=want):
         d.start()
     assert d.robot.arm._proc.poll() is not None   # start() failing closed everything it opened
 

@@ -115,10 +115,10 @@ class RealtimeConfig:
     priority: int = 10
     cpu: int = -1                        # pin the setpoint thread to this CPU (-1: the process's affinity)
     required: bool = False               # refuse to start without real-time scheduling (robot PC), not just warn
-    # where the setpoint stage runs: "thread", a FIFO thread of the daemon (it shares the daemon's GIL), or
-    # "process", in the robot's own process beside its 1 kHz loop (runtime/motion.py): the sim twin's, or on
-    # the panda backend a child that owns panda_py.Panda (runtime/panda_process.py)
-    motion: str = "thread"
+    # where the setpoint stage runs: "process", in the robot's own process beside its 1 kHz loop, on its own
+    # GIL (runtime/motion.py): the sim twin's, or on the panda backend a child that owns panda_py.Panda
+    # (runtime/panda_process.py); or "thread", a FIFO thread of the daemon, sharing its GIL with inference
+    motion: str = "process"
 
     def check(self) -> None:
         _one_of("realtime.motion", self.motion, ("thread", "process"))
@@ -248,7 +248,7 @@ class ServeConfig:
         if self.realtime.motion == "process":
             if self.robot.backend == "sim" and self.robot.sim_loop != "process":
                 raise ConfigError("realtime.motion 'process' runs the setpoint stage in the sim robot's own process: it "
-                                  "needs robot.sim_loop 'process'")
+                                  "needs robot.sim_loop 'process' (or set realtime.motion = 'thread')")
             if self.rates.control_hz != 1000:
                 raise ConfigError("realtime.motion 'process' ticks the stage with the robot's 1 kHz loop: "
                                   "rates.control_hz must be 1000")

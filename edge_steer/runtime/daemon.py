@@ -81,7 +81,8 @@ class Daemon:
     def __init__(self, cfg: ServeConfig, engine=None, robot: RobotHandle | None = None, cameras=None):
         self.cfg = cfg
         motion = (cfg.rates, cfg.safety) if cfg.realtime.motion == "process" else None
-        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=motion)
+        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=motion,
+                                         stage_priority=cfg.realtime.priority)
         try:
             world = self.robot.sim.world if self.robot.sim is not None else None
             self.cameras = CameraStage(cameras if cameras is not None else [open_camera(c, world) for c in cfg.cameras],
@@ -379,9 +380,9 @@ class Daemon:
 
     def _start_setpoint_loop(self) -> None:
         rt = self.cfg.realtime
-        robot_refused = getattr(self.robot.arm, "rt_refused", None)   # the sim's libfranka twin
+        robot_refused = getattr(self.robot.arm, "rt_refused", None)   # a robot process's loop (sim twin or arm's child)
         if robot_refused and rt.required:
-            raise ConfigError(f"realtime.required: the simulated robot's 1 kHz loop: {robot_refused}")
+            raise ConfigError(f"realtime.required: the robot process's 1 kHz loop: {robot_refused}")
         refused = self.setpoint.start(rt.priority, rt.cpu)
         if refused and rt.required:
             raise ConfigError(f"realtime.required: {refused}")
@@ -391,12 +392,9 @@ class Daemon:
             log.info("setpoint loop scheduling: %s", self.setpoint.scheduling())
 
     def robot_loop_timing(self) -> dict:
-        """SimPanda's own 1 kHz loop (the stand-in for libfranka's); empty on hardware."""
+        """The robot process's 1 kHz loop (the sim twin's, or the arm's child); empty without one."""
         timing = getattr(self.robot.arm, "loop_timing", None)
-        try:
-            return timing() if timing is not None else {}
-        except Exception as e:  # noqa: BLE001 - status must answer even when the robot side is gone
-            return {"error": f"{type(e).__name__}: {e}"}
+        return _timing_or_error(timing) if timing is not None else {}
 
     def reset_loop_timing(self) -> None:
         """Start the 1 kHz loops' statistics afresh (benchmarks: so start-up is not measured)."""
@@ -415,7 +413,7 @@ class Daemon:
             "hold": self.setpoint.hold_reason, "segment": self.setpoint.segment,
             "chunks": self.chunks_made, "chunks_dropped": self.chunks_dropped,
             "inference_ms": self.inference_ms.summary(), "frame_to_policy_ms": self.frame_to_policy_ms.summary(),
-            "setpoint_loop": self.setpoint.timing(),
+            "setpoint_loop": _timing_or_error(self.setpoint.timing),
             "robot_loop": self.robot_loop_timing(), "telemetry_sent": self.telemetry_sent,
             "camera_errors": dict(self.cameras.errors), "engine": _jsonable(self.engine.metadata()),
             "transitions": list(self.transitions)[-10:], "uptime_s": time.time() - self.started_at,
@@ -620,3 +618,12 @@ def _jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     return str(x)
+
+
+def _timing_or_error(timing) -> dict:
+    """A loop's timing for `status`, or why it could not be read: status must answer even when the robot
+    process (where the loops may run) is gone."""
+    try:
+        return timing()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}

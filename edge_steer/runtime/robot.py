@@ -160,20 +160,21 @@ class RobotHandle:
 
 
 def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority: int | None = None,
-               motion: tuple | None = None) -> RobotHandle:
+               motion: tuple | None = None, stage_priority: int = 10) -> RobotHandle:
     """Connect the configured arm. `enforce_realtime`: libfranka refuses to run its control loop
     without SCHED_FIFO (panda-py's default only tries). `sim_rt_priority`: the sim twin's loop priority
     (default libfranka's 20; 0 leaves it SCHED_OTHER, for benchmarks that compare). `motion`:
     (RatesConfig, SafetyConfig) to run the setpoint stage in the robot's process: the sim twin's, or on
     the panda backend a child that owns the arm (runtime/panda_process.py); the arm's `motion` is then
-    the daemon's handle on it (runtime/motion.py)."""
+    the daemon's handle on it (runtime/motion.py). `stage_priority`: that child's loop on the arm, below
+    libfranka's own control thread beside it (realtime.priority)."""
     kt, kr = cfg.impedance
     impedance = np.diag([kt] * 3 + [kr] * 3)
     if cfg.backend == "sim":
         from edge_steer.realtime import LIBFRANKA_PRIORITY
         return _open_sim(cfg, impedance, LIBFRANKA_PRIORITY if sim_rt_priority is None else sim_rt_priority, motion)
     if motion is not None:
-        return _open_panda_process(cfg, impedance, enforce_realtime, motion)
+        return _open_panda_process(cfg, impedance, enforce_realtime, motion, stage_priority)
     from edge_steer.runtime.panda_process import connect_panda_py
     arm, gripper, controllers = connect_panda_py(cfg.host, enforce_realtime)
     q_null = np.asarray(arm.q, dtype=float)
@@ -181,12 +182,13 @@ def open_robot(cfg: RobotConfig, enforce_realtime: bool = False, sim_rt_priority
                        lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness), q_null)
 
 
-def _open_panda_process(cfg: RobotConfig, impedance: np.ndarray, enforce_realtime: bool, motion: tuple) -> RobotHandle:
+def _open_panda_process(cfg: RobotConfig, impedance: np.ndarray, enforce_realtime: bool, motion: tuple,
+                        priority: int) -> RobotHandle:
     """The arm owned by a child process with the setpoint stage beside it (runtime/panda_process.py):
     the daemon reads the state the child publishes and drives the gripper through it."""
     from edge_steer.runtime.panda_process import PandaProcess
     from edge_steer.runtime.robot_process import RemoteCartesianImpedance
-    arm = PandaProcess(cfg.host, enforce_realtime, cfg.grasp_force, motion=motion)
+    arm = PandaProcess(cfg.host, enforce_realtime, cfg.grasp_force, rt_priority=priority, motion=motion)
     return RobotHandle(arm, GripperDriver(arm.gripper, cfg.grasp_force, asynchronous=True),
                        lambda: RemoteCartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness),
                        np.asarray(arm.q, dtype=float))
