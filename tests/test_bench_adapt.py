@@ -80,3 +80,17 @@ def test_zero_shot_never_runs_an_ablation_arm_and_other_fine_tunes_only_lr_arms(
     assert [a for a, _ in method_arms(arms, "lora")] == ["main", "lr=0.003", "lr=0.0001"] == \
         [a for a, _ in method_arms(arms, "full")]
     assert method_arms(arms, "steer") == arms and len(arms) > 5
+
+
+def test_an_ablation_is_compared_with_the_main_arm_on_its_own_cells():
+    """A results file holding K=5 and K=10 runs, with the random-head arm run at K=10 only: its reference
+    is the main arm at K=10 on the same variants and seed, not the file's smallest K."""
+    cells = [Cell("a", "entity", 5, "steer", 0, "main", successes=1, episodes=20),
+             Cell("a", "entity", 10, "steer", 0, "main", successes=12, episodes=20),
+             Cell("b", "spatial", 10, "steer", 0, "main", successes=8, episodes=20),
+             Cell("b", "spatial", 10, "steer", 1, "main", successes=20, episodes=20),   # no ablation on seed 1
+             Cell("a", "entity", 10, "steer", 0, "select=random", successes=3, episodes=20),
+             Cell("b", "spatial", 10, "steer", 0, "select=random", successes=5, episodes=20)]
+    abl = {a["arm"]: a for a in summarise(cells)["ablations"]}
+    assert abl["main"]["n"] == 40 and abl["main"]["success"] == 0.5
+    assert abl["select=random"]["success"] == 0.2

@@ -304,12 +304,14 @@ def summarise(cells: list[Cell]) -> dict[str, Any]:
                              "finetune_s": float(np.mean([c.finetune_s for c in sel])),
                              "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
     ablations = []
-    first_seed = min((c.seed for c in cells), default=0)
     for method in METHODS[1:]:
         changed = sorted({c.arm for c in cells if c.method == method} - {"main"})
+        # the main arm on exactly the (variant, K, seed) cells the ablations ran on: a paired reference,
+        # whatever other K and seeds the same results file holds
+        where = {(c.variant, c.shots, c.seed) for c in cells if c.method == method and c.arm in changed}
         for arm in changed + (["main"] if changed else []):
             sel = [c for c in cells if c.arm == arm and c.method == method
-                   and (arm != "main" or (c.shots == min(shots) and c.seed == first_seed))]
+                   and (arm != "main" or (c.variant, c.shots, c.seed) in where)]
             if not sel:
                 continue
             s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
