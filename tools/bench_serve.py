@@ -1,7 +1,7 @@
 """Benchmark the serve daemon in sim under inference load; prints a JSON summary (docs/serve.md).
 
     .venv/bin/python tools/bench_serve.py --seconds 60 [--engine model|onnx|expert+load|expert]
-                                          [--setups process:fifo,thread:fifo,thread:other] [--out FILE]
+                                          [--setups motion:fifo,process:fifo,thread:fifo] [--out FILE]
 
 A setup is `where:scheduler[:option...]`; options: `render=N` (the sim cameras' software renderer
 threads, `sim_render_threads`; default 0, the config's; `render=mesa`: Mesa's own choice) and `switch=S` (Python's GIL switch
@@ -17,9 +17,10 @@ Measured: the sim robot's 1 kHz loop (SimPanda, libfranka's stand-in) and the da
 period error and missed ticks, camera-frame -> first-setpoint latency, `status` round trip over
 ZMQ (20 Hz), telemetry rate seen by a subscriber. `--setups` runs the whole benchmark once per setup,
 side by side, and prints each one's ratios to the first. A setup is `where:scheduler`: where SimPanda's
-loop runs (`process`, the default: its own interpreter, as libfranka's C++ loop is outside the GIL;
-`thread`: inside the daemon; `motion`: its own interpreter with the setpoint stage ticking in its loop,
-`realtime.motion = "process"`), and how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
+loop runs (`motion`, the serve default: its own interpreter, as libfranka's C++ loop is outside the GIL,
+with the setpoint stage ticking in its loop, `realtime.motion = "process"`; `process`: its own interpreter,
+the setpoint stage a daemon thread, `realtime.motion = "thread"`; `thread`: both inside the daemon), and
+how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
 SCHED_FIFO 20 as libfranka's, the setpoint loop SCHED_FIFO 10; `other`: both SCHED_OTHER).
 """
 
@@ -174,8 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--engine", choices=["model", "onnx", "expert+load", "expert"], default="expert+load")
-    ap.add_argument("--setups", default="process:fifo,thread:fifo,thread:other",
-                    help="comma-separated where:scheduler, where in process|thread, scheduler in fifo|other")
+    ap.add_argument("--setups", default="motion:fifo,process:fifo,thread:fifo",
+                    help="comma-separated where:scheduler, where in motion|process|thread, scheduler in fifo|other")
     ap.add_argument("--out", default=None)
     ap.add_argument("--onnx-path", default="", help=argparse.SUPPRESS)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run this setup here
