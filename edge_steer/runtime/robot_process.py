@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_steer.sim.panda_model import Q_START   # panda-py's default nullspace target
+from edge_steer.sim.panda_model import Q_MAX, Q_MIN, Q_START   # Q_START: panda-py's default nullspace target
 
 # libfranka's robot modes; an unknown one is published as "kOther"
 MODES = ("kIdle", "kMove", "kReflex", "kGuiding", "kUserStopped", "kAutomaticErrorRecovery", "kOther")
@@ -436,7 +436,35 @@ class RobotState:
     current_errors: list[str] = field(default_factory=list)
 
 
-class RobotProcess:
+class PandaQueries:
+    """The read-only part of panda_py.Panda that follows from `get_pose` / `get_state`; shared by
+    SimPanda and the robot processes' parent side."""
+
+    def get_pose(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_state(self) -> RobotState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_position(self) -> np.ndarray:
+        return self.get_pose()[:3, 3].copy()
+
+    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
+        from edge_steer.geometry import mat_to_quat
+        quat = mat_to_quat(self.get_pose()[:3, :3])
+        return np.roll(quat, 1) if scalar_first else quat
+
+    def get_joint_limits_lower(self) -> np.ndarray:
+        return Q_MIN.copy()
+
+    def get_joint_limits_upper(self) -> np.ndarray:
+        return Q_MAX.copy()
+
+    def is_moving(self) -> bool:
+        return bool(np.linalg.norm(self.get_state().dq) > 1e-3)
+
+
+class RobotProcess(PandaQueries):
     """The parent's side of a robot run by a child process (`module`, a RobotChild's `serve`).
     `Error`: what a failed request, a dead child or a fault raises (panda-py raises libfranka's
     ControlException; the sim its twin)."""
@@ -553,14 +581,6 @@ class RobotProcess:
 
     def get_pose(self) -> np.ndarray:
         return np.asarray(self.get_state().O_T_EE).reshape(4, 4, order="F")
-
-    def get_position(self) -> np.ndarray:
-        return self.get_pose()[:3, 3].copy()
-
-    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
-        from edge_steer.geometry import mat_to_quat
-        q = mat_to_quat(self.get_pose()[:3, :3])
-        return np.roll(q, 1) if scalar_first else q
 
     @property
     def q(self) -> np.ndarray:

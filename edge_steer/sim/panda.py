@@ -26,6 +26,7 @@ from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rot
 from edge_steer.runtime.robot_process import DEFAULT_DAMPING as _DEFAULT_DAMPING
 from edge_steer.runtime.robot_process import DEFAULT_IMPEDANCE as _DEFAULT_IMPEDANCE
 from edge_steer.runtime.robot_process import DEFAULT_STIFFNESS as _DEFAULT_STIFFNESS
+from edge_steer.runtime.robot_process import PandaQueries
 from edge_steer.runtime.robot_process import RobotState as SimRobotState
 from edge_steer.runtime.robot_process import check_vec as _vec
 from edge_steer.realtime import LIBFRANKA_PRIORITY, LoopStats, make_realtime, run_periodic, scheduling
@@ -208,33 +209,6 @@ class SimPandaContext:
 # ----------------------------------------------------------------------------------------------
 # The robot
 # ----------------------------------------------------------------------------------------------
-class PandaQueries:
-    """The read-only part of panda_py.Panda that follows from `get_pose` / `get_state`; shared by
-    SimPanda and its out-of-process twin."""
-
-    def get_pose(self) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def get_state(self) -> SimRobotState:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def get_position(self) -> np.ndarray:
-        return self.get_pose()[:3, 3].copy()
-
-    def get_orientation(self, scalar_first: bool = False) -> np.ndarray:
-        quat = mat_to_quat(self.get_pose()[:3, :3])
-        return np.roll(quat, 1) if scalar_first else quat
-
-    def get_joint_limits_lower(self) -> np.ndarray:
-        return Q_MIN.copy()
-
-    def get_joint_limits_upper(self) -> np.ndarray:
-        return Q_MAX.copy()
-
-    def is_moving(self) -> bool:
-        return bool(np.linalg.norm(self.get_state().dq) > 1e-3)
-
-
 class SimPanda(PandaQueries):
     """panda_py.Panda over MuJoCo. `realtime` picks the wall-clock thread or as-fast-as-possible."""
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_steer.realtime import LIBFRANKA_PRIORITY
 from edge_steer.runtime.robot_process import Reading, RobotChild, RobotProcess, StateLayout, mode_code
-from edge_steer.sim.panda import DT, ControlException, PandaQueries
+from edge_steer.sim.panda import DT, ControlException
 from edge_steer.sim.panda_model import Q_START
 from edge_steer.sim.scene import SceneSpec
 from edge_steer.sim.world import World
@@ -179,7 +179,7 @@ class _MirrorLock:
         self._lock.release()
 
 
-class SimPandaProcess(RobotProcess, PandaQueries):
+class SimPandaProcess(RobotProcess):
     """SimPanda with its 1 kHz loop in a child process. `world` is the mirror the parent's readers use."""
 
     Error = ControlException
