@@ -134,7 +134,7 @@ class MotionSide:
             st[12:16] = q
             st[16:19] = ap
             st[19:23] = aq
-            st[23] = sp.controller is not None
+            st[23] = sp.driving
         seq_write(st, write)
 
 
