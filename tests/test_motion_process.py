@@ -87,6 +87,28 @@ def test_holds_chunks_executed_actions_and_faults_cross_the_process_boundary(arm
     assert timing["ticks"] > 100 and "robot's loop" in timing["scheduling"]
 
 
+def test_a_stop_does_not_wait_for_a_request_in_flight_and_a_dead_child_raises_at_once(arm):
+    import threading
+    sp = arm.motion
+    sp.reset(*_pose(arm))
+    arm.start_controller(RemoteCartesianImpedance())
+    sp.hold_reason = None
+    wait_for(lambda: sp.driving, timeout=5.0, what="the stage driving the controller")
+    done = threading.Event()
+    with arm._rpc_lock:      # as while the monitor waits for a timing reply: the request socket is taken
+        worker = threading.Thread(target=lambda: (arm.stop_controller(), done.set()), daemon=True)
+        worker.start()
+        worker.join(timeout=2.0)
+        assert done.is_set(), "stop_controller queued behind the request in flight"
+        assert not sp.driving    # acknowledged after the tick that stopped it had published
+    arm.start_controller(RemoteCartesianImpedance())     # and a controller starts again after it
+    wait_for(lambda: sp.driving, timeout=5.0, what="driving again")
+    arm._proc.kill()
+    arm._proc.wait()
+    with pytest.raises(Exception, match="exited"):
+        arm.stop_controller()
+
+
 def test_the_daemon_does_and_records_the_task_with_the_stage_in_the_robot_process(tmp_path):
     from edge_steer.data import Dataset
     cmd, tel = free_endpoint(), free_endpoint()

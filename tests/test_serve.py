@@ -323,3 +323,50 @@ def test_status_breaks_the_latency_down(daemon):
     f2p, sl = s["frame_to_policy_ms"], s["setpoint_loop"]
     assert 0 < f2p["p50"] < 1000 and f2p["n"] >= 3
     assert 0 <= sl["handover_ms_p50"] <= sl["latency_ms_p99"] and "tick_us_p50" in sl
+
+
+def test_an_estop_waiting_behind_other_requests_is_answered_first():
+    """Requests that arrive while one is being handled wait on the socket; an e-stop among them is taken
+    first, the rest in arrival order, each still validated and answered."""
+    import threading
+
+    import zmq
+
+    from edge_steer.runtime.config import ZmqConfig
+    from edge_steer.runtime.protocol import encode_request
+    from edge_steer.runtime.server import CommandServer
+
+    class Recorder:
+        def __init__(self):
+            self.order, self.first_seen, self.release = [], threading.Event(), threading.Event()
+
+        def handle(self, req):
+            self.order.append(req.cmd if req.cmd != "instruct" else f"instruct {req.args['text']}")
+            if len(self.order) == 1:          # hold the first so the others queue up behind it
+                self.first_seen.set()
+                self.release.wait(5.0)
+            return {}
+
+    d = Recorder()
+    srv = CommandServer(ZmqConfig(command=free_endpoint(), telemetry=free_endpoint()), d)
+    srv.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(srv.cfg.command)
+        s.send_multipart([b"", encode_request("status", id=0)])
+        assert d.first_seen.wait(5.0)
+        sent = [encode_request("status", id=1), encode_request("instruct", id=2, text="estop"),
+                encode_request("estop", id=3), b"\x93garbage", encode_request("pause", id=4)]
+        for m in sent:
+            s.send_multipart([b"", m])
+        time.sleep(0.2)                       # all five are waiting on the socket now
+        d.release.set()
+        ids = [msgpack.unpackb(s.recv_multipart()[-1]).get("id") for _ in range(6)]
+    finally:
+        s.close()
+        srv.stop()
+    # an instruction whose text is "estop" is only moved up, never mistaken for one
+    assert d.order == ["status", "instruct estop", "estop", "status", "pause"]
+    assert ids == [0, 2, 3, 1, None, 4]       # every request answered, the malformed one with an error

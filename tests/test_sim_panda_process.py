@@ -146,7 +146,7 @@ def test_a_late_reply_is_never_taken_for_the_next_request(arm, monkeypatch):
     time.sleep(0.05)
     monkeypatch.setattr(pp, "RPC_TIMEOUT_S", 0.0)
     with pytest.raises(ControlException, match="did not answer"):
-        arm.stop_controller()                 # its reply (None) arrives after the caller gave up
+        arm.recover()                         # its reply (None) arrives after the caller gave up
     monkeypatch.setattr(pp, "RPC_TIMEOUT_S", 3.0)
     time.sleep(0.05)
     assert arm.loop_timing()["ticks"] > 10   # the answer to this request, not the stale one

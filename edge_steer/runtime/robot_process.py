@@ -4,13 +4,15 @@ process (sim/panda_process.py) and the arm's (runtime/panda_process.py) share.
 Why a process: a 1 kHz Python loop in the daemon waits for whichever thread holds the GIL (inference,
 the cameras, ZMQ); in its own interpreter it waits for nothing but the scheduler (docs/serve.md). The
 child owns the robot (the sim's physics, or the one libfranka connection the arm allows), and every
-tick it (1) answers the parent's requests, (2) ticks the setpoint stage when it runs here
+tick it (0) stops the controller if the parent's stop slot asks,
+(1) answers the parent's requests, (2) ticks the setpoint stage when it runs here
 (`realtime.motion = "process"`, runtime/motion.py), (3) hands the parent's latest controller target
 on, (4) steps the backend and (5) publishes the robot's state. The parent side answers the narrow
 panda-py surface the daemon uses (`RobotProcess`).
 
 State and targets cross through seqlocked float64 arrays in one unnamed shared file (no syscalls on the
-1 kHz path); requests go over a socket the child polls each tick. The child is a fresh interpreter
+1 kHz path); requests go over a socket the child polls each tick. Stopping the controller (e-stop) has
+its own slot in that file, so it never queues behind requests already on the socket. The child is a fresh interpreter
 (`python -m <module> MEM_FD SOCK_FD`), not a multiprocessing child, so it never re-imports the caller's
 main module or inherits its threads and EGL contexts.
 """
@@ -43,6 +45,7 @@ START_TIMEOUT_S = 30.0
 # reply would hold that tick until the child's next one. Their arguments are checked before sending.
 ONE_WAY = frozenset({"gripper"})
 TARGET_SIZE = 3 + 14   # [seq, controller generation, kind (1 cartesian, 2 joint), up to 14 numbers]
+STOP_SIZE = 3          # [stop request number (parent), last one done (child), 1 if it raised (child)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,14 +124,15 @@ class StateLayout:
 
     @property
     def nbytes(self) -> int:
-        return (self.size + TARGET_SIZE) * 8 + ERR_BYTES
+        return (self.size + TARGET_SIZE + STOP_SIZE) * 8 + ERR_BYTES
 
-    def buffers(self, mem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The state, target and error-text arrays, one after the other in the shared file."""
+    def buffers(self, mem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The state, target, stop and error-text arrays, one after the other in the shared file."""
         state = np.frombuffer(mem, dtype=np.float64, count=self.size)
         target = np.frombuffer(mem, dtype=np.float64, count=TARGET_SIZE, offset=self.size * 8)
-        err = np.frombuffer(mem, dtype=np.uint8, count=ERR_BYTES, offset=(self.size + TARGET_SIZE) * 8)
-        return state, target, err
+        stop = np.frombuffer(mem, dtype=np.float64, count=STOP_SIZE, offset=(self.size + TARGET_SIZE) * 8)
+        err = np.frombuffer(mem, dtype=np.uint8, count=ERR_BYTES, offset=(self.size + TARGET_SIZE + STOP_SIZE) * 8)
+        return state, target, stop, err
 
 
 @dataclass
@@ -158,6 +162,7 @@ class RobotChild:
         self.active: dict[str, Any] = {"gen": 0.0, "ctrl": None, "seen": -1.0}
         self.running = True
         self._published_errors: tuple = ()
+        self._stop_error = ""
 
     # ---- hooks -----------------------------------------------------------------------------------
     def connect(self, hello: tuple) -> StateLayout:
@@ -211,7 +216,7 @@ class RobotChild:
             return
         mem = mmap.mmap(mem_fd, os.fstat(mem_fd).st_size)
         self.lay = lay
-        self.state, self.target, self.err = lay.buffers(mem)
+        self.state, self.target, self.stop_slot, self.err = lay.buffers(mem)
         rt_refused = make_realtime(threading.current_thread(), hello["rt_priority"], hello["cpu"])
         if hello["motion"] is not None:
             self.motion = self.motion_side(lay, mem, *hello["motion"])
@@ -229,6 +234,7 @@ class RobotChild:
         """Leave the robot safe when the loop ends."""
 
     def tick(self) -> None:
+        stopped = self._stop_now() if self.stop_slot[0] != self.stop_slot[1] else None
         replies = []
         conn = self.conn
         while conn.poll():
@@ -244,6 +250,8 @@ class RobotChild:
         self.take_target()
         self.step()
         self.publish(self.read())
+        if stopped is not None:     # as a reply: once the parent sees it, the published state shows the stop
+            self.stop_slot[1] = stopped
         for reply in replies:   # after publishing: whoever gets the answer also sees its effect
             conn.send(reply)
 
@@ -256,12 +264,8 @@ class RobotChild:
             if self.motion is not None:               # the stage here drives it; the parent writes no targets
                 self.motion.stage.controller = self.stage_controller(ctrl)
             return None
-        if op == "stop":
-            self.stop_controller()
-            self.active["ctrl"] = None
-            if self.motion is not None:
-                self.motion.stage.controller = None
-            return None
+        if op == "stop_error":
+            return self._stop_error
         if op == "recover":
             self.recover()
             return None
@@ -276,6 +280,23 @@ class RobotChild:
             self.running = False
             return None
         return self.request(op, args)
+
+    def _stop_now(self) -> float:
+        """The parent's stop request, first in the tick so that it overtakes every request queued before
+        it: no more targets reach the controller, whether or not the backend's stop raises (reported in
+        the slot). Returns the request's number, acknowledged once the tick has published."""
+        slot = self.stop_slot
+        req = slot[0]
+        self.active["ctrl"] = None
+        if self.motion is not None:
+            self.motion.stage.controller = None
+        try:
+            self.stop_controller()
+            slot[2] = 0.0
+        except Exception as e:  # noqa: BLE001 - reported to the parent, the loop runs on
+            self._stop_error = f"{type(e).__name__}: {e}"
+            slot[2] = 1.0
+        return req
 
     def take_target(self) -> None:
         """The parent's latest set_control, handed to the running controller (libfranka's latest value)."""
@@ -489,8 +510,9 @@ class RobotProcess(PandaQueries):
             mem_fd = os.dup(tempfile.TemporaryFile().fileno())
         os.ftruncate(mem_fd, nbytes)
         self._mem = mmap.mmap(mem_fd, nbytes)
-        self._state, self._target, self._err = lay.buffers(self._mem)
+        self._state, self._target, self._stop, self._err = lay.buffers(self._mem)
         self._target_lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self._rpc_lock = threading.Lock()    # one request in flight at a time, replies in order
         self._send_lock = threading.Lock()   # one message on the socket at a time
         self._gen = 0.0
@@ -601,7 +623,25 @@ class RobotProcess(PandaQueries):
             controller._write(controller._pending)
 
     def stop_controller(self) -> None:
-        self._rpc("stop")
+        """Through the stop slot, not the request socket: done on the child's next tick, before any
+        request in flight (a status read, a timing read) is answered."""
+        self._alive()
+        slot = self._stop
+        with self._stop_lock:
+            req = slot[0] + 1
+            slot[0] = req          # one aligned float64: the child sees the old number or this one
+            deadline = time.monotonic() + RPC_TIMEOUT_S
+            polls = 0
+            while slot[1] != req:
+                polls += 1
+                if polls % 50 == 0:   # every ~10 ms: a dead child raises now, not at the deadline
+                    self._alive()
+                if time.monotonic() > deadline:
+                    raise self.Error(f"{self.what} did not stop its controller within {RPC_TIMEOUT_S} s")
+                time.sleep(0.0002)
+            failed = bool(slot[2])
+        if failed:   # the controller gets no more targets either way; the backend's reason, asked after
+            raise self.Error(f"{self.what}: stop_controller failed: {self._rpc('stop_error')}")
 
     def recover(self) -> None:
         self._rpc("recover")

@@ -6,7 +6,8 @@ pyzmq's ZAP authenticator, so an unknown client cannot even complete the handsha
 `curve_operator_keys` the allowed clients split in two: operators may send every command, the others
 only what looks or stops (protocol.OBSERVER_COMMANDS); the key comes from ZAP's User-Id on each message.
 Each socket is used by exactly one thread after `start` (ROUTER: this server's thread; PUB: the
-daemon's monitor thread).
+daemon's monitor thread). Commands are answered one at a time, but an `estop` among the requests
+waiting is taken before the others (clients polling `status` must not delay a stop).
 """
 
 from __future__ import annotations
@@ -15,12 +16,24 @@ import logging
 import threading
 from typing import Any
 
+import msgpack
 import zmq
 
 from edge_steer.runtime.config import ZmqConfig
 from edge_steer.runtime.protocol import OBSERVER_COMMANDS, ProtocolError, decode_request, error_reply, ok_reply
 
 log = logging.getLogger("edge_steer.serve.zmq")
+_ESTOP = msgpack.packb("estop")
+MAX_BATCH = 64     # requests taken off the socket per round: the e-stop look-ahead
+
+
+def estops_first(batch: list) -> list:
+    """The waiting requests with those that may be an e-stop moved to the front, each group in arrival
+    order. A byte test for msgpack's "estop", not a decode: a payload that holds that string elsewhere
+    (an instruction's text) is only answered earlier, and validated like any other."""
+    def maybe_estop(frames) -> bool:
+        return _ESTOP in frames[-1].bytes
+    return [f for f in batch if maybe_estop(f)] + [f for f in batch if not maybe_estop(f)]
 
 
 class CommandServer:
@@ -86,19 +99,26 @@ class CommandServer:
         while self._running:
             if not poller.poll(50):
                 continue
+            for frames in estops_first(self._take_waiting(sock)):
+                envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
+                user = payload.get("User-Id") if self._operators is not None else None
+                reply = self.handle_bytes(payload.bytes, user)
+                try:
+                    sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+                except zmq.ZMQError as e:  # the client went away
+                    log.debug("reply not delivered: %s", e)
+
+    @staticmethod
+    def _take_waiting(sock: zmq.Socket) -> list[list[zmq.Frame]]:
+        batch = []
+        while len(batch) < MAX_BATCH:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
-                continue
-            if len(frames) < 2:
-                continue  # no routing envelope: nobody to answer
-            envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
-            user = payload.get("User-Id") if self._operators is not None else None
-            reply = self.handle_bytes(payload.bytes, user)
-            try:
-                sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
-            except zmq.ZMQError as e:  # the client went away
-                log.debug("reply not delivered: %s", e)
+                break
+            if len(frames) >= 2:   # else no routing envelope: nobody to answer
+                batch.append(frames)
+        return batch
 
     def handle_bytes(self, payload: bytes, user: str | None = None) -> bytes:
         """Decode, validate, check the sender's role, dispatch; always returns a reply (ok or error
