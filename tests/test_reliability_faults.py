@@ -54,6 +54,6 @@ def test_estop_stops_the_controller_every_time(cell):
 def test_zz_no_setpoint_left_the_limits_during_this_module(cell):
     """Runs last in this file: every setpoint the faults, load and e-stops above produced."""
     chk = cell.log.check(cell.daemon.cfg.safety, 1.0 / cell.daemon.cfg.rates.control_hz)
-    assert chk["setpoints"] > 1000 and chk["controllers"] >= 5, chk
+    assert chk["setpoints"] > 1000 and chk["controllers"] >= 5 and not chk["overflow"], chk
     assert chk["violations"] == 0 and chk["outside_box"] == 0 and chk["non_finite"] == 0, chk
     assert chk["max_speed"] <= 0.5 * (1 + 1e-6) and chk["max_accel"] <= 4.0 * (1 + 1e-4) + 1e-9

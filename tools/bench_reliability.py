@@ -47,32 +47,19 @@ class SetpointLog:
     pose, so speed and acceleration are checked within one controller's run, the box everywhere."""
 
     def __init__(self, capacity: int = 1 << 20):
-        self.buf = np.zeros((capacity, 9))  # t, gen, x, y, z, qx, qy, qz, qw
-        self.n = 0
-        self.gen = 0
-        self.overflow = False
+        from edge_steer.sim.panda_process import SetpointRecorder
+        self.rec = SetpointRecorder(capacity)
 
     def attach(self, robot) -> None:
+        from types import SimpleNamespace
+
+        from edge_steer.sim.panda_process import RecordedController
         make = robot.make_controller
 
         def make_recorded():
+            # the controller keeps its type (start_controller checks it); only its setter is wrapped
             ctrl = make()
-            self.gen += 1
-            gen, inner = self.gen, ctrl.set_control
-
-            def set_control(position, orientation, q_nullspace):
-                i = self.n
-                if i < len(self.buf):
-                    row = self.buf[i]
-                    row[0], row[1] = time.perf_counter(), gen
-                    row[2:5] = position
-                    row[5:9] = orientation
-                    self.n = i + 1
-                else:
-                    self.overflow = True
-                inner(position, orientation, q_nullspace)
-
-            ctrl.set_control = set_control
+            ctrl.set_control = RecordedController(SimpleNamespace(set_control=ctrl.set_control), self.rec).set_control
             return ctrl
 
         robot.make_controller = make_recorded
@@ -81,7 +68,7 @@ class SetpointLog:
         """The stage runs in the sim robot's process (`realtime.motion = "process"`): the child records what
         it sets (SimPandaProcess.record_setpoints), and a thread here pulls the rows every `every_s`, so no
         single reply grows large enough to hold up the child's 1 kHz loop."""
-        arm.record_setpoints(len(self.buf))
+        arm.record_setpoints(len(self.rec.buf))
         self.remote, self._lock = arm, threading.Lock()
 
         def pull_forever():
@@ -99,26 +86,20 @@ class SetpointLog:
         if self.remote is None:
             return
         with self._lock:
-            rows, overflow = self.remote.take_setpoints()
-            k = min(len(rows), len(self.buf) - self.n)
-            self.buf[self.n:self.n + k] = rows[:k]
-            self.n += k
-            self.overflow |= overflow or k < len(rows)
-            if self.n:
-                self.gen = int(self.buf[:self.n, 1].max())
+            self.rec.extend(*self.remote.take_setpoints())
 
     def rows(self) -> np.ndarray:
         try:
             self.pull()
         except Exception:  # noqa: BLE001 - closed since: what was pulled is what there is
             pass
-        return self.buf[: self.n]
+        return self.rec.buf[: self.rec.n]
 
     def check(self, safety, dt: float) -> dict:
         """Measured maxima against the configured limits; `violations` counts samples over a limit."""
         from edge_steer.runtime.safety import qconj, qlog, qmul
         a = self.rows()
-        out = {"setpoints": int(len(a)), "controllers": int(self.gen), "violations": 0, "max_speed": 0.0,
+        out = {"setpoints": int(len(a)), "controllers": int(self.rec.gen), "overflow": bool(self.rec.overflow), "violations": 0, "max_speed": 0.0,
                "max_accel": 0.0, "max_rot_speed": 0.0, "outside_box": 0, "non_finite": 0}
         if not len(a):
             return out

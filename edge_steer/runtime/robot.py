@@ -145,12 +145,10 @@ class RobotHandle:
         st = self.arm.get_state()
         t = np.asarray(st.O_T_EE, dtype=float).reshape(4, 4, order="F")
         from edge_steer.geometry import mat_to_quat
-        from edge_steer.runtime.robot_process import error_list
-        errors = error_list(st.current_errors)
-        mode = getattr(st.robot_mode, "name", str(st.robot_mode))
+        from edge_steer.runtime.robot_process import error_list, mode_name
         return RobotReading(np.asarray(st.q, dtype=float), np.asarray(st.dq, dtype=float), t[:3, 3].copy(),
-                            mat_to_quat(t[:3, :3]),
-                            self.gripper.read_width(), mode.split(".")[-1], errors)
+                            mat_to_quat(t[:3, :3]), self.gripper.read_width(), mode_name(st.robot_mode),
+                            error_list(st.current_errors))
 
     def close(self) -> None:
         self.gripper.close()

@@ -88,8 +88,13 @@ def error_list(errors: Any) -> list[str]:
     return [str(errors)] if bool(errors) else []
 
 
+def mode_name(mode: Any) -> str:
+    """libfranka's RobotMode (an enum, or its str "RobotMode.kMove") or the sim's string, as "kMove"."""
+    return str(getattr(mode, "name", mode)).split(".")[-1]
+
+
 def mode_code(mode: Any) -> int:
-    name = str(getattr(mode, "name", mode)).split(".")[-1]
+    name = mode_name(mode)
     return MODES.index(name) if name in MODES else MODES.index("kOther")
 
 

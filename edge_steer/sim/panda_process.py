@@ -83,7 +83,7 @@ class SimChild(RobotChild):
             self.panda.inject_fault(*args)
             return None
         if op == "record_setpoints":
-            self.recorder = _SetpointRecorder(*args)
+            self.recorder = SetpointRecorder(*args)
             if self.motion is not None and self.motion.stage.controller is not None:
                 self.motion.stage.controller = self.stage_controller(self.motion.stage.controller)
             return None
@@ -97,10 +97,10 @@ class SimChild(RobotChild):
             return None
         return super().request(op, args)
 
-    recorder: "_SetpointRecorder | None" = None
+    recorder: "SetpointRecorder | None" = None
 
     def stage_controller(self, ctrl):
-        return ctrl if self.recorder is None else _RecordedController(ctrl, self.recorder)
+        return ctrl if self.recorder is None else RecordedController(ctrl, self.recorder)
 
     def motion_side(self, lay, mem, rates, safety, q_nullspace):
         from edge_steer.runtime.robot import GripperDriver
@@ -109,15 +109,32 @@ class SimChild(RobotChild):
         return super().motion_side(lay, mem, rates, safety, gripper.command, q_nullspace)
 
 
-class _SetpointRecorder:
-    """Every pose the stage here sets (t, controller number, x y z, qx qy qz qw), for the reliability
-    harness's safety check (tools/bench_reliability.py), which records the daemon-side controllers the
-    same way when the stage runs there. Preallocated: the 1 kHz tick only copies a row."""
+class SetpointRecorder:
+    """Every pose a controller is set to (t, controller number, x y z, qx qy qz qw), for the reliability
+    harness's safety check (tools/bench_reliability.py): here when the stage runs in this process, in
+    the daemon when it runs there. Preallocated: the 1 kHz tick only copies a row."""
 
     def __init__(self, capacity: int):
         self.buf = np.zeros((int(capacity), 9))
         self.n = self.taken = self.gen = 0
         self.overflow = False
+
+    def record(self, gen: int, position, orientation) -> None:
+        if self.n < len(self.buf):
+            row = self.buf[self.n]
+            row[0], row[1], row[2:5], row[5:9] = time.perf_counter(), gen, position, orientation
+            self.n += 1
+        else:
+            self.overflow = True
+
+    def extend(self, rows: np.ndarray, overflow: bool) -> None:
+        """Rows recorded elsewhere (the robot process's), appended as far as they fit."""
+        k = min(len(rows), len(self.buf) - self.n)
+        self.buf[self.n:self.n + k] = rows[:k]
+        self.n += k
+        self.overflow |= bool(overflow) or k < len(rows)
+        if self.n:
+            self.gen = int(self.buf[:self.n, 1].max())
 
     def take(self) -> tuple[np.ndarray, bool]:
         rows = self.buf[self.taken:self.n].copy()
@@ -125,19 +142,15 @@ class _SetpointRecorder:
         return rows, self.overflow
 
 
-class _RecordedController:
-    def __init__(self, inner, rec: _SetpointRecorder):
+class RecordedController:
+    """`inner` (anything with a Cartesian set_control) with every target recorded, as one new controller."""
+
+    def __init__(self, inner, rec: SetpointRecorder):
         rec.gen += 1
         self._inner, self._rec, self._gen = inner, rec, rec.gen
 
     def set_control(self, position, orientation, q_nullspace):
-        rec = self._rec
-        if rec.n < len(rec.buf):
-            row = rec.buf[rec.n]
-            row[0], row[1], row[2:5], row[5:9] = time.perf_counter(), self._gen, position, orientation
-            rec.n += 1
-        else:
-            rec.overflow = True
+        self._rec.record(self._gen, position, orientation)
         self._inner.set_control(position, orientation, q_nullspace)
 
 
