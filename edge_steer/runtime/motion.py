@@ -155,6 +155,7 @@ class RemoteSetpoint:
         self._hold_wanted: str | None = "idle"
         self._ring_read = 0
         self._ring_lock = threading.Lock()   # the monitor and an ending episode both drain it
+        self._hold_lock = threading.Lock()   # the command, monitor and policy threads all set holds
         self._fault_seen = 0.0
         self.controller = None      # the daemon's handle; the stage drives the robot side's own controller
         self.q_nullspace = np.zeros(7)
@@ -192,10 +193,13 @@ class RemoteSetpoint:
     @hold_reason.setter
     def hold_reason(self, reason: str | None) -> None:
         code = _hold_code(reason)
-        self._hold_wanted = reason
-        self._request += 1
-        self.control[1] = code
-        self.control[0] = self._request     # after the code: the stage reads the pair once it sees this
+        # the GIL happens to make this body atomic today; the lock says so instead of relying on it (two
+        # setters sharing one request number could leave the stage on the earlier code)
+        with self._hold_lock:
+            self._hold_wanted = reason
+            self._request += 1
+            self.control[1] = code
+            self.control[0] = self._request     # after the code: the stage reads the pair once it sees this
 
     segment = _status_field(1, int)
     boundary_time = _status_field(2, float)
