@@ -376,7 +376,7 @@ def check_vec(x, n: int, name: str) -> np.ndarray:
     a = np.array(x, dtype=float).reshape(-1)
     if a.shape != (n,):
         raise ValueError(f"{name} must have {n} elements, got shape {np.shape(x)}")
-    if not np.all(np.isfinite(a)):
+    if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf: {a}")
     return a
 
