@@ -24,7 +24,7 @@ from edge_steer.runtime.protocol import OBSERVER_COMMANDS, ProtocolError, decode
 
 log = logging.getLogger("edge_steer.serve.zmq")
 _ESTOP = msgpack.packb("estop")
-MAX_BATCH = 64     # requests taken off the socket per round: the e-stop look-ahead
+MAX_BATCH = 64     # requests held off the socket at most: the e-stop look-ahead
 
 
 def estops_first(batch: list) -> list:
@@ -96,22 +96,28 @@ class CommandServer:
         sock = self.router
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        waiting: list = []
         while self._running:
-            if not poller.poll(50):
+            if not waiting and not poller.poll(50):
                 continue
-            for frames in estops_first(self._take_waiting(sock)):
-                envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
-                user = payload.get("User-Id") if self._operators is not None else None
-                reply = self.handle_bytes(payload.bytes, user)
-                try:
-                    sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
-                except zmq.ZMQError as e:  # the client went away
-                    log.debug("reply not delivered: %s", e)
+            # look again before every request, not once per batch: an e-stop that came in while the
+            # previous request was handled waits for that one only
+            waiting = estops_first(waiting + self._take_waiting(sock, MAX_BATCH - len(waiting)))
+            if not waiting:
+                continue
+            frames = waiting.pop(0)
+            envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
+            user = payload.get("User-Id") if self._operators is not None else None
+            reply = self.handle_bytes(payload.bytes, user)
+            try:
+                sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # the client went away
+                log.debug("reply not delivered: %s", e)
 
     @staticmethod
-    def _take_waiting(sock: zmq.Socket) -> list[list[zmq.Frame]]:
+    def _take_waiting(sock: zmq.Socket, room: int) -> list[list[zmq.Frame]]:
         batch = []
-        while len(batch) < MAX_BATCH:
+        while len(batch) < room:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
