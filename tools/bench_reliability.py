@@ -1157,8 +1157,10 @@ def write_report(r: dict, path: Path, command: str) -> None:
           f"{e['background_clients']} clients loading the command socket: p50 "
           f"{_fmt(e['to_controller_stopped_ms']['p50'], 2)} ms, p99 {_fmt(e['to_controller_stopped_ms']['p99'], 2)} ms, "
           f"max {_fmt(e['to_controller_stopped_ms']['max'], 2)} ms (reply p99 {_fmt(e['to_reply_ms']['p99'], 2)} ms). "
-          "The e-stop waits behind requests queued before it on the one command thread; on hardware libfranka's "
-          "own stop and the physical e-stop button remain the primary stop.", "",
+          "The command thread looks at its socket again before every request and answers a waiting e-stop first, "
+          "so an e-stop waits for the one request in hand; the stop itself skips every queue (with `--motion process`, "
+          "a shared-memory slot the robot process reads first in its next tick). On hardware libfranka's own stop and the physical e-stop button "
+          "remain the primary stop.", "",
           "Not covered here: the real Panda and RealSense (libfranka's reflexes and the USB stack behave as the sim "
           "stand-ins only approximately), an attacker on the network path beyond the CURVE handshake (CURVE gives "
           "confidentiality, integrity and client authentication; there is no per-command authorisation), and "
