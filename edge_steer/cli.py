@@ -338,6 +338,7 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
                  heads: Optional[Path] = typer.Option(None, help="heads.json from identify (steer)"),
                  out: Path = typer.Option(..., help="run directory: model/, steering.safetensors, finetune.json"),
                  slices: str = typer.Option("qo", help="steer: which of q, k, v, o slices train"),
+                 whole: str = typer.Option("", help="steer: modules also trained whole, comma-separated (e.g. stem.0)"),
                  lora_rank: int = typer.Option(16, min=1), steps: int = typer.Option(300, min=1),
                  batch_size: int = typer.Option(32, min=1), lr: float = typer.Option(1e-3),
                  seed: int = typer.Option(0), deterministic: bool = typer.Option(False),
@@ -349,7 +350,8 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
     m = _load(model)
     ds = _demos(demos)
     try:
-        cfg = with_train(FinetuneConfig(method=method, slices=slices, lora_rank=lora_rank), steps=steps,
+        cfg = with_train(FinetuneConfig(method=method, slices=slices, whole=tuple(w for w in whole.split(",") if w),
+                                        lora_rank=lora_rank), steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, deterministic=deterministic)
         doc, refs = None, None
         if method == "steer":

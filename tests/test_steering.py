@@ -151,6 +151,22 @@ def test_steer_changes_exactly_the_selected_slices(tmp_path, planted, demos):
     assert f"blocks.{PLANTED.layer}.attn.o_proj.weight" in changed
 
 
+def test_steer_can_train_a_named_module_whole_and_the_delta_carries_it(tmp_path, planted, demos):
+    res = finetune(planted, task_demos(demos), _quick("steer", whole=("stem.0",)), tmp_path / "run", heads=[PLANTED])
+    stem = {n: p for n, p in planted.named_parameters() if n.startswith("stem.0.")}
+    assert stem, "the tiny model has no stem.0"
+    changed = _changed(planted, res.model)
+    assert set(stem) <= set(changed), "the first conv layer did not train"
+    assert set(changed) - set(stem) <= {s.param for s in head_slices(planted, [PLANTED], "qo")}
+    hd, d = planted.config.head_dim, planted.config.d_model
+    assert res.trainable_params == hd * d + hd + d * hd + sum(p.numel() for p in stem.values())
+    paths = save_result(res, tmp_path / "run")
+    steered = SteeringDelta.load(paths["steering"]).apply_(copy.deepcopy(planted))
+    assert steered.fingerprint() == res.model.fingerprint()
+    with pytest.raises(FinetuneError, match="no module 'stem.9'"):
+        finetune(planted, task_demos(demos), _quick("steer", whole=("stem.9",)), tmp_path / "bad", heads=[PLANTED])
+
+
 def test_optimizer_state_only_for_the_slices(tmp_path, planted, demos):
     res = finetune(planted, task_demos(demos), _quick("steer", steps=4), tmp_path, heads=[PLANTED])
     ckpt = torch.load(next((tmp_path / "checkpoints").glob("step_*.pt")), weights_only=False)

@@ -52,6 +52,7 @@ class AdaptConfig:
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
     ablation_lr: tuple[float, ...] = (3e-3, 1e-4)  # for steer, LoRA and full alike (1e-4: full FT's own scale)
+    ablation_whole: tuple[str, ...] = ("stem.0",)  # steer + one module trained whole (the first conv layer)
     arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
@@ -72,7 +73,7 @@ class Cell:
     shots: int
     method: str
     seed: int
-    arm: str = "main"                       # main | k=<n> | slices=<s> | select=<m> | lr=<x>
+    arm: str = "main"                       # main | k=<n> | slices=<s> | select=<m> | lr=<x> | whole=<module>
     successes: int = 0
     episodes: int = 0
     trainable_params: int = 0
@@ -118,7 +119,8 @@ def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
                                   and args["selection"] != "probe", batch_size=32)
             doc = identify(base, ps, icfg, demos={"path": args["demos"], "shots": args["shots"]})
             heads = [HeadRef(s["layer"], s["index"]) for s in doc["selected"]]
-    cfg = with_train(FinetuneConfig(method=args["method"], slices=args["slices"], lora_rank=args["lora_rank"]),
+    cfg = with_train(FinetuneConfig(method=args["method"], slices=args["slices"], whole=tuple(args["whole"]),
+                                    lora_rank=args["lora_rank"]),
                      steps=args["steps"], batch_size=args["batch_size"], lr=args["lr"], seed=args["seed"],
                      checkpoint_every=10**9)
     t0 = time.perf_counter()
@@ -150,6 +152,7 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
         arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
         arms += [(f"select={m}", {"selection": m}) for m in SELECTIONS if m != cfg.selection]
         arms += [(f"lr={lr:g}", {"lr": lr}) for lr in cfg.ablation_lr if lr != cfg.lr]
+        arms += [(f"whole={m}", {"whole": (m,)}) for m in cfg.ablation_whole]
     if cfg.arms:
         if unknown := set(cfg.arms) - {a for a, _ in arms}:
             raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}"
@@ -248,7 +251,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k, "method": method,
                             "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": change.get("lr", cfg.lr),
                             "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
-                            "slices": change.get("slices", cfg.slices), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
+                            "slices": change.get("slices", cfg.slices), "whole": change.get("whole", ()), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
                             "out": str(run_dir)}, cfg.isolate)
                         for key in ("trainable_params", "finetune_s", "peak_rss_mb", "final_loss", "heads"):
                             setattr(cell, key, ft[key])

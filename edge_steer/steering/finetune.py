@@ -38,6 +38,9 @@ class FinetuneError(ValueError):
 class FinetuneConfig:
     method: str = "steer"
     slices: str = "qo"                      # steer: which of q, k, v, o slices of each selected head train
+    # steer: modules trained whole beside the heads, by name (e.g. "stem.0", the first conv layer): for a
+    # shift the attention cannot absorb, such as dim light, at a few thousand more values
+    whole: tuple[str, ...] = ()
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,6 +77,19 @@ def head_slices(model, heads: list[HeadRef], which: str = "qo") -> list[ParamSli
     if unknown:
         raise FinetuneError(f"the model has no heads {unknown} ({len(table)} heads)")
     return [s for h in heads for s in table[h].slices(which)]
+
+
+def whole_slices(model: nn.Module, modules: tuple[str, ...]) -> list[ParamSlice]:
+    """Every row of every parameter of the named modules, as slices (so the delta format holds them)."""
+    out = []
+    params = dict(model.named_parameters())
+    for name in modules:
+        found = [n for n in params if n.startswith(name + ".")]
+        if not found:
+            tops = sorted({n.split(".")[0] for n in params})
+            raise FinetuneError(f"the model has no module {name!r} with parameters (top-level modules: {tops})")
+        out += [ParamSlice(n, 0, 0, params[n].shape[0]) for n in found]
+    return out
 
 
 class SteerParams:
@@ -173,7 +189,7 @@ def finetune(base: nn.Module, dataset, cfg: FinetuneConfig, out_dir: str | Path,
     if cfg.method == "steer":
         if not heads:
             raise FinetuneError("steer fine-tuning needs selected heads (run identify first)")
-        steer = SteerParams(model, head_slices(model, heads, cfg.slices))
+        steer = SteerParams(model, head_slices(model, heads, cfg.slices) + whole_slices(model, cfg.whole))
         params = steer.parameters()
     elif cfg.method == "lora":
         params = add_lora(model, cfg)
