@@ -2,6 +2,7 @@
 cannot silently break."""
 
 import json
+import pytest
 
 from typer.testing import CliRunner
 
@@ -94,3 +95,22 @@ def test_an_ablation_is_compared_with_the_main_arm_on_its_own_cells():
     abl = {a["arm"]: a for a in summarise(cells)["ablations"]}
     assert abl["main"]["n"] == 40 and abl["main"]["success"] == 0.5
     assert abl["select=random"]["success"] == 0.2
+
+
+def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
+    from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
+    from edge_steer.steering.finetune import FinetuneError
+
+    cfg = AdaptConfig(ablations=True, arms=("whole=keypoint_maps+stem.0", "k=3", "lr=0.0005", "select=random"))
+    assert ablation_arms(cfg) == [("main", {}), ("select=random", {"selection": "random"}),
+                                  ("whole=keypoint_maps+stem.0", {"whole": ("keypoint_maps", "stem.0")}),
+                                  ("k=3", {"top_k": 3}), ("lr=0.0005", {"lr": 5e-4})]
+    for bad in ("k=0", "k=two", "lr=5e-4", "whole=", "whole=a+", "depth=3"):   # lr names are canonical (%g)
+        with pytest.raises(ValueError, match="unknown ablation arms"):
+            ablation_arms(AdaptConfig(ablations=True, arms=(bad,)))
+    with pytest.raises(ValueError, match="with --ablations"):
+        ablation_arms(AdaptConfig(arms=("k=3",)))
+    # a module the model lacks is refused before any demo is recorded
+    with pytest.raises(FinetuneError, match="no module 'stem.9'"):
+        run(AdaptConfig.quick(ablations=True, arms=("whole=stem.9",)), tmp_path)
+    assert not (tmp_path / "demos").exists()

@@ -154,11 +154,30 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
         arms += [(f"lr={lr:g}", {"lr": lr}) for lr in cfg.ablation_lr if lr != cfg.lr]
         arms += [(f"whole={m}", {"whole": (m,)}) for m in cfg.ablation_whole]
     if cfg.arms:
-        if unknown := set(cfg.arms) - {a for a, _ in arms}:
-            raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}"
+        known = {a for a, _ in arms}
+        extra = [(a, _parse_arm(a)) for a in cfg.arms if a not in known and cfg.ablations]
+        if unknown := set(cfg.arms) - known - {a for a, c in extra if c is not None}:
+            raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}, "
+                             "or k=<n>, lr=<x>, whole=<module>[+<module>]"
                              + ("" if cfg.ablations else " (with --ablations)"))
-        arms = [a for a in arms if a[0] == "main" or a[0] in cfg.arms]
+        arms = [a for a in arms if a[0] == "main" or a[0] in cfg.arms] + [a for a in extra if a[1] is not None]
     return arms
+
+
+def _parse_arm(name: str) -> dict[str, Any] | None:
+    """An arm outside the default sweeps, by its name: k=<n>, lr=<x> or whole=<module>[+<module>]
+    (the module is checked against the model when the fine-tune starts). None if it is not one."""
+    key, _, value = name.partition("=")
+    try:
+        if key == "k" and int(value) >= 1 and name == f"k={int(value)}":
+            return {"top_k": int(value)}
+        if key == "lr" and float(value) > 0 and name == f"lr={float(value):g}":
+            return {"lr": float(value)}
+    except ValueError:
+        return None
+    if key == "whole" and value and all(value.split("+")):
+        return {"whole": tuple(value.split("+"))}
+    return None
 
 
 def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tuple[str, dict[str, Any]]]:
@@ -216,6 +235,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                                    if cell.method != "zero-shot" else ""))
 
     arms = ablation_arms(cfg)
+    if whole := {m for _, change in arms for m in change.get("whole", ())}:
+        from edge_steer.steering.finetune import whole_slices
+        whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
     for task in variants:
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
