@@ -1,0 +1,71 @@
+"""Compare fine-tune arms of an adaptation run episode by episode.
+
+    python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0
+
+For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
+per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
+two-sided sign test against the reference on the episodes only one of the two solves. Every arm shares the
+evaluation scenes of its (variant, seed), which is what makes the pairing valid.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from math import comb
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_steer.bench.adapt import _load_cells                # noqa: E402
+from edge_steer.sim.rollout import wilson_interval             # noqa: E402
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact binomial test of a against b discordant pairs (p = 0.5)."""
+    n, k = a + b, min(a, b)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cells", type=Path)
+    ap.add_argument("--shots", type=int, default=10)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ref", default="steer:main", help="method:arm every other arm is paired against")
+    args = ap.parse_args()
+    seeds = {int(s) for s in args.seeds.split(",")}
+    cells = [c for c in _load_cells(args.cells) if c.seed in seeds and (c.shots == args.shots or c.method == "zero-shot")]
+    by_arm: dict[tuple[str, str], dict] = {}
+    for c in cells:   # the last cell wins where a results file holds a rerun
+        by_arm.setdefault((c.method, c.arm), {})[(c.variant, c.seed)] = c
+    ref = tuple(args.ref.split(":", 1))
+    if ref not in by_arm:
+        raise SystemExit(f"no cells for {args.ref} at K = {args.shots}, seeds {sorted(seeds)}; have {sorted(by_arm)}")
+    keys = sorted(by_arm[ref])
+    variants = sorted({v for v, _ in keys})
+    print(f"K = {args.shots}, seeds {sorted(seeds)}, {len(keys)} cells; variants: {', '.join(variants)}")
+    print(f"{'method:arm':28s} " + " ".join(f"{v[:10]:>10s}" for v in variants)
+          + "   pooled        95% CI    params  ft s     vs ref  p")
+    for (method, arm), got in sorted(by_arm.items()):
+        if not all(k in got for k in keys):
+            continue
+        per_var = {v: sum(got[k].successes for k in keys if k[0] == v) for v in variants}
+        s, n = sum(got[k].successes for k in keys), sum(got[k].episodes for k in keys)
+        lo, hi = wilson_interval(s, n)
+        only_this = only_ref = 0
+        for k in keys:
+            mine = {e["seed"]: e["success"] for e in got[k].episode_log}
+            theirs = {e["seed"]: e["success"] for e in by_arm[ref][k].episode_log}
+            for seed in mine.keys() & theirs.keys():
+                only_this += mine[seed] and not theirs[seed]
+                only_ref += theirs[seed] and not mine[seed]
+        ft = [got[k].finetune_s for k in keys if got[k].method != "zero-shot"]
+        print(f"{method + ':' + arm:28s} " + " ".join(f"{per_var[v]:>10d}" for v in variants)
+              + f"   {s:3d}/{n} {100 * s / n:5.1f} %  {100 * lo:3.0f}-{100 * hi:3.0f} %"
+              + f"  {int(got[keys[0]].trainable_params):>8,d}"
+              + (f"  {min(ft):3.0f}-{max(ft):3.0f}" if ft else "      -")
+              + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
+
+
+if __name__ == "__main__":
+    main()
