@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--top-k", type=int, default=6)
     ap.add_argument("--frames", type=int, default=256)
+    ap.add_argument("--whole", default="stem.0,keypoint_maps",
+                    help="extra steer arms, each training one more module whole (comma-separated; '' for none)")
     ap.add_argument("--out", default="runs/bench_steering")
     ap.add_argument("--docs", default="docs/steering.md")
     args = ap.parse_args()
@@ -62,15 +64,17 @@ def main() -> None:
     (out / "heads.json").write_text(json.dumps(doc, indent=1))
 
     results = {}
-    for method in ("steer", "lora", "full"):
-        print(f"fine-tuning: {method}")
+    arms = [("steer", "steer", ())] + [(f"steer+{m}", "steer", (m,)) for m in args.whole.split(",") if m] \
+        + [("lora", "lora", ()), ("full", "full", ())]
+    for name, method, whole in arms:
+        print(f"fine-tuning: {name}")
         r = _call(_finetune_job, {
             "model": str(model_dir), "demos": str(demos), "shots": args.shots, "method": method, "seed": 0,
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "top_k": args.top_k,
-            "selection": "attribution", "slices": "qo", "lora_rank": 16, "threads": 2, "isolate": True,
-            "out": str(out / method)}, True)
-        hist = json.loads((out / method / "finetune.json").read_text())["history"]
-        results[method] = {**r, "history": hist}
+            "selection": "attribution", "slices": "qo", "whole": whole, "lora_rank": 16, "threads": 2,
+            "isolate": True, "out": str(out / name)}, True)
+        hist = json.loads((out / name / "finetune.json").read_text())["history"]
+        results[name] = {**r, "history": hist}
     # a loss every method reaches: the worst of their final losses (x1.05)
     target = 1.05 * max(min(h["loss"] for h in r["history"]) for r in results.values())
     for r in results.values():
@@ -100,7 +104,7 @@ def main() -> None:
     lines += ["", f"Selected heads (attribution ranking): {sel}.", "",
               "### Fine-tuning, same data / steps / batch / lr", "",
               f"{args.steps} steps, batch {args.batch_size}, lr {args.lr}; LoRA rank 16 / alpha 32 on q, k, v, o; "
-              f"steer = top-{args.top_k} heads, q rows + o columns. Target loss for 'time to reach' = {target:.3f} "
+              f"steer = top-{args.top_k} heads, q rows + o columns; steer+M also trains module M whole. Target loss for 'time to reach' = {target:.3f} "
               "(the worst method's best logged loss x1.05).", "",
               "| method | trainable params | vs LoRA | step ms | peak RSS MB | final loss | s to target loss |",
               "|---|---|---|---|---|---|---|"]
@@ -108,9 +112,12 @@ def main() -> None:
     for m, r in results.items():
         lines.append(f"| {m} | {r['trainable_params']:,} | {r['trainable_params'] / lora_p:.2f}x | {r['step_ms']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | {r['time_to_target_s']:.1f} |")
-    s, lo = results["steer"], results["lora"]
-    lines += ["", f"steer / LoRA: trainable parameters {s['trainable_params'] / lora_p:.2f}x (goal <= 0.5x), "
-              f"step time {s['step_ms'] / lo['step_ms']:.2f}x (goal <= 1x)."]
+    lo = results["lora"]
+    lines.append("")
+    for name in (n for n in results if n.startswith("steer")):
+        s = results[name]
+        lines.append(f"{name} / LoRA: trainable parameters {s['trainable_params'] / lora_p:.2f}x (goal <= 0.5x), "
+                     f"step time {s['step_ms'] / lo['step_ms']:.2f}x (goal <= 1x).")
     text = "\n".join(lines) + "\n"
     print(text)
     upsert_section(args.docs, text)
