@@ -200,7 +200,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
-    variants = [get_task(v) for v in cfg.variants] if cfg.variants else tasks_by_split("heldout")
+    # a variant named twice runs once, in the order first named
+    variants = [get_task(v) for v in dict.fromkeys(cfg.variants)] if cfg.variants else tasks_by_split("heldout")
     cells: list[Cell] = []
     results_file = out / "cells.json"
     done = {_key(c) for c in _load_cells(results_file)}
@@ -229,6 +230,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
 
     def record(cell: Cell) -> None:
         cells.append(cell)
+        done.add(_key(cell))
         save()
         say(f"{cell.variant} K={cell.shots} {cell.method} arm {cell.arm} seed {cell.seed}: "
             f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
