@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from math import comb
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ref", default="steer:main", help="method:arm every other arm is paired against")
+    ap.add_argument("--plot", type=Path, help="write a PNG: success per variant and pooled, for --plot-arms")
+    ap.add_argument("--plot-arms", default="zero-shot:main,steer:main,lora:main")
     args = ap.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")}
     cells = [c for c in _load_cells(args.cells) if c.seed in seeds and (c.shots == args.shots or c.method == "zero-shot")]
@@ -65,6 +68,42 @@ def main() -> None:
               + f"  {int(got[keys[0]].trainable_params):>8,d}"
               + (f"  {min(ft):3.0f}-{max(ft):3.0f}" if ft else "      -")
               + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
+    if args.plot:
+        plot(by_arm, keys, [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")], args.plot,
+             f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
+
+
+def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:
+    """Grouped bars: each arm's success per variant and pooled, with Wilson 95 % intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    missing = [a for a in arms if a not in by_arm or not all(k in by_arm[a] for k in keys)]
+    if missing:
+        raise SystemExit(f"--plot-arms {missing} did not run on every cell of the reference")
+    groups = sorted({v for v, _ in keys}) + ["pooled"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 4))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        rates, errs = [], [[], []]
+        for g in groups:
+            sel = [by_arm[arm][k] for k in keys if g in ("pooled", k[0])]
+            s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
+            lo, hi = wilson_interval(s, n)
+            rates.append(s / n)
+            errs[0].append(s / n - lo)
+            errs[1].append(hi - s / n)
+        ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(groups))], rates, width, yerr=errs,
+               capsize=2, label=":".join(arm).replace(":main", ""))
+    ax.set_xticks(range(len(groups)), [textwrap.fill(g.replace("_", " "), 20) for g in groups], fontsize=8)
+    ax.set_ylabel("closed-loop success")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"held-out variants, {title} (bars: 95 % Wilson interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
