@@ -114,3 +114,32 @@ def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused
     with pytest.raises(FinetuneError, match="no module 'stem.9'"):
         run(AdaptConfig.quick(ablations=True, arms=("whole=stem.9",)), tmp_path)
     assert not (tmp_path / "demos").exists()
+
+
+def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeypatch):
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import compare_adapt
+
+    assert compare_adapt.sign_test(0, 0) == 1.0
+    assert compare_adapt.sign_test(5, 5) == 1.0
+    assert abs(compare_adapt.sign_test(9, 1) - 22 / 1024) < 1e-12     # 2 * P(X <= 1), X ~ Bin(10, 1/2)
+
+    def cell(method, arm, wins):   # 10 episodes, seeds 0..9; `wins` is the set that succeeded
+        log = [{"seed": s, "success": s in wins, "steps": 1} for s in range(10)]
+        return Cell("purple_cylinder_in_yellow_bowl", "entity", 10, method, 0, arm, successes=len(wins),
+                    episodes=10, trainable_params=100, finetune_s=5.0, episode_log=log)
+    cells = [cell("steer", "main", {0, 1, 2}), cell("lora", "main", {0, 1, 2, 3, 4, 5, 6, 7, 8}),
+             cell("steer", "k=2", {9})]
+    (tmp_path / "cells.json").write_text(json.dumps([asdict(c) for c in cells]))
+    png = tmp_path / "p.png"
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
+                                      "--plot", str(png), "--plot-arms", "steer:main,lora:main"])
+    compare_adapt.main()
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if ":" in line.split()[0]}
+    assert rows["lora:main"][-2:] == ["6/0", f"{compare_adapt.sign_test(6, 0):.3f}"]   # episodes 3-8 only LoRA solves
+    assert rows["steer:k=2"][-2:] == ["1/3", "0.625"]
+    assert png.stat().st_size > 1000
