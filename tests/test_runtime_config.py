@@ -64,6 +64,7 @@ def test_toml_file_round_trip(tmp_path):
     ("[zmq]\ncommand = 'tcp://0.0.0.0:5555'\n", "CURVE"),
     ("[zmq]\ntelemetry = 'tcp://*:5556'\n", "CURVE"),
     ("[zmq]\ntelemetry_hz = 10\n", "telemetry_hz"),
+    ("[robot]\nsuccess_hold_s = -0.1\n", "robot.success_hold_s"),
     ("[engine]\nbackend = 'magic'\n", "engine.backend must be one of"),
     ("[[cameras]]\nname = 'a'\n[[cameras]]\nname = 'a'\n", "unique"),
     ("robot = 3\n", "must be a table"),

@@ -292,6 +292,17 @@ def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
     assert abs(sp.controller.p[-1][0] - sp.controller.p[-2][0]) < 1e-9 and sp.controller.p[-1][0] >= x_after_a
 
 
+def test_sim_success_counts_only_once_it_has_held_without_a_break():
+    from edge_steer.runtime.daemon import SuccessLatch
+    latch = SuccessLatch(0.3)
+    # an instant of "resting" (t = 0), a break, then held from t = 0.2: done at t = 0.5, not before
+    seen = [latch.update(ok, t) for ok, t in [(True, 0.0), (False, 0.1), (True, 0.2), (True, 0.4), (True, 0.5)]]
+    assert seen == [False, False, False, False, True]
+    latch.reset()
+    assert not latch.update(True, 0.6)   # a new episode starts its own count
+    assert SuccessLatch(0.0).update(True, 1.0)
+
+
 def test_temporal_ensemble_averages_overlapping_chunks():
     sp = _stage(ensemble=True, ensemble_decay=0.0)
     a, b = np.zeros((10, 7)), np.zeros((10, 7))

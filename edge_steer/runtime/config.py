@@ -32,6 +32,7 @@ class RobotConfig:
     task: str = "red_cube_on_blue_plate"
     seed: int = 0
     stop_on_success: bool = True         # sim: RUNNING -> IDLE once the task's success predicate holds
+    success_hold_s: float = 0.3          # ... without a break for this long (it is an instantaneous test)
     # sim: where SimPanda's 1 kHz loop runs. "process": its own interpreter, as libfranka's C++ loop is
     # outside Python's GIL on the robot; "thread": inside the daemon (as in data generation)
     sim_loop: str = "process"
@@ -43,6 +44,8 @@ class RobotConfig:
             raise ConfigError("robot.host is required for the panda backend (the FCI address of the arm)")
         if min(self.impedance) <= 0:
             raise ConfigError("robot.impedance values must be > 0")
+        if not 0 <= self.success_hold_s <= 10:
+            raise ConfigError("robot.success_hold_s must be in [0, 10] s")
         if not 0 < self.grasp_force <= 140:
             raise ConfigError("robot.grasp_force must be in (0, 140] N")
 

@@ -119,6 +119,7 @@ class Daemon:
         self.latest_chunk: np.ndarray | None = None
         self._running_since: float | None = None
         self._last_chunk_at: float | None = None
+        self.success_latch = SuccessLatch(cfg.robot.success_hold_s)
         self.reading = None
         self.shutdown_requested = threading.Event()
         self._stopped = False
@@ -218,6 +219,7 @@ class Daemon:
         log.info("state %s -> %s (%s)", old.value, new.value, why)
         self.setpoint.hold_reason = None if new == State.RUNNING else new.value.lower()
         self._running_since = time.perf_counter() if new == State.RUNNING else None
+        self.success_latch.reset()
         sdnotify.notify(f"STATUS={new.value}")
 
     def fault(self, reason: str, stop_controller: bool = False) -> None:
@@ -241,6 +243,7 @@ class Daemon:
     def _begin_episode(self) -> None:
         self.episode += 1
         self._episode_start_seg = self.setpoint.segment
+        self.success_latch.reset()   # a new instruction's episode earns its own success
         if self.recording:
             self.recorder.begin(self.instruction, {"episode": self.episode, **self._sim_meta()})
 
@@ -520,7 +523,8 @@ class Daemon:
                 log.info("fresh frames again: resuming")
                 self._last_chunk_at = time.perf_counter()  # the inference deadline restarts with the frames
                 self.setpoint.hold_reason = None
-            if self.cfg.robot.stop_on_success and self.robot.sim is not None and k % 10 == 0 and self._sim_success():
+            if (self.cfg.robot.stop_on_success and self.robot.sim is not None and k % 10 == 0
+                    and self.success_latch.update(bool(self._sim_success()), time.perf_counter())):
                 with self._lock:
                     if self.state == State.RUNNING:
                         self._transition(State.IDLE, "task_success")
@@ -588,6 +592,27 @@ class Daemon:
             self.latest_chunk = actions
             if self.recording and self.recorder is not None:
                 self.recorder.observation(seg, {k: v for k, v in obs.items() if k.startswith("observation.")})
+
+
+class SuccessLatch:
+    """The sim task counts as done once its predicate has held for `hold_s` without a break. The
+    predicate is instantaneous: a cube let go just above the plate, or still rocking after release,
+    reads as resting for one check and not the next (a CI run stopped on such an instant)."""
+
+    def __init__(self, hold_s: float):
+        self.hold_s = hold_s
+        self._since: float | None = None
+
+    def update(self, ok: bool, now: float) -> bool:
+        if not ok:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self.hold_s
+
+    def reset(self) -> None:
+        self._since = None
 
 
 class TimingWindow:
