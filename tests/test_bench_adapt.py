@@ -97,6 +97,14 @@ def test_an_ablation_is_compared_with_the_main_arm_on_its_own_cells():
     assert abl["select=random"]["success"] == 0.2
 
 
+def test_robustness_runs_for_main_arms_and_named_arms_only():
+    from edge_steer.bench.adapt import AdaptConfig, measures_robustness
+    cfg = AdaptConfig(ablations=True, arms=("whole=stem.0",), perturb_episodes=5)
+    assert measures_robustness(cfg, "main") and measures_robustness(cfg, "whole=stem.0")
+    assert not measures_robustness(cfg, "k=2")                                  # a default sweep's arm
+    assert not measures_robustness(AdaptConfig(ablations=True, arms=("whole=stem.0",)), "main")   # none asked
+
+
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
     from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
     from edge_steer.steering.finetune import FinetuneError
@@ -134,12 +142,17 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
                     episodes=10, trainable_params=100, finetune_s=5.0, episode_log=log)
     cells = [cell("steer", "main", {0, 1, 2}), cell("lora", "main", {0, 1, 2, 3, 4, 5, 6, 7, 8}),
              cell("steer", "k=2", {9})]
+    cells[1].robustness = {"dim_light": [1, 4], "distractors": [2, 4], "camera_jitter": [3, 4]}
     (tmp_path / "cells.json").write_text(json.dumps([asdict(c) for c in cells]))
     png = tmp_path / "p.png"
     monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
                                       "--plot", str(png), "--plot-arms", "steer:main,lora:main"])
     compare_adapt.main()
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if ":" in line.split()[0]}
+    paired, perturbed = capsys.readouterr().out.split("under test-time perturbations")
+    rows = {line.split()[0]: line.split() for line in paired.splitlines() if line and ":" in line.split()[0]}
     assert rows["lora:main"][-2:] == ["6/0", f"{compare_adapt.sign_test(6, 0):.3f}"]   # episodes 3-8 only LoRA solves
     assert rows["steer:k=2"][-2:] == ["1/3", "0.625"]
+    # only LoRA ran the perturbations: its row, clean then dim / distractors / jitter
+    assert [line.split()[0] for line in perturbed.splitlines() if "%" in line] == ["lora:main"]
+    assert "9/10 90.0 %" in perturbed and "1/4 25.0 %" in perturbed and "3/4 75.0 %" in perturbed
     assert png.stat().st_size > 1000

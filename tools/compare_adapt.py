@@ -68,9 +68,25 @@ def main() -> None:
               + f"  {int(got[keys[0]].trainable_params):>8,d}"
               + (f"  {min(ft):3.0f}-{max(ft):3.0f}" if ft else "      -")
               + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
+    robustness(by_arm, keys)
     if args.plot:
         plot(by_arm, keys, [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")], args.plot,
              f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
+
+
+def robustness(by_arm: dict, keys: list) -> None:
+    """Pooled success under each test-time perturbation, for the arms that ran all of them on every cell."""
+    from edge_steer.bench.adapt import PERTURBATIONS
+    rows = [(arm, got) for arm, got in sorted(by_arm.items())
+            if all(k in got and set(PERTURBATIONS) <= set(got[k].robustness) for k in keys)]
+    if not rows:
+        return
+    print("\nunder test-time perturbations (pooled over the same cells):")
+    print(f"{'method:arm':28s} {'clean':>16s} " + " ".join(f"{n:>16s}" for n in PERTURBATIONS))
+    for (method, arm), got in rows:
+        cols = [(sum(got[k].successes for k in keys), sum(got[k].episodes for k in keys))]
+        cols += [tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in PERTURBATIONS]
+        print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols))
 
 
 def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:

@@ -164,6 +164,12 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
     return arms
 
 
+def measures_robustness(cfg: AdaptConfig, arm: str) -> bool:
+    """Whether a cell of `arm` is also run under the perturbations: the methods' main arms, and arms named
+    in `--arms` (a candidate recipe, whose robustness is part of the case for it), not the default sweeps."""
+    return cfg.perturb_episodes > 0 and (arm == "main" or arm in cfg.arms)
+
+
 def _parse_arm(name: str) -> dict[str, Any] | None:
     """An arm outside the default sweeps, by its name: k=<n>, lr=<x> or whole=<module>[+<module>]
     (the module is checked against the model when the fine-tune starts). None if it is not one."""
@@ -215,9 +221,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         evaluate_robustness(cell, model_dir, task)
 
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
-        """The perturbations the cell lacks, on its saved model; the methods' main arms only (the
-        question is how each method's fine-tune holds up, not how each ablation's does)."""
-        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if cfg.perturb_episodes and cell.arm == "main" else []
+        """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
+        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.arm) else []
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
             pres = evaluate(load, [task.vary(**PERTURBATIONS[name])], cfg.perturb_episodes, cell.seed,
