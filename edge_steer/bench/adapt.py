@@ -267,7 +267,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             model_dir = base_dir if method == "zero-shot" else run_dir / "model"
                             if model_dir.exists() and evaluate_robustness(old, model_dir, task):
                                 save()
-                                say(f"{old.variant} K={old.shots} {old.method} seed {old.seed} robustness: "
+                                say(f"{old.variant} K={old.shots} {old.method} arm {old.arm} seed {old.seed} robustness: "
                                     + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items()))
                             continue
                         if method == "zero-shot":
