@@ -146,7 +146,8 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
     (tmp_path / "cells.json").write_text(json.dumps([asdict(c) for c in cells]))
     png = tmp_path / "p.png"
     monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
-                                      "--plot", str(png), "--plot-arms", "steer:main,lora:main"])
+                                      "--plot", str(png), "--plot-arms", "steer:main,lora:main",
+                                      "--k-plot", str(tmp_path / "k.png")])
     compare_adapt.main()
     paired, perturbed = capsys.readouterr().out.split("under test-time perturbations")
     rows = {line.split()[0]: line.split() for line in paired.splitlines() if line and ":" in line.split()[0]}
@@ -155,4 +156,8 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
     # only LoRA ran the perturbations: its row, clean then dim / distractors / jitter
     assert [line.split()[0] for line in perturbed.splitlines() if "%" in line] == ["lora:main"]
     assert "9/10 90.0 %" in perturbed and "1/4 25.0 %" in perturbed and "3/4 75.0 %" in perturbed
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
+                                      "--plot-arms", "steer:main,full:main", "--k-plot", str(tmp_path / "k2.png")])
+    with pytest.raises(SystemExit, match="no K at which"):   # full never ran: no K to draw, said so
+        compare_adapt.main()

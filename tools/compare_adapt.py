@@ -35,12 +35,12 @@ def main() -> None:
     ap.add_argument("--ref", default="steer:main", help="method:arm every other arm is paired against")
     ap.add_argument("--plot", type=Path, help="write a PNG: success per variant and pooled, for --plot-arms")
     ap.add_argument("--plot-arms", default="zero-shot:main,steer:main,lora:main")
+    ap.add_argument("--k-plot", type=Path, help="write a PNG: pooled success vs K for --plot-arms, at every K "
+                    "where they all ran the reference's cells")
     args = ap.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")}
-    cells = [c for c in _load_cells(args.cells) if c.seed in seeds and (c.shots == args.shots or c.method == "zero-shot")]
-    by_arm: dict[tuple[str, str], dict] = {}
-    for c in cells:   # the last cell wins where a results file holds a rerun
-        by_arm.setdefault((c.method, c.arm), {})[(c.variant, c.seed)] = c
+    all_cells = _load_cells(args.cells)
+    by_arm = arm_cells(all_cells, args.shots, seeds)
     ref = tuple(args.ref.split(":", 1))
     if ref not in by_arm:
         raise SystemExit(f"no cells for {args.ref} at K = {args.shots}, seeds {sorted(seeds)}; have {sorted(by_arm)}")
@@ -69,9 +69,27 @@ def main() -> None:
               + (f"  {min(ft):3.0f}-{max(ft):3.0f}" if ft else "      -")
               + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
     robustness(by_arm, keys)
+    plot_arms = [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")]
     if args.plot:
-        plot(by_arm, keys, [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")], args.plot,
-             f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
+        plot(by_arm, keys, plot_arms, args.plot, f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
+    if args.k_plot:
+        k_plot(all_cells, seeds, ref, plot_arms, args.k_plot)
+
+
+def arm_cells(cells: list, shots: int, seeds: set[int]) -> dict[tuple[str, str], dict]:
+    """(method, arm) -> {(variant, seed): cell} at K = `shots` (zero-shot at any K: it does not depend on K)."""
+    by_arm: dict[tuple[str, str], dict] = {}
+    for c in cells:   # the last cell wins where a results file holds a rerun
+        if c.seed in seeds and (c.shots == shots or c.method == "zero-shot"):
+            by_arm.setdefault((c.method, c.arm), {})[(c.variant, c.seed)] = c
+    return by_arm
+
+
+def pooled(cells: list) -> tuple[float, float, float]:
+    """Success rate and its Wilson 95 % interval over the episodes of `cells`."""
+    s, n = sum(c.successes for c in cells), sum(c.episodes for c in cells)
+    lo, hi = wilson_interval(s, n)
+    return s / n, lo, hi
 
 
 def robustness(by_arm: dict, keys: list) -> None:
@@ -89,6 +107,41 @@ def robustness(by_arm: dict, keys: list) -> None:
         print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols))
 
 
+def k_plot(cells: list, seeds: set[int], ref: tuple[str, str], arms: list[tuple[str, str]], path: Path) -> None:
+    """Lines: each arm's pooled success vs K, with Wilson 95 % intervals, over the K values where every
+    arm ran every (variant, seed) cell the reference ran."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple[str, str], list] = {a: [] for a in arms}
+    ks = []
+    for k in sorted({c.shots for c in cells if c.method != "zero-shot"}):
+        by_arm = arm_cells(cells, k, seeds)
+        keys = sorted(by_arm.get(ref, {}))
+        if not keys or not all(a in by_arm and all(key in by_arm[a] for key in keys) for a in arms):
+            continue
+        ks.append(k)
+        for a in arms:
+            points[a].append(pooled([by_arm[a][key] for key in keys]))
+    if not ks:
+        raise SystemExit(f"--k-plot: no K at which {arms} all ran the cells of {':'.join(ref)}")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for a, pts in points.items():
+        rate = [p[0] for p in pts]
+        ax.errorbar(ks, rate, yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]], capsize=3,
+                    marker="o", label=":".join(a).replace(":main", ""))
+    ax.set_xticks(ks)
+    ax.set_xlabel("demonstrations K")
+    ax.set_ylabel("closed-loop success (pooled)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"held-out variants, seeds {', '.join(map(str, sorted(seeds)))} (95 % Wilson)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"k-plot: {path} (K = {', '.join(map(str, ks))})")
+
+
 def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:
     """Grouped bars: each arm's success per variant and pooled, with Wilson 95 % intervals."""
     import matplotlib
@@ -104,12 +157,10 @@ def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, titl
     for i, arm in enumerate(arms):
         rates, errs = [], [[], []]
         for g in groups:
-            sel = [by_arm[arm][k] for k in keys if g in ("pooled", k[0])]
-            s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
-            lo, hi = wilson_interval(s, n)
-            rates.append(s / n)
-            errs[0].append(s / n - lo)
-            errs[1].append(hi - s / n)
+            rate, lo, hi = pooled([by_arm[arm][k] for k in keys if g in ("pooled", k[0])])
+            rates.append(rate)
+            errs[0].append(rate - lo)
+            errs[1].append(hi - rate)
         ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(groups))], rates, width, yerr=errs,
                capsize=2, label=":".join(arm).replace(":main", ""))
     ax.set_xticks(range(len(groups)), [textwrap.fill(g.replace("_", " "), 20) for g in groups], fontsize=8)
