@@ -1,6 +1,7 @@
 """Compare fine-tune arms of an adaptation run episode by episode.
 
-    python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0
+    python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0 \
+        [--plot PNG] [--k-plot PNG]
 
 For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
 per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
