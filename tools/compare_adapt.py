@@ -51,10 +51,10 @@ def main() -> None:
     print(f"{'method:arm':28s} " + " ".join(f"{v[:10]:>10s}" for v in variants)
           + "   pooled        95% CI    params  ft s     vs ref  p")
     for (method, arm), got in sorted(by_arm.items()):
-        if not all(k in got for k in keys):
+        if not ran_all(by_arm, (method, arm), keys):
             continue
         per_var = {v: sum(got[k].successes for k in keys if k[0] == v) for v in variants}
-        s, n = sum(got[k].successes for k in keys), sum(got[k].episodes for k in keys)
+        s, n = counts([got[k] for k in keys])
         lo, hi = wilson_interval(s, n)
         only_this = only_ref = 0
         for k in keys:
@@ -86,9 +86,19 @@ def arm_cells(cells: list, shots: int, seeds: set[int]) -> dict[tuple[str, str],
     return by_arm
 
 
+def ran_all(by_arm: dict, arm: tuple[str, str], keys: list) -> bool:
+    """Whether `arm` ran every (variant, seed) cell in `keys` (the reference's)."""
+    return arm in by_arm and all(k in by_arm[arm] for k in keys)
+
+
+def counts(cells: list) -> tuple[int, int]:
+    """(successes, episodes) over `cells`."""
+    return sum(c.successes for c in cells), sum(c.episodes for c in cells)
+
+
 def pooled(cells: list) -> tuple[float, float, float]:
     """Success rate and its Wilson 95 % interval over the episodes of `cells`."""
-    s, n = sum(c.successes for c in cells), sum(c.episodes for c in cells)
+    s, n = counts(cells)
     lo, hi = wilson_interval(s, n)
     return s / n, lo, hi
 
@@ -97,13 +107,13 @@ def robustness(by_arm: dict, keys: list) -> None:
     """Pooled success under each test-time perturbation, for the arms that ran all of them on every cell."""
     from edge_steer.bench.adapt import PERTURBATIONS
     rows = [(arm, got) for arm, got in sorted(by_arm.items())
-            if all(k in got and set(PERTURBATIONS) <= set(got[k].robustness) for k in keys)]
+            if ran_all(by_arm, arm, keys) and all(set(PERTURBATIONS) <= set(got[k].robustness) for k in keys)]
     if not rows:
         return
     print("\nunder test-time perturbations (pooled over the same cells):")
     print(f"{'method:arm':28s} {'clean':>16s} " + " ".join(f"{n:>16s}" for n in PERTURBATIONS))
     for (method, arm), got in rows:
-        cols = [(sum(got[k].successes for k in keys), sum(got[k].episodes for k in keys))]
+        cols = [counts([got[k] for k in keys])]
         cols += [tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in PERTURBATIONS]
         print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols))
 
@@ -120,7 +130,7 @@ def k_plot(cells: list, seeds: set[int], ref: tuple[str, str], arms: list[tuple[
     for k in sorted({c.shots for c in cells if c.method != "zero-shot"}):
         by_arm = arm_cells(cells, k, seeds)
         keys = sorted(by_arm.get(ref, {}))
-        if not keys or not all(a in by_arm and all(key in by_arm[a] for key in keys) for a in arms):
+        if not keys or not all(ran_all(by_arm, a, keys) for a in arms):
             continue
         ks.append(k)
         for a in arms:
@@ -149,7 +159,7 @@ def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    missing = [a for a in arms if a not in by_arm or not all(k in by_arm[a] for k in keys)]
+    missing = [a for a in arms if not ran_all(by_arm, a, keys)]
     if missing:
         raise SystemExit(f"--plot-arms {missing} did not run on every cell of the reference")
     groups = sorted({v for v, _ in keys}) + ["pooled"]
