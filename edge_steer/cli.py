@@ -405,6 +405,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
                 arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
+                refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
     import sys
@@ -418,7 +419,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         seeds=_ints(seeds) if seeds else None, methods=tuple(methods.split(",")) if methods else None,
         episodes=episodes, steps=steps, lr=lr, top_k=top_k, perturb_episodes=perturb_episodes,
         ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None,
-        model=str(model) if model else None)
+        model=str(model) if model else None, refit=refit or None)
     if bad := set(cfg.methods) - set(adapt.METHODS):
         _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
     try:

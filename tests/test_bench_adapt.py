@@ -41,6 +41,32 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     assert all(set(c["robustness"]) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
     assert all(r[1] == 1 for c in cells for r in c["robustness"].values())
     assert (tmp_path / "run" / "adapt_robustness.png").exists()
+    # more episodes later extend every cell on its saved model with the next scenes; nothing is trained
+    before = {(c["method"], c["arm"]): c for c in cells}
+    res = runner.invoke(app, [str(a) for a in args[:-2] + ["--episodes", "3"]])
+    assert res.exit_code == 0 and "seed 0 extended: " in res.output and "recording" not in res.output, res.output
+    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
+    for c in cells:
+        old = before[(c["method"], c["arm"])]
+        assert c["episodes"] == 3 and len(c["episode_log"]) == 3 and c["episode_log"][:2] == old["episode_log"]
+        assert c["episode_log"][2]["seed"] not in {e["seed"] for e in old["episode_log"]}
+        assert c["successes"] == sum(e["success"] for e in c["episode_log"])
+        assert c["finetune_s"] == old["finetune_s"] and c["robustness"] == old["robustness"]
+    # a cell whose model is gone is not extended on a different model: skipped with a message, or fitted again
+    import shutil
+    run_dirs = list((tmp_path / "run" / "runs").glob("*_steer_main_s0"))
+    assert len(run_dirs) == 1
+    shutil.rmtree(run_dirs[0] / "model")
+    res = runner.invoke(app, [str(a) for a in args[:-2] + ["--episodes", "4"]])
+    assert res.exit_code == 0 and "--refit fits it again" in res.output, res.output
+    cells = {c["method"]: c for c in json.loads((tmp_path / "run" / "cells.json").read_text())}
+    assert cells["steer"]["episodes"] == 3 and cells["lora"]["episodes"] == 4 and cells["zero-shot"]["episodes"] == 4
+    res = runner.invoke(app, [str(a) for a in args[:-2] + ["--episodes", "4", "--refit"]])
+    assert res.exit_code == 0 and "fitting again" in res.output, res.output
+    cells = json.loads((tmp_path / "run" / "cells.json").read_text())
+    steer = [c for c in cells if c["method"] == "steer"]
+    assert len(steer) == 1 and steer[0]["episodes"] == 4 and steer[0]["robustness"] == {}
+    assert (run_dirs[0] / "model").exists() and len(cells) == 3
     # a larger K later finds the 2-demo set too small and records it again at 3, instead of training on 2
     res = runner.invoke(app, [str(a) for a in args[:-6] + ["--shots", "2,3", "--methods", "zero-shot"]])
     assert res.exit_code == 0 and "recording 3 demos" in res.output, res.output

@@ -57,6 +57,9 @@ class AdaptConfig:
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
     model: str | None = None                     # base checkpoint (None: the embedded default)
+    # a cell evaluated on fewer episodes than asked whose model is gone (runs/ lost) is fitted again and
+    # evaluated afresh; fine-tunes are not bitwise reproducible, so its old episodes cannot be kept
+    refit: bool = False
 
     @classmethod
     def quick(cls, **kw) -> "AdaptConfig":
@@ -213,12 +216,17 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     done = {_key(c) for c in _load_cells(results_file)}
     cells = _load_cells(results_file)
 
-    def evaluate_cell(cell: Cell, model_dir: Path, task) -> None:
-        load = partial(EdgeVLA.from_pretrained, model_dir)
-        res = evaluate(load, [task], cfg.episodes, cell.seed, workers=cfg.workers)
-        cell.successes, cell.episodes = sum(r.success for r in res), len(res)
-        cell.episode_log = [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
-        evaluate_robustness(cell, model_dir, task)
+    def evaluate_cell(cell: Cell, model_dir: Path, task) -> bool:
+        """The evaluation episodes the cell lacks (all of them for a new cell), on its saved model, then
+        the robustness runs; a cell run on fewer episodes before is extended with the next scenes."""
+        todo = cfg.episodes - cell.episodes
+        if todo > 0:
+            load = partial(EdgeVLA.from_pretrained, model_dir)
+            res = evaluate(load, [task], todo, cell.seed, workers=cfg.workers, first=cell.episodes)
+            cell.successes += sum(r.success for r in res)
+            cell.episodes += len(res)
+            cell.episode_log += [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
+        return evaluate_robustness(cell, model_dir, task) or todo > 0
 
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
         """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
@@ -237,9 +245,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         cells.append(cell)
         done.add(_key(cell))
         save()
-        say(f"{cell.variant} K={cell.shots} {cell.method} arm {cell.arm} seed {cell.seed}: "
-            f"{cell.successes}/{cell.episodes}" + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s"
-                                                   if cell.method != "zero-shot" else ""))
+        say(f"{_label(cell)}: {cell.successes}/{cell.episodes}"
+            + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
 
     arms = ablation_arms(cfg)
     if whole := {m for _, change in arms for m in change.get("whole", ())}:
@@ -262,14 +269,26 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
-                        if _key(cell) in done:   # done, but perhaps without the robustness runs asked now
+                        if _key(cell) in done:   # done, but perhaps on fewer episodes or without the robustness asked now
                             old = next(c for c in cells if _key(c) == _key(cell))
                             model_dir = base_dir if method == "zero-shot" else run_dir / "model"
-                            if model_dir.exists() and evaluate_robustness(old, model_dir, task):
-                                save()
-                                say(f"{old.variant} K={old.shots} {old.method} arm {old.arm} seed {old.seed} robustness: "
-                                    + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items()))
-                            continue
+                            if model_dir.exists():
+                                if evaluate_cell(old, model_dir, task):
+                                    save()
+                                    say(f"{_label(old)} extended: {old.successes}/{old.episodes}" + (
+                                        "; robustness: " + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items())
+                                        if old.robustness else ""))
+                                continue
+                            if old.episodes >= cfg.episodes:
+                                continue
+                            if not cfg.refit:
+                                say(f"{_label(old)}: {old.episodes} of {cfg.episodes} episodes and its model is not in "
+                                    f"{run_dir}; --refit fits it again")
+                                continue
+                            say(f"{_label(old)}: fitting again for {cfg.episodes} episodes (its model is gone; the "
+                                f"{old.episodes} old ones and any robustness runs are replaced)")
+                            cells.remove(old)
+                            done.discard(_key(old))
                         if method == "zero-shot":
                             if k != min(cfg.shots):
                                 continue           # zero-shot does not depend on K
@@ -293,6 +312,10 @@ def _demo_count(root: Path) -> int:
     """Episodes committed in a recorded demo set; 0 when there is none (or only an interrupted start)."""
     from edge_steer.data import layout
     return int(layout.read_info(root)["total_episodes"]) if (root / "meta" / "info.json").exists() else 0
+
+
+def _label(c: Cell) -> str:
+    return f"{c.variant} K={c.shots} {c.method} arm {c.arm} seed {c.seed}"
 
 
 def _key(c: Cell) -> tuple:

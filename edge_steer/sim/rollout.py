@@ -115,14 +115,15 @@ def _run_one(args) -> EpisodeResult:
 
 def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, config: EnvConfig = EnvConfig(),
              execute: int = 5, workers: int = 2, on_result=None, gif_first: bool = False,
-             ensemble: float | None = None) -> list[EpisodeResult]:
+             ensemble: float | None = None, first: int = 0) -> list[EpisodeResult]:
     """Closed-loop evaluation of `episodes` per task in `workers` spawned processes.
 
-    `load_policy` is a picklable zero-argument callable that each worker calls once."""
+    `load_policy` is a picklable zero-argument callable that each worker calls once. `first` skips the
+    first episodes of the seed's sequence, so a later call can extend an evaluation with new scenes."""
     from edge_steer.sim.demos import episode_seed, process_pool
 
-    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == 0, ensemble)
-            for t in tasks for i in range(episodes)]
+    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == first, ensemble)
+            for t in tasks for i in range(first, first + episodes)]
     results = []
     if workers <= 1:
         init_policy_worker(load_policy)
