@@ -211,10 +211,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
     # a variant named twice runs once, in the order first named
     variants = [get_task(v) for v in dict.fromkeys(cfg.variants)] if cfg.variants else tasks_by_split("heldout")
-    cells: list[Cell] = []
     results_file = out / "cells.json"
-    done = {_key(c) for c in _load_cells(results_file)}
-    cells = _load_cells(results_file)
+    cells = {_key(c): c for c in _load_cells(results_file)}   # in the order they ran
 
     def evaluate_cell(cell: Cell, model_dir: Path, task) -> bool:
         """The evaluation episodes the cell lacks (all of them for a new cell), on its saved model, then
@@ -239,11 +237,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         return bool(todo)
 
     def save() -> None:
-        results_file.write_text(json.dumps([asdict(c) for c in cells], indent=1))   # resumable after a crash
+        results_file.write_text(json.dumps([asdict(c) for c in cells.values()], indent=1))   # resumable after a crash
 
     def record(cell: Cell) -> None:
-        cells.append(cell)
-        done.add(_key(cell))
+        cells[_key(cell)] = cell
         save()
         say(f"{_label(cell)}: {cell.successes}/{cell.episodes}"
             + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
@@ -269,8 +266,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
-                        if _key(cell) in done:   # done, but perhaps on fewer episodes or without the robustness asked now
-                            old = next(c for c in cells if _key(c) == _key(cell))
+                        if (old := cells.get(_key(cell))) is not None:   # done, but perhaps on fewer episodes or without the robustness asked now
                             model_dir = base_dir if method == "zero-shot" else run_dir / "model"
                             if model_dir.exists():
                                 if evaluate_cell(old, model_dir, task):
@@ -287,8 +283,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                 continue
                             say(f"{_label(old)}: fitting again for {cfg.episodes} episodes (its model is gone; the "
                                 f"{old.episodes} old ones and any robustness runs are replaced)")
-                            cells.remove(old)
-                            done.discard(_key(old))
+                            del cells[_key(old)]
                         if method == "zero-shot":
                             if k != min(cfg.shots):
                                 continue           # zero-shot does not depend on K
@@ -305,7 +300,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             setattr(cell, key, ft[key])
                         evaluate_cell(cell, Path(ft["model_dir"]), task)
                         record(cell)
-    return cells
+    return list(cells.values())
 
 
 def _demo_count(root: Path) -> int:
