@@ -6,6 +6,7 @@ model paths have their own tests below."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,22 @@ def test_default_model_completes_the_task(tmp_path):
         assert s["sim"]["success"] is True, s
     finally:
         _terminate(proc)
+
+
+def test_a_hung_shutdown_dumps_thread_stacks_and_exits_within_the_deadline():
+    """The entry point's stop deadline: past it, the stacks of every thread go to the log and the process
+    exits 1 on its own, instead of waiting for systemd's SIGKILL with nothing said."""
+    import subprocess
+    import sys
+    hang = ("import threading, time\n"
+            "from edge_steer.runtime.serve import stop_within\n"
+            "threading.Thread(target=time.sleep, args=(60,), name='stuck-device', daemon=True).start()\n"
+            "stop_within(0.5)\n"
+            "def close_that_hangs(): time.sleep(60)\n"
+            "close_that_hangs()\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", hang], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert r.stderr.startswith("Timeout (0:00:00.5") and "close_that_hangs" in r.stderr
+    assert r.stderr.count("Thread 0x") >= 2, r.stderr   # the main thread and the stuck one

@@ -204,11 +204,6 @@ class Daemon:
         self.robot.close()
         log.info("stopped")
 
-    def serve_forever(self) -> None:
-        while not self.shutdown_requested.wait(0.1):
-            pass
-        self.close()
-
     # ---- state machine -------------------------------------------------------------------------
     def _transition(self, new: State, why: str) -> None:
         old = self.state
