@@ -187,3 +187,27 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
                                       "--plot-arms", "steer:main,full:main", "--k-plot", str(tmp_path / "k2.png")])
     with pytest.raises(SystemExit, match="no K at which"):   # full never ran: no K to draw, said so
         compare_adapt.main()
+
+
+def test_compare_adapt_first_pools_every_arm_over_the_same_first_scenes(tmp_path, capsys, monkeypatch):
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import compare_adapt
+
+    def cell(arm, n, wins):   # n episodes, seeds 0..n-1; `wins` is the set that succeeded
+        log = [{"seed": s, "success": s in wins, "steps": 1} for s in range(n)]
+        return Cell("purple_cylinder_in_yellow_bowl", "entity", 10, "steer", 0, arm, successes=len(wins),
+                    episodes=n, trainable_params=100, finetune_s=5.0, episode_log=log)
+    # the reference ran 50 episodes and solves only scenes 20-49; the arm ran the first 20 and solves two
+    (tmp_path / "cells.json").write_text(json.dumps([asdict(cell("main", 50, set(range(20, 50)))),
+                                                     asdict(cell("k=2", 20, {0, 1}))]))
+    for extra, want in (([], "30/50"), (["--first", "20"], "0/20")):
+        monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0", *extra])
+        compare_adapt.main()
+        rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+                if line and ":" in line.split()[0]}
+        assert rows["steer:main"][2] == want   # name, the one variant, pooled
+        assert rows["steer:k=2"][2] == "2/20" and rows["steer:k=2"][-2:] == ["2/0", "0.500"]

@@ -1,18 +1,21 @@
 """Compare fine-tune arms of an adaptation run episode by episode.
 
     python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0 \
-        [--plot PNG] [--k-plot PNG]
+        [--plot PNG] [--k-plot PNG] [--first N]
 
 For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
 per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
 two-sided sign test against the reference on the episodes only one of the two solves. Every arm shares the
-evaluation scenes of its (variant, seed), which is what makes the pairing valid.
+evaluation scenes of its (variant, seed), which is what makes the pairing valid. `--first N` cuts every cell
+to its first N episodes (the same N scenes in every arm), so a 50-episode reference and 20-episode ablation
+arms are pooled over the same scenes.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
+from dataclasses import replace
 from math import comb
 from pathlib import Path
 
@@ -36,11 +39,14 @@ def main() -> None:
     ap.add_argument("--ref", default="steer:main", help="method:arm every other arm is paired against")
     ap.add_argument("--plot", type=Path, help="write a PNG: success per variant and pooled, for --plot-arms")
     ap.add_argument("--plot-arms", default="zero-shot:main,steer:main,lora:main")
+    ap.add_argument("--first", type=int, help="use only each cell's first N episodes (the same scenes in every arm)")
     ap.add_argument("--k-plot", type=Path, help="write a PNG: pooled success vs K for --plot-arms, at every K "
                     "where they all ran the reference's cells")
     args = ap.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")}
     all_cells = _load_cells(args.cells)
+    if args.first:
+        all_cells = [first_episodes(c, args.first) for c in all_cells]
     by_arm = arm_cells(all_cells, args.shots, seeds)
     ref = tuple(args.ref.split(":", 1))
     if ref not in by_arm:
@@ -75,6 +81,12 @@ def main() -> None:
         plot(by_arm, keys, plot_arms, args.plot, f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
     if args.k_plot:
         k_plot(all_cells, seeds, ref, plot_arms, args.k_plot)
+
+
+def first_episodes(cell, n: int):
+    """The cell cut to its first `n` evaluation episodes (robustness runs, a separate set, are kept)."""
+    log = cell.episode_log[:n]
+    return replace(cell, episode_log=log, episodes=len(log), successes=sum(e["success"] for e in log))
 
 
 def arm_cells(cells: list, shots: int, seeds: set[int]) -> dict[tuple[str, str], dict]:
