@@ -403,7 +403,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 top_k: Optional[int] = typer.Option(None, min=1),
                 perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation (main arms and --arms)"),
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
-                arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o"),
+                arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o; '&' joins settings into one arm (whole=stem.0&select=random)"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:

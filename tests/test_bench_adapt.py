@@ -139,7 +139,13 @@ def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused
     assert ablation_arms(cfg) == [("main", {}), ("select=random", {"selection": "random"}),
                                   ("whole=keypoint_maps+stem.0", {"whole": ("keypoint_maps", "stem.0")}),
                                   ("k=3", {"top_k": 3}), ("lr=0.0005", {"lr": 5e-4})]
-    for bad in ("k=0", "k=two", "lr=5e-4", "whole=", "whole=a+", "depth=3"):   # lr names are canonical (%g)
+    # settings joined by '&' make one arm: the recipe's random-head control, the module without heads
+    both = ("whole=stem.0&select=random", "whole=stem.0&k=0", "slices=o&k=3")
+    assert ablation_arms(AdaptConfig(ablations=True, arms=both))[1:] == [
+        ("whole=stem.0&select=random", {"whole": ("stem.0",), "selection": "random"}),
+        ("whole=stem.0&k=0", {"whole": ("stem.0",), "top_k": 0}), ("slices=o&k=3", {"slices": "o", "top_k": 3})]
+    for bad in ("k=0", "k=two", "lr=5e-4", "whole=", "whole=a+", "depth=3",   # lr names are canonical (%g)
+                "k=0&select=random", "k=2&k=3", "select=best&k=2", "slices=qx&k=2", "whole=stem.0&"):
         with pytest.raises(ValueError, match="unknown ablation arms"):
             ablation_arms(AdaptConfig(ablations=True, arms=(bad,)))
     with pytest.raises(ValueError, match="with --ablations"):

@@ -165,6 +165,12 @@ def test_steer_can_train_a_named_module_whole_and_the_delta_carries_it(tmp_path,
     assert steered.fingerprint() == res.model.fingerprint()
     with pytest.raises(FinetuneError, match="no module 'stem.9'"):
         finetune(planted, task_demos(demos), _quick("steer", whole=("stem.9",)), tmp_path / "bad", heads=[PLANTED])
+    # no heads: the module alone trains (the control arm that asks what the heads add), and ships as a delta
+    alone = finetune(planted, task_demos(demos), _quick("steer", whole=("stem.0",)), tmp_path / "alone", heads=[])
+    assert set(_changed(planted, alone.model)) == set(stem)
+    assert alone.trainable_params == sum(p.numel() for p in stem.values())
+    paths = save_result(alone, tmp_path / "alone")
+    assert SteeringDelta.load(paths["steering"]).apply_(copy.deepcopy(planted)).fingerprint() == alone.model.fingerprint()
 
 
 def test_optimizer_state_only_for_the_slices(tmp_path, planted, demos):

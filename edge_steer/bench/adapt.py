@@ -108,7 +108,9 @@ def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
     out = Path(args["out"])
     heads, doc = None, None
     if args["method"] == "steer":
-        if args["selection"] == "random":
+        if args["top_k"] == 0:                  # a whole-module arm without heads: what the module alone does
+            heads, doc = [], {"method": "none", "selected": []}
+        elif args["selection"] == "random":
             # one draw per (variant, seed): pooled over variants, the control averages over several draws
             rng = np.random.default_rng([args["seed"], zlib.crc32(args["variant"].encode())])
             c = base.config
@@ -161,7 +163,7 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
         extra = [(a, _parse_arm(a)) for a in cfg.arms if a not in known and cfg.ablations]
         if unknown := set(cfg.arms) - known - {a for a, c in extra if c is not None}:
             raise ValueError(f"unknown ablation arms {sorted(unknown)}; choose from {[a for a, _ in arms[1:]]}, "
-                             "or k=<n>, lr=<x>, whole=<module>[+<module>]"
+                             "or k=<n>, lr=<x>, select=<m>, slices=<s>, whole=<module>[+<module>], joined by '&'"
                              + ("" if cfg.ablations else " (with --ablations)"))
         arms = [a for a in arms if a[0] == "main" or a[0] in cfg.arms] + [a for a in extra if a[1] is not None]
     return arms
@@ -174,16 +176,34 @@ def measures_robustness(cfg: AdaptConfig, arm: str) -> bool:
 
 
 def _parse_arm(name: str) -> dict[str, Any] | None:
-    """An arm outside the default sweeps, by its name: k=<n>, lr=<x> or whole=<module>[+<module>]
-    (the module is checked against the model when the fine-tune starts). None if it is not one."""
+    """An arm outside the default sweeps, by its name: k=<n>, lr=<x>, select=<m>, slices=<s> or
+    whole=<module>[+<module>], or several joined by '&' (e.g. whole=stem.0&select=random: the recipe's
+    random-head control; whole=stem.0&k=0: the module alone, no heads). The module is checked against the
+    model when the fine-tune starts. None if it is not one."""
+    change: dict[str, Any] = {}
+    for part in name.split("&"):
+        one = _parse_setting(part)
+        if one is None or set(one) & set(change):
+            return None
+        change.update(one)
+    if change.get("top_k") == 0 and not change.get("whole"):
+        return None                                    # nothing would train
+    return change
+
+
+def _parse_setting(name: str) -> dict[str, Any] | None:
     key, _, value = name.partition("=")
     try:
-        if key == "k" and int(value) >= 1 and name == f"k={int(value)}":
+        if key == "k" and int(value) >= 0 and name == f"k={int(value)}":
             return {"top_k": int(value)}
         if key == "lr" and float(value) > 0 and name == f"lr={float(value):g}":
             return {"lr": float(value)}
     except ValueError:
         return None
+    if key == "select" and value in SELECTIONS:
+        return {"selection": value}
+    if key == "slices" and value and not set(value) - set("qkvo"):
+        return {"slices": value}
     if key == "whole" and value and all(value.split("+")):
         return {"whole": tuple(value.split("+"))}
     return None

@@ -187,7 +187,7 @@ def finetune(base: nn.Module, dataset, cfg: FinetuneConfig, out_dir: str | Path,
     model.eval()  # no dropout in our models; train/eval only switches augmentation via loss(train=...)
     steer = None
     if cfg.method == "steer":
-        if not heads:
+        if not heads and not cfg.whole:   # heads may be none only where a whole module trains (a control arm)
             raise FinetuneError("steer fine-tuning needs selected heads (run identify first)")
         steer = SteerParams(model, head_slices(model, heads, cfg.slices) + whole_slices(model, cfg.whole))
         params = steer.parameters()
