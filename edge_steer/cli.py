@@ -404,6 +404,8 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation (main arms and --arms)"),
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
                 arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o; '&' joins settings into one arm (whole=stem.0&select=random)"),
+                ablation_shots: Optional[int] = typer.Option(None, min=1, help="the K the ablation sweeps run at (default: the smallest)"),
+                grid_arms: Optional[str] = typer.Option(None, help="method:arm run on every K and seed like the main arms, e.g. steer:whole=stem.0,full:lr=0.0001"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
@@ -418,16 +420,18 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         base, variants=tuple(variants.split(",")) if variants else None, shots=_ints(shots) if shots else None,
         seeds=_ints(seeds) if seeds else None, methods=tuple(methods.split(",")) if methods else None,
         episodes=episodes, steps=steps, lr=lr, top_k=top_k, perturb_episodes=perturb_episodes,
-        ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None,
-        model=str(model) if model else None, refit=refit or None)
+        ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None, ablation_shots=ablation_shots,
+        grid_arms=tuple(grid_arms.split(",")) if grid_arms else None, model=str(model) if model else None,
+        refit=refit or None)
     if bad := set(cfg.methods) - set(adapt.METHODS):
         _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
     try:
         adapt.ablation_arms(cfg)
+        adapt.grid_arms(cfg)
     except ValueError as e:
         _fail(str(e))
     cells = adapt.run(cfg, out, say=console.print)
-    summary = adapt.summarise(cells)
+    summary = adapt.summarise(cells, cfg.grid_arms)
     plots = adapt.plot(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = adapt.markdown(summary, cfg, "edge-steer " + " ".join(sys.argv[1:]), git_commit())

@@ -2,6 +2,8 @@
 cannot silently break."""
 
 import json
+from pathlib import Path
+
 import pytest
 
 from typer.testing import CliRunner
@@ -125,10 +127,70 @@ def test_an_ablation_is_compared_with_the_main_arm_on_its_own_cells():
 
 def test_robustness_runs_for_main_arms_and_named_arms_only():
     from edge_steer.bench.adapt import AdaptConfig, measures_robustness
-    cfg = AdaptConfig(ablations=True, arms=("whole=stem.0",), perturb_episodes=5)
-    assert measures_robustness(cfg, "main") and measures_robustness(cfg, "whole=stem.0")
-    assert not measures_robustness(cfg, "k=2")                                  # a default sweep's arm
-    assert not measures_robustness(AdaptConfig(ablations=True, arms=("whole=stem.0",)), "main")   # none asked
+    cfg = AdaptConfig(ablations=True, arms=("whole=stem.0",), perturb_episodes=5, grid_arms=("full:lr=0.0001",))
+    assert measures_robustness(cfg, "lora", "main") and measures_robustness(cfg, "steer", "whole=stem.0")
+    assert measures_robustness(cfg, "full", "lr=0.0001") and not measures_robustness(cfg, "lora", "lr=0.0001")
+    assert not measures_robustness(cfg, "steer", "k=2")                          # a default sweep's arm
+    assert not measures_robustness(AdaptConfig(ablations=True, arms=("whole=stem.0",)), "steer", "main")  # none asked
+
+
+def test_grid_arms_are_parsed_per_method_and_bad_ones_refused():
+    from edge_steer.bench.adapt import AdaptConfig, grid_arms
+
+    cfg = AdaptConfig(grid_arms=("steer:whole=stem.0", "full:lr=0.0001", "steer:whole=stem.0&select=random",
+                                 "full:lr=0.0001"))
+    assert grid_arms(cfg) == {"steer": [("whole=stem.0", {"whole": ("stem.0",)}),
+                                        ("whole=stem.0&select=random", {"whole": ("stem.0",), "selection": "random"})],
+                              "full": [("lr=0.0001", {"lr": 1e-4})]}
+    # lora and full take learning-rate arms only; zero-shot trains nothing; a bare arm names no method
+    for bad in ("lora:k=3", "full:whole=stem.0", "zero-shot:lr=0.001", "whole=stem.0", "steer:k=0", "tune:lr=0.001"):
+        with pytest.raises(ValueError, match="unknown grid arms"):
+            grid_arms(AdaptConfig(grid_arms=(bad,)))
+    with pytest.raises(ValueError, match="ablation K 20 is not among"):
+        from edge_steer.bench.adapt import ablation_arms
+        ablation_arms(AdaptConfig(shots=(5, 10), ablation_shots=20))
+
+
+def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkeypatch):
+    """Which cells one command makes: main and grid arms everywhere, sweeps at the ablation K and first
+    seed only; the fine-tune and the rollouts are stand-ins, the loop is the benchmark's own."""
+    from types import SimpleNamespace
+
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.sim.rollout as rollout
+
+    fits = []
+
+    def fake_finetune(args):
+        fits.append(args)
+        (Path(args["out"]) / "model").mkdir(parents=True)
+        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
+                "model_dir": str(Path(args["out"]) / "model")}
+
+    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
+    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
+    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
+        SimpleNamespace(success=(first + i) % 2 == 0, seed=seed * 1000 + first + i, steps=10) for i in range(n)])
+    cfg = adapt.AdaptConfig.quick(shots=(5, 10), seeds=(0, 1), episodes=2, methods=("zero-shot", "steer", "full"),
+                            ablations=True, arms=("k=3",), ablation_shots=10,
+                            grid_arms=("steer:select=random", "full:lr=0.0001"), perturb_episodes=1)
+    cells = adapt.run(cfg, tmp_path)
+    got = {(c.shots, c.method, c.arm, c.seed) for c in cells}
+    every = {(k, s) for k in (5, 10) for s in (0, 1)}
+    assert got == ({(5, "zero-shot", "main", s) for s in (0, 1)}
+                   | {(k, m, a, s) for k, s in every for m, a in [("steer", "main"), ("full", "main"),
+                                                                   ("steer", "select=random"), ("full", "lr=0.0001")]}
+                   | {(10, "steer", "k=3", 0)})
+    assert len(fits) == len(cells) - 2
+    assert {f["selection"] for f in fits if f["method"] == "steer"} == {"attribution", "random"}
+    assert {f["lr"] for f in fits if f["method"] == "full"} == {1e-3, 1e-4}
+    # grid arms are measured under the perturbations like the main arms (and k=3, named in --arms)
+    assert all(set(c.robustness) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
+    # the summary gives grid arms rows of their own beside the methods; the sweep stays an ablation row
+    summary = summarise(cells, cfg.grid_arms)
+    assert {r["method"] for r in summary["rows"]} == {"zero-shot", "steer", "full", "steer:select=random",
+                                                       "full:lr=0.0001"}
+    assert {a["arm"] for a in summary["ablations"]} == {"k=3", "main"}
 
 
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):

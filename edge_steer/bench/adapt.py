@@ -7,8 +7,10 @@ seeds disjoint from the demo seeds, and optionally under test-time perturbations
 Fine-tunes run in a spawned process each, so their peak memory (max RSS) is measured per run.
 
 Ablations vary one thing of the steer arm: the number of heads, which slices train, and how heads
-are chosen (attribution / exact mean ablation / factor patching / probe / random). Learning-rate arms
-run for every fine-tuning method, so each method can be compared at its own best rate.
+are chosen (attribution / exact mean ablation / factor patching / probe / random), at one K and the first
+seed. Learning-rate arms run for every fine-tuning method, so each method can be compared at its own best
+rate. Grid arms (`method:arm`, e.g. steer:whole=stem.0 or full:lr=0.0001) are candidate recipes: they run
+on every K and seed like the main arms, and under the perturbations, so one command makes the whole table.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ class AdaptConfig:
     slices: str = "qo"
     lora_rank: int = 16
     perturb_episodes: int = 0                    # per perturbation and cell; 0: no robustness runs
-    ablations: bool = False                      # k / slices / selection sweeps at the smallest K, seed 0
+    ablations: bool = False                      # k / slices / selection sweeps at one K (ablation_shots), seed 0
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
     ablation_lr: tuple[float, ...] = (3e-3, 1e-4)  # for steer, LoRA and full alike (1e-4: full FT's own scale)
     ablation_whole: tuple[str, ...] = ("stem.0",)  # steer + one module trained whole (the first conv layer)
     arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
+    ablation_shots: int | None = None            # the K the ablation sweeps run at (None: the smallest)
+    grid_arms: tuple[str, ...] = ()              # "method:arm" run on every K and seed, like "main"
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
     model: str | None = None                     # base checkpoint (None: the embedded default)
@@ -152,6 +156,8 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
     """The steer arms to run: "main", then (with ablations) one arm per changed setting, optionally
     narrowed to `cfg.arms`. Raises ValueError naming the valid arms."""
     arms: list[tuple[str, dict[str, Any]]] = [("main", {})]
+    if cfg.ablation_shots is not None and cfg.ablation_shots not in cfg.shots:
+        raise ValueError(f"the ablation K {cfg.ablation_shots} is not among the K run ({list(cfg.shots)})")
     if cfg.ablations:
         arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
         arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
@@ -169,10 +175,29 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
     return arms
 
 
-def measures_robustness(cfg: AdaptConfig, arm: str) -> bool:
-    """Whether a cell of `arm` is also run under the perturbations: the methods' main arms, and arms named
-    in `--arms` (a candidate recipe, whose robustness is part of the case for it), not the default sweeps."""
-    return cfg.perturb_episodes > 0 and (arm == "main" or arm in cfg.arms)
+def grid_arms(cfg: AdaptConfig) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """The grid arms by method: "steer:<arm>" with any arm `_parse_arm` takes, "lora:" / "full:" with
+    learning-rate arms only (the other settings are steer's). Raises ValueError naming the bad ones."""
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    bad = []
+    for name in dict.fromkeys(cfg.grid_arms):
+        method, _, arm = name.partition(":")
+        change = _parse_arm(arm) if method in METHODS[1:] else None
+        if change is None or (method != "steer" and set(change) != {"lr"}):
+            bad.append(name)
+        else:
+            out.setdefault(method, []).append((arm, change))
+    if bad:
+        raise ValueError(f"unknown grid arms {bad}; write method:arm, e.g. steer:whole=stem.0 or full:lr=0.0001 "
+                         "(steer takes k=, lr=, select=, slices=, whole= joined by '&'; lora and full take lr= only)")
+    return out
+
+
+def measures_robustness(cfg: AdaptConfig, method: str, arm: str) -> bool:
+    """Whether a cell of `method`'s `arm` is also run under the perturbations: the main arms, grid arms and
+    arms named in `--arms` (candidate recipes, whose robustness is part of the case for them), not the
+    default sweeps."""
+    return cfg.perturb_episodes > 0 and (arm == "main" or arm in cfg.arms or f"{method}:{arm}" in cfg.grid_arms)
 
 
 def _parse_arm(name: str) -> dict[str, Any] | None:
@@ -248,7 +273,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
 
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
         """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
-        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.arm) else []
+        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.method, cell.arm) else []
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
             pres = evaluate(load, [task.vary(**PERTURBATIONS[name])], cfg.perturb_episodes, cell.seed,
@@ -265,8 +290,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         say(f"{_label(cell)}: {cell.successes}/{cell.episodes}"
             + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
 
-    arms = ablation_arms(cfg)
-    if whole := {m for _, change in arms for m in change.get("whole", ())}:
+    arms, grid = ablation_arms(cfg), grid_arms(cfg)
+    grid_keys = {(m, a) for m, named in grid.items() for a, _ in named}
+    ablation_k = cfg.ablation_shots or min(cfg.shots)
+    if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
         whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
     for task in variants:
@@ -279,10 +306,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                 generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
             for k in cfg.shots:
                 for method in cfg.methods:
-                    for arm, change in method_arms(arms, method):
-                        if arm != "main" and k != min(cfg.shots):
-                            continue
-                        if arm != "main" and seed != cfg.seeds[0]:
+                    sweep = method_arms(arms, method)
+                    recipes = [a for a in grid.get(method, []) if a[0] not in dict(sweep)]
+                    for arm, change in sweep + recipes:
+                        if arm != "main" and (method, arm) not in grid_keys and (k != ablation_k or seed != cfg.seeds[0]):
                             continue
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
@@ -346,18 +373,24 @@ def _load_cells(path: Path) -> list[Cell]:
 # ------------------------------------------------------------------------------------------------
 # tables and plots
 # ------------------------------------------------------------------------------------------------
-def summarise(cells: list[Cell]) -> dict[str, Any]:
-    """Pooled success with a Wilson 95 % interval per (factor, K, method) of the main arm, the
-    zero-shot row repeated for every K; plus resource means per method and the ablation rows."""
+def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Pooled success with a Wilson 95 % interval per (factor, K, method) of the main arms and the grid
+    arms (`grid`, "method:arm", each a row of its own), the zero-shot row repeated for every K; plus
+    resource means per method and the ablation rows (every other arm)."""
     from edge_steer.sim.rollout import wilson_interval
 
-    main = [c for c in cells if c.arm == "main"]
+    def label(c: Cell) -> str:
+        return c.method if c.arm == "main" else f"{c.method}:{c.arm}"
+
+    main = [c for c in cells if c.arm == "main" or label(c) in grid]
+    labels = [m for m in METHODS if any(c.method == m for c in main)] + [g for g in dict.fromkeys(grid)
+                                                                        if any(label(c) == g for c in main)]
     shots = sorted({c.shots for c in main if c.method != "zero-shot"}) or sorted({c.shots for c in main})
     rows = []
     for factor in sorted({c.factor for c in main}):
         for k in shots:
-            for method in METHODS:
-                sel = [c for c in main if c.factor == factor and c.method == method
+            for method in labels:
+                sel = [c for c in main if c.factor == factor and label(c) == method
                        and (c.shots == k or method == "zero-shot")]
                 if not sel:
                     continue
@@ -375,7 +408,8 @@ def summarise(cells: list[Cell]) -> dict[str, Any]:
                              "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
     ablations = []
     for method in METHODS[1:]:
-        changed = sorted({c.arm for c in cells if c.method == method} - {"main"})
+        changed = sorted({c.arm for c in cells if c.method == method} - {"main"} - {g.split(":", 1)[1] for g in grid
+                                                                                     if g.startswith(method + ":")})
         # the main arm on exactly the (variant, K, seed) cells the ablations ran on: a paired reference,
         # whatever other K and seeds the same results file holds
         where = {(c.variant, c.shots, c.seed) for c in cells if c.method == method and c.arm in changed}
@@ -398,11 +432,12 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))     # METHODS, then the grid arms
     paths = []
     factors = sorted({r["factor"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(factors)), figsize=(4.2 * max(1, len(factors)), 3.4), squeeze=False)
     for ax, factor in zip(axes[0], factors):
-        for method in METHODS:
+        for method in methods:
             rs = sorted((r for r in rows if r["factor"] == factor and r["method"] == method), key=lambda r: r["shots"])
             if not rs:
                 continue
@@ -425,8 +460,8 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     if rob:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         names = list(PERTURBATIONS)
-        width = 0.8 / len(METHODS)
-        for i, method in enumerate(METHODS):
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
             rs = [r for r in rob if r["method"] == method]
             if not rs:
                 continue
@@ -467,7 +502,7 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                          f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
     if summary["ablations"]:
-        lines += ["#### Ablations (smallest K, first seed; steer unless named)", "",
+        lines += [f"#### Ablations (K = {cfg.ablation_shots or min(cfg.shots)}, seed {cfg.seeds[0]}; steer unless named)", "",
                   "| arm | success | 95 % CI | episodes | trainable params | mean final train loss |",
                   "|---|---|---|---|---|---|"]
         for a in summary["ablations"]:
