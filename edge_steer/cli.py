@@ -401,7 +401,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 episodes: Optional[int] = typer.Option(None, min=1, help="evaluation episodes per cell"),
                 steps: Optional[int] = typer.Option(None, min=1), lr: Optional[float] = typer.Option(None),
                 top_k: Optional[int] = typer.Option(None, min=1),
-                perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation (main arms and --arms)"),
+                perturb_episodes: Optional[int] = typer.Option(None, min=0, help="robustness episodes per perturbation (main and grid arms)"),
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
                 arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o; '&' joins settings into one arm (whole=stem.0&select=random)"),
                 ablation_shots: Optional[int] = typer.Option(None, min=1, help="the K the ablation sweeps run at (default: the smallest)"),

@@ -2,6 +2,7 @@
 cannot silently break."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,13 +126,14 @@ def test_an_ablation_is_compared_with_the_main_arm_on_its_own_cells():
     assert abl["select=random"]["success"] == 0.2
 
 
-def test_robustness_runs_for_main_arms_and_named_arms_only():
+def test_robustness_runs_for_main_and_grid_arms_only():
     from edge_steer.bench.adapt import AdaptConfig, measures_robustness
-    cfg = AdaptConfig(ablations=True, arms=("whole=stem.0",), perturb_episodes=5, grid_arms=("full:lr=0.0001",))
+    cfg = AdaptConfig(ablations=True, arms=("k=2",), perturb_episodes=5,
+                      grid_arms=("full:lr=0.0001", "steer:whole=stem.0"))
     assert measures_robustness(cfg, "lora", "main") and measures_robustness(cfg, "steer", "whole=stem.0")
     assert measures_robustness(cfg, "full", "lr=0.0001") and not measures_robustness(cfg, "lora", "lr=0.0001")
-    assert not measures_robustness(cfg, "steer", "k=2")                          # a default sweep's arm
-    assert not measures_robustness(AdaptConfig(ablations=True, arms=("whole=stem.0",)), "steer", "main")  # none asked
+    assert not measures_robustness(cfg, "steer", "k=2")                          # a sweep's arm, even when named
+    assert not measures_robustness(replace(cfg, perturb_episodes=0), "steer", "main")   # none asked
 
 
 def test_grid_arms_are_parsed_per_method_and_bad_ones_refused():
@@ -184,8 +186,9 @@ def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkey
     assert len(fits) == len(cells) - 2
     assert {f["selection"] for f in fits if f["method"] == "steer"} == {"attribution", "random"}
     assert {f["lr"] for f in fits if f["method"] == "full"} == {1e-3, 1e-4}
-    # grid arms are measured under the perturbations like the main arms (and k=3, named in --arms)
-    assert all(set(c.robustness) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
+    # grid arms are measured under the perturbations like the main arms; the sweep's arm is not
+    assert all(set(c.robustness) == {"dim_light", "distractors", "camera_jitter"} for c in cells if c.arm != "k=3")
+    assert next(c for c in cells if c.arm == "k=3").robustness == {}
     # the summary gives grid arms rows of their own beside the methods; the sweep stays an ablation row
     summary = summarise(cells, cfg.grid_arms)
     assert {r["method"] for r in summary["rows"]} == {"zero-shot", "steer", "full", "steer:select=random",

@@ -194,10 +194,9 @@ def grid_arms(cfg: AdaptConfig) -> dict[str, list[tuple[str, dict[str, Any]]]]:
 
 
 def measures_robustness(cfg: AdaptConfig, method: str, arm: str) -> bool:
-    """Whether a cell of `method`'s `arm` is also run under the perturbations: the main arms, grid arms and
-    arms named in `--arms` (candidate recipes, whose robustness is part of the case for them), not the
-    default sweeps."""
-    return cfg.perturb_episodes > 0 and (arm == "main" or arm in cfg.arms or f"{method}:{arm}" in cfg.grid_arms)
+    """Whether a cell of `method`'s `arm` is also run under the perturbations: the main arms and the grid
+    arms (candidate recipes, whose robustness is part of the case for them), not the ablation sweeps."""
+    return cfg.perturb_episodes > 0 and (arm == "main" or f"{method}:{arm}" in cfg.grid_arms)
 
 
 def _parse_arm(name: str) -> dict[str, Any] | None:
