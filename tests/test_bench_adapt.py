@@ -148,9 +148,6 @@ def test_grid_arms_are_parsed_per_method_and_bad_ones_refused():
     for bad in ("lora:k=3", "full:whole=stem.0", "zero-shot:lr=0.001", "whole=stem.0", "steer:k=0", "tune:lr=0.001"):
         with pytest.raises(ValueError, match="unknown grid arms"):
             grid_arms(AdaptConfig(grid_arms=(bad,)))
-    with pytest.raises(ValueError, match="ablation K 20 is not among"):
-        from edge_steer.bench.adapt import ablation_arms
-        ablation_arms(AdaptConfig(shots=(5, 10), ablation_shots=20))
 
 
 def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkeypatch):
@@ -194,6 +191,13 @@ def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkey
     assert {r["method"] for r in summary["rows"]} == {"zero-shot", "steer", "full", "steer:select=random",
                                                        "full:lr=0.0001"}
     assert {a["arm"] for a in summary["ablations"]} == {"k=3", "main"}
+    # a slice of the grid at a K the sweeps do not run at runs the main and grid arms, and says so
+    said = []
+    more = adapt.run(replace(cfg, shots=(20,), seeds=(0,)), tmp_path, say=said.append)
+    assert {(c.shots, c.method, c.arm) for c in more if c.shots == 20} == {
+        (20, "steer", "main"), (20, "full", "main"), (20, "steer", "select=random"), (20, "full", "lr=0.0001")}
+    assert len([c for c in more if c.method == "zero-shot"]) == 2      # K-independent: not evaluated again at K = 20
+    assert any("ablation arms run at K = 10" in line for line in said)
 
 
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):

@@ -156,8 +156,6 @@ def ablation_arms(cfg: AdaptConfig) -> list[tuple[str, dict[str, Any]]]:
     """The steer arms to run: "main", then (with ablations) one arm per changed setting, optionally
     narrowed to `cfg.arms`. Raises ValueError naming the valid arms."""
     arms: list[tuple[str, dict[str, Any]]] = [("main", {})]
-    if cfg.ablation_shots is not None and cfg.ablation_shots not in cfg.shots:
-        raise ValueError(f"the ablation K {cfg.ablation_shots} is not among the K run ({list(cfg.shots)})")
     if cfg.ablations:
         arms += [(f"k={k}", {"top_k": k}) for k in cfg.ablation_k if k != cfg.top_k]
         arms += [(f"slices={s}", {"slices": s}) for s in cfg.ablation_slices if s != cfg.slices]
@@ -292,6 +290,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     arms, grid = ablation_arms(cfg), grid_arms(cfg)
     grid_keys = {(m, a) for m, named in grid.items() for a, _ in named}
     ablation_k = cfg.ablation_shots or min(cfg.shots)
+    if len(arms) > 1 and ablation_k not in cfg.shots:     # a slice of the grid at other K: not an error
+        say(f"the ablation arms run at K = {ablation_k}, which this run does not include; only main and grid arms run")
     if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
         whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
@@ -311,6 +311,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                         if arm != "main" and (method, arm) not in grid_keys and (k != ablation_k or seed != cfg.seeds[0]):
                             continue
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
+                        if method == "zero-shot":      # K-independent: a cell recorded at any K is this one
+                            cell.shots = next((key[1] for key in cells if key[0] == task.name and key[2] == method
+                                               and key[3] == seed), k)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
                         if (old := cells.get(_key(cell))) is not None:   # done, but perhaps on fewer episodes or without the robustness asked now
                             model_dir = base_dir if method == "zero-shot" else run_dir / "model"
@@ -332,7 +335,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             del cells[_key(old)]
                         if method == "zero-shot":
                             if k != min(cfg.shots):
-                                continue           # zero-shot does not depend on K
+                                continue           # zero-shot does not depend on K: one cell per (variant, seed)
                             evaluate_cell(cell, base_dir, task)
                             record(cell)
                             continue
