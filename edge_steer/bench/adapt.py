@@ -65,6 +65,11 @@ class AdaptConfig:
     # evaluated afresh; fine-tunes are not bitwise reproducible, so its old episodes cannot be kept
     refit: bool = False
 
+    @property
+    def sweep_shots(self) -> int:
+        """The K the ablation sweeps run at."""
+        return self.ablation_shots or min(self.shots)
+
     @classmethod
     def quick(cls, **kw) -> "AdaptConfig":
         # in-process and single-worker: spawning processes costs more than the few episodes it runs
@@ -191,10 +196,20 @@ def grid_arms(cfg: AdaptConfig) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     return out
 
 
+def arm_name(method: str, arm: str) -> str:
+    """How an arm is named across methods, as in --grid-arms and the summary: "lora", "steer:whole=stem.0"."""
+    return method if arm == "main" else f"{method}:{arm}"
+
+
+def on_grid(cfg: AdaptConfig, method: str, arm: str) -> bool:
+    """Whether the arm runs on every K and seed: the main arms and the grid arms."""
+    return arm == "main" or arm_name(method, arm) in cfg.grid_arms
+
+
 def measures_robustness(cfg: AdaptConfig, method: str, arm: str) -> bool:
     """Whether a cell of `method`'s `arm` is also run under the perturbations: the main arms and the grid
     arms (candidate recipes, whose robustness is part of the case for them), not the ablation sweeps."""
-    return cfg.perturb_episodes > 0 and (arm == "main" or f"{method}:{arm}" in cfg.grid_arms)
+    return cfg.perturb_episodes > 0 and on_grid(cfg, method, arm)
 
 
 def _parse_arm(name: str) -> dict[str, Any] | None:
@@ -288,10 +303,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
             + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
 
     arms, grid = ablation_arms(cfg), grid_arms(cfg)
-    grid_keys = {(m, a) for m, named in grid.items() for a, _ in named}
-    ablation_k = cfg.ablation_shots or min(cfg.shots)
-    if len(arms) > 1 and ablation_k not in cfg.shots:     # a slice of the grid at other K: not an error
-        say(f"the ablation arms run at K = {ablation_k}, which this run does not include; only main and grid arms run")
+    if len(arms) > 1 and cfg.sweep_shots not in cfg.shots:     # a slice of the grid at other K: not an error
+        say(f"the ablation arms run at K = {cfg.sweep_shots}, which this run does not include; only main and grid arms run")
     if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
         whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
@@ -308,10 +321,12 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                     sweep = method_arms(arms, method)
                     recipes = [a for a in grid.get(method, []) if a[0] not in dict(sweep)]
                     for arm, change in sweep + recipes:
-                        if arm != "main" and (method, arm) not in grid_keys and (k != ablation_k or seed != cfg.seeds[0]):
+                        if not on_grid(cfg, method, arm) and (k != cfg.sweep_shots or seed != cfg.seeds[0]):
                             continue
+                        if method == "zero-shot" and k != min(cfg.shots):
+                            continue                   # zero-shot does not depend on K: one cell per (variant, seed)
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm)
-                        if method == "zero-shot":      # K-independent: a cell recorded at any K is this one
+                        if method == "zero-shot":      # a cell recorded at any K is this one
                             cell.shots = next((key[1] for key in cells if key[0] == task.name and key[2] == method
                                                and key[3] == seed), k)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
@@ -334,8 +349,6 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                 f"{old.episodes} old ones and any robustness runs are replaced)")
                             del cells[_key(old)]
                         if method == "zero-shot":
-                            if k != min(cfg.shots):
-                                continue           # zero-shot does not depend on K: one cell per (variant, seed)
                             evaluate_cell(cell, base_dir, task)
                             record(cell)
                             continue
@@ -382,7 +395,7 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
     from edge_steer.sim.rollout import wilson_interval
 
     def label(c: Cell) -> str:
-        return c.method if c.arm == "main" else f"{c.method}:{c.arm}"
+        return arm_name(c.method, c.arm)
 
     main = [c for c in cells if c.arm == "main" or label(c) in grid]
     labels = [m for m in METHODS if any(c.method == m for c in main)] + [g for g in dict.fromkeys(grid)
@@ -410,8 +423,7 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
                              "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
     ablations = []
     for method in METHODS[1:]:
-        changed = sorted({c.arm for c in cells if c.method == method} - {"main"} - {g.split(":", 1)[1] for g in grid
-                                                                                     if g.startswith(method + ":")})
+        changed = sorted({c.arm for c in cells if c.method == method and c.arm != "main" and label(c) not in grid})
         # the main arm on exactly the (variant, K, seed) cells the ablations ran on: a paired reference,
         # whatever other K and seeds the same results file holds
         where = {(c.variant, c.shots, c.seed) for c in cells if c.method == method and c.arm in changed}
@@ -504,7 +516,7 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                          f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
     if summary["ablations"]:
-        lines += [f"#### Ablations (K = {cfg.ablation_shots or min(cfg.shots)}, seed {cfg.seeds[0]}; steer unless named)", "",
+        lines += [f"#### Ablations (K = {cfg.sweep_shots}, seed {cfg.seeds[0]}; steer unless named)", "",
                   "| arm | success | 95 % CI | episodes | trainable params | mean final train loss |",
                   "|---|---|---|---|---|---|"]
         for a in summary["ablations"]:
