@@ -405,6 +405,8 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 ablations: bool = typer.Option(False, help="k / slices / head-selection sweeps"),
                 arms: Optional[str] = typer.Option(None, help="only these ablation arms, e.g. select=random,slices=o; '&' joins settings into one arm (whole=stem.0&select=random)"),
                 ablation_shots: Optional[int] = typer.Option(None, min=1, help="the K the ablation sweeps run at (default: the smallest)"),
+                ablation_seeds: Optional[str] = typer.Option(None, help="the seeds the sweeps run on, of --seeds (default: the first)"),
+                ablation_episodes: Optional[int] = typer.Option(None, min=1, help="evaluation episodes per sweep cell (default: --episodes)"),
                 grid_arms: Optional[str] = typer.Option(None, help="method:arm run on every K and seed like the main arms, e.g. steer:whole=stem.0,full:lr=0.0001"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
@@ -421,6 +423,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         seeds=_ints(seeds) if seeds else None, methods=tuple(methods.split(",")) if methods else None,
         episodes=episodes, steps=steps, lr=lr, top_k=top_k, perturb_episodes=perturb_episodes,
         ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None, ablation_shots=ablation_shots,
+        ablation_seeds=_ints(ablation_seeds) if ablation_seeds else None, ablation_episodes=ablation_episodes,
         grid_arms=tuple(grid_arms.split(",")) if grid_arms else None, model=str(model) if model else None,
         refit=refit or None)
     if bad := set(cfg.methods) - set(adapt.METHODS):

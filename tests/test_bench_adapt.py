@@ -200,6 +200,41 @@ def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkey
     assert any("ablation arms run at K = 10" in line for line in said)
 
 
+def test_sweeps_run_on_their_own_seeds_and_episodes_and_are_paired_with_the_main_arms_first_scenes(tmp_path, monkeypatch):
+    """--ablation-seeds / --ablation-episodes: sweeps on several seeds with fewer episodes than the grid; the
+    ablation table's main-arm reference counts only the scenes the sweeps ran."""
+    from types import SimpleNamespace
+
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.sim.rollout as rollout
+
+    def fake_finetune(args):
+        (Path(args["out"]) / "model").mkdir(parents=True, exist_ok=True)
+        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
+                "model_dir": str(Path(args["out"]) / "model")}
+
+    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
+    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
+    # the main arm fails its first two scenes and solves the rest; every other arm solves everything
+    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
+        SimpleNamespace(success="_steer_main_" not in Path(load.args[0]).parent.name or first + i >= 2, seed=first + i, steps=10)
+        for i in range(n)])
+    cfg = adapt.AdaptConfig.quick(shots=(5,), seeds=(0, 1, 2), episodes=6, methods=("steer",), ablations=True,
+                                  arms=("k=3",), ablation_seeds=(0, 2), ablation_episodes=2)
+    cells = adapt.run(cfg, tmp_path)
+    got = {(c.arm, c.seed): c.episodes for c in cells}
+    assert got == {("main", 0): 6, ("main", 1): 6, ("main", 2): 6, ("k=3", 0): 2, ("k=3", 2): 2}
+    rows = {a["arm"]: a for a in summarise(cells)["ablations"]}
+    assert (rows["k=3"]["n"], rows["k=3"]["success"]) == (4, 1.0)
+    assert (rows["main"]["n"], rows["main"]["success"]) == (4, 0.0)    # seeds 0 and 2, first two scenes each
+    text = adapt.markdown(summarise(cells), cfg, "cmd", "abc")
+    assert "seeds 0, 2, 2 episodes per cell" in text
+    # a run whose seeds miss the sweep seeds says so and runs the main arm only
+    said = []
+    adapt.run(replace(cfg, seeds=(1,)), tmp_path, say=said.append)
+    assert any("run on seeds [0, 2]" in line for line in said)
+
+
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
     from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
     from edge_steer.steering.finetune import FinetuneError

@@ -50,13 +50,15 @@ class AdaptConfig:
     slices: str = "qo"
     lora_rank: int = 16
     perturb_episodes: int = 0                    # per perturbation and cell; 0: no robustness runs
-    ablations: bool = False                      # k / slices / selection sweeps at one K (ablation_shots), seed 0
+    ablations: bool = False                      # k / slices / selection sweeps at one K and the sweep seeds
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
     ablation_lr: tuple[float, ...] = (3e-3, 1e-4)  # for steer, LoRA and full alike (1e-4: full FT's own scale)
     ablation_whole: tuple[str, ...] = ("stem.0",)  # steer + one module trained whole (the first conv layer)
     arms: tuple[str, ...] = ()                   # run only these ablation arms (e.g. "select=random"); empty: all
     ablation_shots: int | None = None            # the K the ablation sweeps run at (None: the smallest)
+    ablation_seeds: tuple[int, ...] = ()         # the seeds they run on (empty: the first of `seeds`)
+    ablation_episodes: int | None = None         # their evaluation episodes per cell (None: `episodes`)
     grid_arms: tuple[str, ...] = ()              # "method:arm" run on every K and seed, like "main"
     workers: int = 2
     isolate: bool = True                         # each fine-tune in its own process (per-run peak memory)
@@ -69,6 +71,15 @@ class AdaptConfig:
     def sweep_shots(self) -> int:
         """The K the ablation sweeps run at."""
         return self.ablation_shots or min(self.shots)
+
+    @property
+    def sweep_seeds(self) -> tuple[int, ...]:
+        """The seeds the ablation sweeps run on (of those this run covers)."""
+        return self.ablation_seeds or self.seeds[:1]
+
+    def episodes_for(self, method: str, arm: str) -> int:
+        """Evaluation episodes per cell: `episodes` for the main and grid arms, `ablation_episodes` for sweeps."""
+        return self.episodes if on_grid(self, method, arm) else (self.ablation_episodes or self.episodes)
 
     @classmethod
     def quick(cls, **kw) -> "AdaptConfig":
@@ -274,7 +285,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     def evaluate_cell(cell: Cell, model_dir: Path, task) -> bool:
         """The evaluation episodes the cell lacks (all of them for a new cell), on its saved model, then
         the robustness runs; a cell run on fewer episodes before is extended with the next scenes."""
-        todo = cfg.episodes - cell.episodes
+        todo = cfg.episodes_for(cell.method, cell.arm) - cell.episodes
         if todo > 0:
             load = partial(EdgeVLA.from_pretrained, model_dir)
             res = evaluate(load, [task], todo, cell.seed, workers=cfg.workers, first=cell.episodes)
@@ -303,8 +314,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
             + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
 
     arms, grid = ablation_arms(cfg), grid_arms(cfg)
-    if len(arms) > 1 and cfg.sweep_shots not in cfg.shots:     # a slice of the grid at other K: not an error
+    if len(arms) > 1 and cfg.sweep_shots not in cfg.shots:     # a slice of the grid at other K or seeds: not an error
         say(f"the ablation arms run at K = {cfg.sweep_shots}, which this run does not include; only main and grid arms run")
+    elif len(arms) > 1 and not set(cfg.sweep_seeds) & set(cfg.seeds):
+        say(f"the ablation arms run on seeds {list(cfg.sweep_seeds)}, which this run does not include; only main and grid arms run")
     if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
         whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
@@ -321,7 +334,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                     sweep = method_arms(arms, method)
                     recipes = [a for a in grid.get(method, []) if a[0] not in dict(sweep)]
                     for arm, change in sweep + recipes:
-                        if not on_grid(cfg, method, arm) and (k != cfg.sweep_shots or seed != cfg.seeds[0]):
+                        if not on_grid(cfg, method, arm) and (k != cfg.sweep_shots or seed not in cfg.sweep_seeds):
                             continue
                         if method == "zero-shot" and k != min(cfg.shots):
                             continue                   # zero-shot does not depend on K: one cell per (variant, seed)
@@ -339,13 +352,14 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                         "; robustness: " + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items())
                                         if old.robustness else ""))
                                 continue
-                            if old.episodes >= cfg.episodes:
+                            want = cfg.episodes_for(method, arm)
+                            if old.episodes >= want:
                                 continue
                             if not cfg.refit:
-                                say(f"{_label(old)}: {old.episodes} of {cfg.episodes} episodes and its model is not in "
+                                say(f"{_label(old)}: {old.episodes} of {want} episodes and its model is not in "
                                     f"{run_dir}; --refit fits it again")
                                 continue
-                            say(f"{_label(old)}: fitting again for {cfg.episodes} episodes (its model is gone; the "
+                            say(f"{_label(old)}: fitting again for {want} episodes (its model is gone; the "
                                 f"{old.episodes} old ones and any robustness runs are replaced)")
                             del cells[_key(old)]
                         if method == "zero-shot":
@@ -424,15 +438,30 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
     ablations = []
     for method in METHODS[1:]:
         changed = sorted({c.arm for c in cells if c.method == method and c.arm != "main" and label(c) not in grid})
-        # the main arm on exactly the (variant, K, seed) cells the ablations ran on: a paired reference,
-        # whatever other K and seeds the same results file holds
-        where = {(c.variant, c.shots, c.seed) for c in cells if c.method == method and c.arm in changed}
+        # the main arm on exactly the (variant, K, seed) cells the ablations ran on, and on their first scenes
+        # (a sweep may run fewer episodes than the grid): a paired reference, whatever else the file holds
+        where: dict[tuple, int] = {}
+        for c in cells:
+            if c.method == method and c.arm in changed:
+                at = (c.variant, c.shots, c.seed)
+                where[at] = min(where.get(at, c.episodes), c.episodes)
         for arm in changed + (["main"] if changed else []):
             sel = [c for c in cells if c.arm == arm and c.method == method
                    and (arm != "main" or (c.variant, c.shots, c.seed) in where)]
             if not sel:
                 continue
-            s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
+            if arm == "main":
+                s, n = 0, 0
+                for c in sel:
+                    m = where[(c.variant, c.shots, c.seed)]
+                    if m >= c.episodes:
+                        s, n = s + c.successes, n + c.episodes
+                    elif len(c.episode_log) >= m:
+                        s, n = s + sum(e["success"] for e in c.episode_log[:m]), n + m
+                    else:
+                        raise ValueError(f"{_label(c)} has no per-episode log to pair with its ablations' {m} episodes")
+            else:
+                s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
             ablations.append({"arm": arm if method == "steer" else f"{method}: {arm}", "method": method,
                               "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
                               "trainable_params": float(np.mean([c.trainable_params for c in sel])),
@@ -516,7 +545,9 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                          f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
     if summary["ablations"]:
-        lines += [f"#### Ablations (K = {cfg.sweep_shots}, seed {cfg.seeds[0]}; steer unless named)", "",
+        seeds = ", ".join(map(str, cfg.sweep_seeds))
+        lines += [f"#### Ablations (K = {cfg.sweep_shots}, seeds {seeds}, {cfg.ablation_episodes or cfg.episodes} episodes per "
+                  "cell, the main arm on the same scenes; steer unless named)", "",
                   "| arm | success | 95 % CI | episodes | trainable params | mean final train loss |",
                   "|---|---|---|---|---|---|"]
         for a in summary["ablations"]:
