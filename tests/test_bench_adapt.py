@@ -130,10 +130,14 @@ def test_robustness_runs_for_main_and_grid_arms_only():
     from edge_steer.bench.adapt import AdaptConfig, measures_robustness
     cfg = AdaptConfig(ablations=True, arms=("k=2",), perturb_episodes=5,
                       grid_arms=("full:lr=0.0001", "steer:whole=stem.0"))
-    assert measures_robustness(cfg, "lora", "main") and measures_robustness(cfg, "steer", "whole=stem.0")
-    assert measures_robustness(cfg, "full", "lr=0.0001") and not measures_robustness(cfg, "lora", "lr=0.0001")
-    assert not measures_robustness(cfg, "steer", "k=2")                          # a sweep's arm, even when named
-    assert not measures_robustness(replace(cfg, perturb_episodes=0), "steer", "main")   # none asked
+    assert measures_robustness(cfg, "lora", "main", 5) and measures_robustness(cfg, "steer", "whole=stem.0", 10)
+    assert measures_robustness(cfg, "full", "lr=0.0001", 20) and not measures_robustness(cfg, "lora", "lr=0.0001", 20)
+    assert not measures_robustness(cfg, "steer", "k=2", 10)                      # a sweep's arm, even when named
+    assert not measures_robustness(replace(cfg, perturb_episodes=0), "steer", "main", 10)   # none asked
+    # at one K only, if asked; zero-shot (one cell per variant and seed, whatever K) at any
+    at20 = replace(cfg, perturb_shots=20)
+    assert measures_robustness(at20, "lora", "main", 20) and not measures_robustness(at20, "lora", "main", 10)
+    assert not measures_robustness(at20, "steer", "whole=stem.0", 5) and measures_robustness(at20, "zero-shot", "main", 10)
 
 
 def test_grid_arms_are_parsed_per_method_and_bad_ones_refused():

@@ -50,6 +50,7 @@ class AdaptConfig:
     slices: str = "qo"
     lora_rank: int = 16
     perturb_episodes: int = 0                    # per perturbation and cell; 0: no robustness runs
+    perturb_shots: int | None = None             # the K whose cells get them (None: every K; zero-shot always)
     ablations: bool = False                      # k / slices / selection sweeps at one K and the sweep seeds
     ablation_k: tuple[int, ...] = (2, 4, 8, 12)
     ablation_slices: tuple[str, ...] = ("o", "qkvo")
@@ -217,10 +218,12 @@ def on_grid(cfg: AdaptConfig, method: str, arm: str) -> bool:
     return arm == "main" or arm_name(method, arm) in cfg.grid_arms
 
 
-def measures_robustness(cfg: AdaptConfig, method: str, arm: str) -> bool:
-    """Whether a cell of `method`'s `arm` is also run under the perturbations: the main arms and the grid
-    arms (candidate recipes, whose robustness is part of the case for them), not the ablation sweeps."""
-    return cfg.perturb_episodes > 0 and on_grid(cfg, method, arm)
+def measures_robustness(cfg: AdaptConfig, method: str, arm: str, shots: int) -> bool:
+    """Whether a cell of `method`'s `arm` at K = `shots` is also run under the perturbations: the main arms
+    and the grid arms (candidate recipes, whose robustness is part of the case for them), not the ablation
+    sweeps; at `perturb_shots` only, if set (zero-shot, which does not depend on K, at any)."""
+    at_k = cfg.perturb_shots is None or shots == cfg.perturb_shots or method == "zero-shot"
+    return cfg.perturb_episodes > 0 and on_grid(cfg, method, arm) and at_k
 
 
 def _parse_arm(name: str) -> dict[str, Any] | None:
@@ -296,7 +299,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
 
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
         """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
-        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.method, cell.arm) else []
+        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.method, cell.arm, cell.shots) else []
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
             pres = evaluate(load, [task.vary(**PERTURBATIONS[name])], cfg.perturb_episodes, cell.seed,
