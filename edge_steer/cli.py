@@ -411,6 +411,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 grid_arms: Optional[str] = typer.Option(None, help="method:arm run on every K and seed like the main arms, e.g. steer:whole=stem.0,full:lr=0.0001"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
+                dry_run: bool = typer.Option(False, help="say what is left to run (demo sets, fine-tunes, episodes); run nothing"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
     import sys
@@ -435,6 +436,9 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         adapt.grid_arms(cfg)
     except ValueError as e:
         _fail(str(e))
+    if dry_run:
+        adapt.run(cfg, out, say=console.print, dry_run=True)
+        return
     cells = adapt.run(cfg, out, say=console.print)
     summary = adapt.summarise(cells, cfg.grid_arms)
     plots = adapt.plot(summary, out)

@@ -239,6 +239,35 @@ def test_sweeps_run_on_their_own_seeds_and_episodes_and_are_paired_with_the_main
     assert any("run on seeds [0, 2]" in line for line in said)
 
 
+def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monkeypatch):
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.sim.demos as demos
+    import edge_steer.sim.rollout as rollout
+
+    def never(*a, **k):
+        raise AssertionError("a dry run ran something")
+
+    for module, name in [(adapt, "_finetune_job"), (rollout, "evaluate"), (demos, "generate_demos")]:
+        monkeypatch.setattr(module, name, never)
+    done = [Cell("purple_cylinder_in_yellow_bowl", "entity", 5, "steer", 0, successes=3, episodes=4,
+                 episode_log=[{"seed": i, "success": i < 3, "steps": 9} for i in range(4)]),
+            Cell("purple_cylinder_in_yellow_bowl", "entity", 5, "lora", 0, successes=1, episodes=2)]
+    (tmp_path / "cells.json").write_text(json.dumps([c.__dict__ for c in done]))
+    before = (tmp_path / "cells.json").read_text()
+    cfg = adapt.AdaptConfig.quick(seeds=(0, 1), episodes=4, methods=("zero-shot", "steer", "lora"), perturb_episodes=1)
+    said = []
+    adapt.run(cfg, tmp_path, say=said.append, dry_run=True)
+    # seed 0: steer done (robustness missing: 3 perturbed runs, no model left -> not run), lora short and its
+    # model gone (no --refit), zero-shot new; seed 1: all three new, each with its robustness runs
+    assert said == ["dry run, nothing run or written; left to do: 1 cells short of episodes, left without --refit, "
+                    "2 demo sets, 16 episodes, 1 lora fine-tunes, 12 perturbed episodes, 1 steer fine-tunes"]
+    assert (tmp_path / "cells.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
+    said.clear()
+    adapt.run(replace(cfg, refit=True), tmp_path, say=said.append, dry_run=True)
+    assert said == ["dry run, nothing run or written; left to do: 2 demo sets, 20 episodes, 2 lora fine-tunes, "
+                    "15 perturbed episodes, 1 steer fine-tunes"]
+
+
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
     from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
     from edge_steer.steering.finetune import FinetuneError

@@ -20,6 +20,7 @@ import resource
 import shutil
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -270,15 +271,27 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
     return [a for a in arms if a[0] == "main" or set(a[1]) == {"lr"}]
 
 
-def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print) -> list[Cell]:
+def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
+    """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes. `dry_run`: only
+    say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
     from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
-    from edge_steer.sim.rollout import evaluate
+    from edge_steer.sim.rollout import EpisodeResult, evaluate
     from edge_steer.sim.tasks import get_task, tasks_by_split
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+    work: Counter[str] = Counter()      # what a dry run would have done
+    tell, say = say, (lambda line: None) if dry_run else say
+
+    def rollout(kind: str, load, task, n: int, seed: int, first: int = 0) -> list:
+        if dry_run:
+            work[kind] += n
+            return [EpisodeResult(task.name, seed, False, 0)] * n
+        return evaluate(load, [task], n, seed, workers=cfg.workers, first=first)
+
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
     # a variant named twice runs once, in the order first named
     variants = [get_task(v) for v in dict.fromkeys(cfg.variants)] if cfg.variants else tasks_by_split("heldout")
@@ -291,7 +304,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         todo = cfg.episodes_for(cell.method, cell.arm) - cell.episodes
         if todo > 0:
             load = partial(EdgeVLA.from_pretrained, model_dir)
-            res = evaluate(load, [task], todo, cell.seed, workers=cfg.workers, first=cell.episodes)
+            res = rollout("episodes", load, task, todo, cell.seed, first=cell.episodes)
             cell.successes += sum(r.success for r in res)
             cell.episodes += len(res)
             cell.episode_log += [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
@@ -302,13 +315,13 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.method, cell.arm, cell.shots) else []
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
-            pres = evaluate(load, [task.vary(**PERTURBATIONS[name])], cfg.perturb_episodes, cell.seed,
-                            workers=cfg.workers)
+            pres = rollout("perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes, cell.seed)
             cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
         return bool(todo)
 
     def save() -> None:
-        results_file.write_text(json.dumps([asdict(c) for c in cells.values()], indent=1))   # resumable after a crash
+        if not dry_run:
+            results_file.write_text(json.dumps([asdict(c) for c in cells.values()], indent=1))   # resumable after a crash
 
     def record(cell: Cell) -> None:
         cells[_key(cell)] = cell
@@ -329,9 +342,12 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
             demos = out / "demos" / f"{task.name}_seed{seed}"
             if _demo_count(demos) < max(cfg.shots):
                 # a set recorded for a smaller K is re-recorded whole: same seed, so its first episodes are the same
-                say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
-                shutil.rmtree(demos, ignore_errors=True)
-                generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
+                if dry_run:
+                    work["demo sets"] += 1
+                else:
+                    say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
+                    shutil.rmtree(demos, ignore_errors=True)
+                    generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
             for k in cfg.shots:
                 for method in cfg.methods:
                     sweep = method_arms(arms, method)
@@ -359,6 +375,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             if old.episodes >= want:
                                 continue
                             if not cfg.refit:
+                                work["cells short of episodes, left without --refit"] += 1
                                 say(f"{_label(old)}: {old.episodes} of {want} episodes and its model is not in "
                                     f"{run_dir}; --refit fits it again")
                                 continue
@@ -368,6 +385,10 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                         if method == "zero-shot":
                             evaluate_cell(cell, base_dir, task)
                             record(cell)
+                            continue
+                        if dry_run:
+                            work[f"{method} fine-tunes"] += 1
+                            evaluate_cell(cell, run_dir / "model", task)
                             continue
                         ft = _call(_finetune_job, {
                             "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k, "method": method,
@@ -379,6 +400,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             setattr(cell, key, ft[key])
                         evaluate_cell(cell, Path(ft["model_dir"]), task)
                         record(cell)
+    if dry_run:
+        tell("dry run, nothing run or written; left to do: "
+             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing"))
     return list(cells.values())
 
 
