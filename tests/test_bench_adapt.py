@@ -257,15 +257,15 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
     cfg = adapt.AdaptConfig.quick(seeds=(0, 1), episodes=4, methods=("zero-shot", "steer", "lora"), perturb_episodes=1)
     said = []
     adapt.run(cfg, tmp_path, say=said.append, dry_run=True)
-    # seed 0: steer done (robustness missing: 3 perturbed runs, no model left -> not run), lora short and its
-    # model gone (no --refit), zero-shot new; seed 1: all three new, each with its robustness runs
-    assert said == ["dry run, nothing run or written; left to do: 1 cells short of episodes, left without --refit, "
-                    "2 demo sets, 16 episodes, 1 lora fine-tunes, 12 perturbed episodes, 1 steer fine-tunes"]
+    # seed 0: steer has its episodes but not the robustness runs asked, lora is short of episodes, and both
+    # models are gone (left without --refit); zero-shot new; seed 1: all three new, each with its robustness runs
+    assert said == ["dry run, nothing run or written; left to do: 2 cells short of episodes or robustness runs, left "
+                    "without --refit, 2 demo sets, 16 episodes, 1 lora fine-tunes, 12 perturbed episodes, 1 steer fine-tunes"]
     assert (tmp_path / "cells.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
     said.clear()
     adapt.run(replace(cfg, refit=True), tmp_path, say=said.append, dry_run=True)
-    assert said == ["dry run, nothing run or written; left to do: 2 demo sets, 20 episodes, 2 lora fine-tunes, "
-                    "15 perturbed episodes, 1 steer fine-tunes"]
+    assert said == ["dry run, nothing run or written; left to do: 2 demo sets, 24 episodes, 2 lora fine-tunes, "
+                    "18 perturbed episodes, 2 steer fine-tunes"]
 
 
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):

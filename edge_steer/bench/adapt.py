@@ -372,15 +372,17 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                         if old.robustness else ""))
                                 continue
                             want = cfg.episodes_for(method, arm)
-                            if old.episodes >= want:
+                            no_rob = measures_robustness(cfg, method, arm, k) and set(PERTURBATIONS) - set(old.robustness)
+                            if old.episodes >= want and not no_rob:
                                 continue
                             if not cfg.refit:
-                                work["cells short of episodes, left without --refit"] += 1
-                                say(f"{_label(old)}: {old.episodes} of {want} episodes and its model is not in "
-                                    f"{run_dir}; --refit fits it again")
+                                work["cells short of episodes or robustness runs, left without --refit"] += 1
+                                say(f"{_label(old)}: {old.episodes} of {want} episodes"
+                                    + (", no robustness runs" if no_rob else "")
+                                    + f", and its model is not in {run_dir}; --refit fits it again")
                                 continue
-                            say(f"{_label(old)}: fitting again for {want} episodes (its model is gone; the "
-                                f"{old.episodes} old ones and any robustness runs are replaced)")
+                            say(f"{_label(old)}: fitting again for {want} episodes and the robustness runs asked (its "
+                                f"model is gone; the {old.episodes} old episodes and any robustness runs are replaced)")
                             del cells[_key(old)]
                         if method == "zero-shot":
                             evaluate_cell(cell, base_dir, task)
