@@ -227,6 +227,13 @@ def measures_robustness(cfg: AdaptConfig, method: str, arm: str, shots: int) -> 
     return cfg.perturb_episodes > 0 and on_grid(cfg, method, arm) and at_k
 
 
+def missing_perturbations(cfg: AdaptConfig, cell: Cell) -> list[str]:
+    """The perturbations asked of `cell` (see `measures_robustness`) that it has not been run under yet."""
+    if not measures_robustness(cfg, cell.method, cell.arm, cell.shots):
+        return []
+    return [n for n in PERTURBATIONS if n not in cell.robustness]
+
+
 def _parse_arm(name: str) -> dict[str, Any] | None:
     """An arm outside the default sweeps, by its name: k=<n>, lr=<x>, select=<m>, slices=<s> or
     whole=<module>[+<module>], or several joined by '&' (e.g. whole=stem.0&select=random: the recipe's
@@ -272,7 +279,7 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
 
 
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
-    """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes. `dry_run`: only
+    """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations. `dry_run`: only
     say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
     from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
     from edge_steer.sim.demos import generate_demos
@@ -312,7 +319,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
 
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
         """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
-        todo = [n for n in PERTURBATIONS if n not in cell.robustness] if measures_robustness(cfg, cell.method, cell.arm, cell.shots) else []
+        todo = missing_perturbations(cfg, cell)
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
             pres = rollout("perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes, cell.seed)
@@ -372,7 +379,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                         if old.robustness else ""))
                                 continue
                             want = cfg.episodes_for(method, arm)
-                            no_rob = measures_robustness(cfg, method, arm, k) and set(PERTURBATIONS) - set(old.robustness)
+                            no_rob = bool(missing_perturbations(cfg, old))
                             if old.episodes >= want and not no_rob:
                                 continue
                             if not cfg.refit:
