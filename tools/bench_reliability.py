@@ -769,6 +769,17 @@ def serve_process(tmp: Path, rec: Path, name: str) -> ServeProcess:
                         name=name).start()
 
 
+def _record_episode(c, instruction: str, episode_s: float) -> None:
+    """Record one complete episode on a fresh daemon: recording on, run `episode_s` past the first chunks,
+    stop, and wait until the recorder has saved it."""
+    c.record(True)
+    c.instruct(instruction)
+    wait_for(lambda: c.status()["chunks"] >= 5, timeout=30)
+    time.sleep(episode_s)
+    c.stop()
+    wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1, timeout=20)
+
+
 def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
     """Record one complete episode, start a second, then `sig` the daemon mid-episode. Restart on the same
     dataset and record a third. Returns what the dataset holds after each step."""
@@ -777,12 +788,7 @@ def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
     serve = serve_process(tmp, rec, f"serve_{rec.name}_killed")
     c = serve.client
     try:
-        c.record(True)
-        c.instruct("first episode")
-        wait_for(lambda: c.status()["chunks"] >= 5, timeout=30)
-        time.sleep(episode_s)
-        c.stop()
-        wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1, timeout=20)
+        _record_episode(c, "first episode", episode_s)
         c.instruct("killed mid-episode")
         n = c.status()["chunks"]
         wait_for(lambda: c.status()["chunks"] >= n + 5, timeout=30)
@@ -796,12 +802,7 @@ def kill_while_recording(tmp: Path, sig: int, episode_s: float = 1.2) -> dict:
     serve = serve_process(tmp, rec, f"serve_{rec.name}_restarted")
     c = serve.client
     try:
-        c.record(True)
-        c.instruct("after restart")
-        wait_for(lambda: c.status()["chunks"] >= 5, timeout=30)
-        time.sleep(episode_s)
-        c.stop()
-        wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1, timeout=20)
+        _record_episode(c, "after restart", episode_s)
         c.shutdown()
         serve.proc.wait(timeout=30)
     finally:
