@@ -354,3 +354,33 @@ def test_compare_adapt_first_pools_every_arm_over_the_same_first_scenes(tmp_path
                 if line and ":" in line.split()[0]}
         assert rows["steer:main"][2] == want   # name, the one variant, pooled
         assert rows["steer:k=2"][2] == "2/20" and rows["steer:k=2"][-2:] == ["2/0", "0.500"]
+
+
+def test_compare_adapt_variants_keeps_only_the_named_variants(tmp_path, capsys, monkeypatch):
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import compare_adapt
+
+    def cell(variant, arm, wins):   # 10 episodes, seeds 0..9
+        log = [{"seed": s, "success": s in wins, "steps": 1} for s in range(10)]
+        return Cell(variant, "entity", 10, "steer", 0, arm, successes=len(wins), episodes=10,
+                    trainable_params=100, finetune_s=5.0, episode_log=log)
+    cells = [cell(v, a, w) for v, a, w in (("purple_cylinder_in_yellow_bowl", "main", {0, 1}),
+                                          ("purple_cylinder_in_yellow_bowl", "k=2", {0, 1, 2}),
+                                          ("orange_sphere_on_blue_plate", "main", {0, 1, 2, 3, 4, 5}))]
+    # k=2 ran only the purple cylinder: pooled over both variants it has no row, restricted to purple it has
+    (tmp_path / "cells.json").write_text(json.dumps([asdict(c) for c in cells]))
+    for extra, want_main, has_k2 in (([], "8/20", False),
+                                     (["--variants", "purple_cylinder_in_yellow_bowl"], "2/10", True)):
+        monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0", *extra])
+        compare_adapt.main()
+        out = capsys.readouterr().out
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line and ":" in line.split()[0]}
+        assert want_main in rows["steer:main"]
+        assert ("steer:k=2" in rows) == has_k2
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--variants", "nope"])
+    with pytest.raises(SystemExit, match="no cells for variants"):
+        compare_adapt.main()

@@ -1,7 +1,7 @@
 """Compare fine-tune arms of an adaptation run episode by episode.
 
     python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0 \
-        [--plot PNG] [--k-plot PNG] [--first N]
+        [--variants A,B] [--plot PNG] [--k-plot PNG] [--first N]
 
 For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
 per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
@@ -39,12 +39,18 @@ def main() -> None:
     ap.add_argument("--ref", default="steer:main", help="method:arm every other arm is paired against")
     ap.add_argument("--plot", type=Path, help="write a PNG: success per variant and pooled, for --plot-arms")
     ap.add_argument("--plot-arms", default="zero-shot:main,steer:main,lora:main")
+    ap.add_argument("--variants", help="comma-separated: only these variants (default: every one the reference ran)")
     ap.add_argument("--first", type=int, help="use only each cell's first N episodes (the same scenes in every arm)")
     ap.add_argument("--k-plot", type=Path, help="write a PNG: pooled success vs K for --plot-arms, at every K "
                     "where they all ran the reference's cells")
     args = ap.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")}
     all_cells = _load_cells(args.cells)
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        all_cells = [c for c in all_cells if c.variant in wanted]
+        if not all_cells:
+            raise SystemExit(f"no cells for variants {sorted(wanted)}")
     if args.first:
         all_cells = [first_episodes(c, args.first) for c in all_cells]
     by_arm = arm_cells(all_cells, args.shots, seeds)
