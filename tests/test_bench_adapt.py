@@ -354,6 +354,12 @@ def test_compare_adapt_first_pools_every_arm_over_the_same_first_scenes(tmp_path
                 if line and ":" in line.split()[0]}
         assert rows["steer:main"][2] == want   # name, the one variant, pooled
         assert rows["steer:k=2"][2] == "2/20" and rows["steer:k=2"][-2:] == ["2/0", "0.500"]
+    # --skip 20: only scenes 20-49, which the 20-episode arm never ran: the reference alone, all 30 solved
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0", "--skip", "20"])
+    compare_adapt.main()
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line and ":" in line.split()[0]}
+    assert rows["steer:main"][2] == "30/30" and "steer:k=2" not in rows
 
 
 def test_compare_adapt_variants_keeps_only_the_named_variants(tmp_path, capsys, monkeypatch):

@@ -1,14 +1,14 @@
 """Compare fine-tune arms of an adaptation run episode by episode.
 
     python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0 \
-        [--variants A,B] [--plot PNG] [--k-plot PNG] [--first N]
+        [--variants A,B] [--plot PNG] [--k-plot PNG] [--skip N] [--first N]
 
 For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
 per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
 two-sided sign test against the reference on the episodes only one of the two solves. Every arm shares the
 evaluation scenes of its (variant, seed), which is what makes the pairing valid. `--first N` cuts every cell
 to its first N episodes (the same N scenes in every arm), so a 50-episode reference and 20-episode ablation
-arms are pooled over the same scenes.
+arms are pooled over the same scenes; `--skip N` drops the first N (for scenes no choice was made on).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write a PNG: success per variant and pooled, for --plot-arms")
     ap.add_argument("--plot-arms", default="zero-shot:main,steer:main,lora:main")
     ap.add_argument("--variants", help="comma-separated: only these variants (default: every one the reference ran)")
+    ap.add_argument("--skip", type=int, help="drop each cell's first N episodes (cells left empty are dropped): "
+                    "scenes a choice was not made on")
     ap.add_argument("--first", type=int, help="use only each cell's first N episodes (the same scenes in every arm)")
     ap.add_argument("--k-plot", type=Path, help="write a PNG: pooled success vs K for --plot-arms, at every K "
                     "where they all ran the reference's cells")
@@ -51,8 +53,10 @@ def main() -> None:
         all_cells = [c for c in all_cells if c.variant in wanted]
         if not all_cells:
             raise SystemExit(f"no cells for variants {sorted(wanted)}")
+    if args.skip:
+        all_cells = [c for c in (episodes_slice(c, args.skip, None) for c in all_cells) if c.episodes]
     if args.first:
-        all_cells = [first_episodes(c, args.first) for c in all_cells]
+        all_cells = [episodes_slice(c, 0, args.first) for c in all_cells]
     by_arm = arm_cells(all_cells, args.shots, seeds)
     ref = tuple(args.ref.split(":", 1))
     if ref not in by_arm:
@@ -89,9 +93,9 @@ def main() -> None:
         k_plot(all_cells, seeds, ref, plot_arms, args.k_plot)
 
 
-def first_episodes(cell, n: int):
-    """The cell cut to its first `n` evaluation episodes (robustness runs, a separate set, are kept)."""
-    log = cell.episode_log[:n]
+def episodes_slice(cell, start: int, stop: int | None):
+    """The cell cut to its evaluation episodes [start:stop] (robustness runs, a separate set, are kept)."""
+    log = cell.episode_log[start:stop]
     return replace(cell, episode_log=log, episodes=len(log), successes=sum(e["success"] for e in log))
 
 
