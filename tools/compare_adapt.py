@@ -53,10 +53,10 @@ def main() -> None:
         all_cells = [c for c in all_cells if c.variant in wanted]
         if not all_cells:
             raise SystemExit(f"no cells for variants {sorted(wanted)}")
-    if args.skip:
-        all_cells = [c for c in (episodes_slice(c, args.skip, None) for c in all_cells) if c.episodes]
-    if args.first:
-        all_cells = [episodes_slice(c, 0, args.first) for c in all_cells]
+    if args.skip or args.first:   # cells left without episodes (all skipped) are dropped
+        start = args.skip or 0
+        stop = start + args.first if args.first else None
+        all_cells = [c for c in (episodes_slice(c, start, stop) for c in all_cells) if c.episodes]
     by_arm = arm_cells(all_cells, args.shots, seeds)
     ref = tuple(args.ref.split(":", 1))
     if ref not in by_arm:
