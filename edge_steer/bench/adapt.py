@@ -379,13 +379,13 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                         if old.robustness else ""))
                                 continue
                             want = cfg.episodes_for(method, arm)
-                            no_rob = bool(missing_perturbations(cfg, old))
-                            if old.episodes >= want and not no_rob:
+                            missing = missing_perturbations(cfg, old)
+                            if old.episodes >= want and not missing:
                                 continue
                             if not cfg.refit:
                                 work["cells short of episodes or robustness runs, left without --refit"] += 1
                                 say(f"{_label(old)}: {old.episodes} of {want} episodes"
-                                    + (", no robustness runs" if no_rob else "")
+                                    + (f", not yet run under {', '.join(missing)}" if missing else "")
                                     + f", and its model is not in {run_dir}; --refit fits it again")
                                 continue
                             say(f"{_label(old)}: fitting again for {want} episodes and the robustness runs asked (its "
