@@ -330,6 +330,15 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
                                       "--plot-arms", "steer:main,full:main", "--k-plot", str(tmp_path / "k2.png")])
     with pytest.raises(SystemExit, match="no K at which"):   # full never ran: no K to draw, said so
         compare_adapt.main()
+    robust = tmp_path / "r.png"
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
+                                      "--plot-arms", "lora:main", "--robust-plot", str(robust)])
+    compare_adapt.main()
+    assert robust.stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0",
+                                      "--plot-arms", "lora:main,steer:main", "--robust-plot", str(robust)])
+    with pytest.raises(SystemExit, match=r"steer', 'main'\)\] lack robustness runs"):   # steer never ran them
+        compare_adapt.main()
 
 
 def test_compare_adapt_first_pools_every_arm_over_the_same_first_scenes(tmp_path, capsys, monkeypatch):

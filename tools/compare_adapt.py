@@ -1,7 +1,7 @@
 """Compare fine-tune arms of an adaptation run episode by episode.
 
     python tools/compare_adapt.py docs/results/adapt13_cells.json --shots 10 --seeds 0,1,2 --ref steer:whole=stem.0 \
-        [--variants A,B] [--plot PNG] [--k-plot PNG] [--skip N] [--first N]
+        [--variants A,B] [--plot PNG] [--k-plot PNG] [--robust-plot PNG] [--skip N] [--first N]
 
 For every (method, arm) that ran on all the (variant, seed) cells the reference ran on, prints successes
 per variant, the pooled rate with a Wilson 95 % interval, trainable parameters and fine-tune seconds, and a
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--first", type=int, help="use only each cell's first N episodes (the same scenes in every arm)")
     ap.add_argument("--k-plot", type=Path, help="write a PNG: pooled success vs K for --plot-arms, at every K "
                     "where they all ran the reference's cells")
+    ap.add_argument("--robust-plot", type=Path, help="write a PNG: pooled success clean and under each test-time "
+                    "perturbation, for --plot-arms")
     args = ap.parse_args()
     seeds = {int(s) for s in args.seeds.split(",")}
     all_cells = _load_cells(args.cells)
@@ -87,10 +89,13 @@ def main() -> None:
               + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
     robustness(by_arm, keys)
     plot_arms = [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")]
+    title = f"K = {args.shots}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
     if args.plot:
-        plot(by_arm, keys, plot_arms, args.plot, f"K = {args.shots}, seeds {', '.join(map(str, sorted(seeds)))}")
+        plot(by_arm, keys, plot_arms, args.plot, title)
     if args.k_plot:
         k_plot(all_cells, seeds, ref, plot_arms, args.k_plot)
+    if args.robust_plot:
+        robust_plot(by_arm, keys, plot_arms, args.robust_plot, title)
 
 
 def episodes_slice(cell, start: int, stop: int | None):
@@ -125,19 +130,27 @@ def pooled(cells: list) -> tuple[float, float, float]:
     return s / n, lo, hi
 
 
+def robust_counts(by_arm: dict, arm: tuple[str, str], keys: list) -> dict[str, tuple[int, int]] | None:
+    """{"clean" and each perturbation: (successes, episodes)} pooled over `keys`, or None where `arm` did not
+    run every perturbation on every cell."""
+    from edge_steer.bench.adapt import PERTURBATIONS
+    if not ran_all(by_arm, arm, keys) or not all(set(PERTURBATIONS) <= set(by_arm[arm][k].robustness) for k in keys):
+        return None
+    got = by_arm[arm]
+    cols = {"clean": counts([got[k] for k in keys])}
+    cols.update({n: tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in PERTURBATIONS})
+    return cols
+
+
 def robustness(by_arm: dict, keys: list) -> None:
     """Pooled success under each test-time perturbation, for the arms that ran all of them on every cell."""
-    from edge_steer.bench.adapt import PERTURBATIONS
-    rows = [(arm, got) for arm, got in sorted(by_arm.items())
-            if ran_all(by_arm, arm, keys) and all(set(PERTURBATIONS) <= set(got[k].robustness) for k in keys)]
+    rows = [(arm, cols) for arm in sorted(by_arm) if (cols := robust_counts(by_arm, arm, keys))]
     if not rows:
         return
     print("\nunder test-time perturbations (pooled over the same cells):")
-    print(f"{'method:arm':28s} {'clean':>16s} " + " ".join(f"{n:>16s}" for n in PERTURBATIONS))
-    for (method, arm), got in rows:
-        cols = [counts([got[k] for k in keys])]
-        cols += [tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in PERTURBATIONS]
-        print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols))
+    print(f"{'method:arm':28s} " + " ".join(f"{n:>16s}" for n in rows[0][1]))
+    for (method, arm), cols in rows:
+        print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols.values()))
 
 
 def k_plot(cells: list, seeds: set[int], ref: tuple[str, str], arms: list[tuple[str, str]], path: Path) -> None:
@@ -177,29 +190,48 @@ def k_plot(cells: list, seeds: set[int], ref: tuple[str, str], arms: list[tuple[
 
 def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:
     """Grouped bars: each arm's success per variant and pooled, with Wilson 95 % intervals."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     missing = [a for a in arms if not ran_all(by_arm, a, keys)]
     if missing:
         raise SystemExit(f"--plot-arms {missing} did not run on every cell of the reference")
     groups = sorted({v for v, _ in keys}) + ["pooled"]
+    bars({arm: {g: counts([by_arm[arm][k] for k in keys if g in ("pooled", k[0])]) for g in groups} for arm in arms},
+         path, f"held-out variants, {title} (bars: 95 % Wilson interval)")
+
+
+def robust_plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:
+    """Grouped bars: each arm's pooled success clean and under each perturbation, with Wilson 95 % intervals."""
+    cols = {arm: robust_counts(by_arm, arm, keys) for arm in arms}
+    missing = [a for a, c in cols.items() if c is None]
+    if missing:
+        raise SystemExit(f"--plot-arms {missing} lack robustness runs on some cell of the reference")
+    bars(cols, path, f"held-out variants pooled, {title} (bars: 95 % Wilson interval)")
+
+
+def bars(groups_by_arm: dict[tuple[str, str], dict[str, tuple[int, int]]], path: Path, title: str) -> None:
+    """Grouped bars of success rates: one group per key of the inner dicts, one bar per arm, Wilson 95 %
+    intervals from the (successes, episodes) counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(groups_by_arm)
+    groups = list(groups_by_arm[arms[0]])
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 4))
     width = 0.8 / len(arms)
     for i, arm in enumerate(arms):
         rates, errs = [], [[], []]
         for g in groups:
-            rate, lo, hi = pooled([by_arm[arm][k] for k in keys if g in ("pooled", k[0])])
-            rates.append(rate)
-            errs[0].append(rate - lo)
-            errs[1].append(hi - rate)
+            s, n = groups_by_arm[arm][g]
+            lo, hi = wilson_interval(s, n)
+            rates.append(s / n)
+            errs[0].append(s / n - lo)
+            errs[1].append(hi - s / n)
         ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(groups))], rates, width, yerr=errs,
                capsize=2, label=":".join(arm).replace(":main", ""))
     ax.set_xticks(range(len(groups)), [textwrap.fill(g.replace("_", " "), 20) for g in groups], fontsize=8)
     ax.set_ylabel("closed-loop success")
     ax.set_ylim(0, 1)
-    ax.set_title(f"held-out variants, {title} (bars: 95 % Wilson interval)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
