@@ -388,8 +388,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                                     + (f", not yet run under {', '.join(missing)}" if missing else "")
                                     + f", and its model is not in {run_dir}; --refit fits it again")
                                 continue
-                            say(f"{_label(old)}: fitting again for {want} episodes and the robustness runs asked (its "
-                                f"model is gone; the {old.episodes} old episodes and any robustness runs are replaced)")
+                            runs = " and the robustness runs asked" if measures_robustness(cfg, method, arm, k) else ""
+                            say(f"{_label(old)}: fitting again for {want} episodes{runs} (its model is gone; the "
+                                f"{old.episodes} old episodes and any robustness runs are replaced)")
                             del cells[_key(old)]
                         if method == "zero-shot":
                             evaluate_cell(cell, base_dir, task)
