@@ -9,7 +9,7 @@ import pytest
 
 from typer.testing import CliRunner
 
-from edge_steer.bench.adapt import Cell, summarise
+from edge_steer.bench.adapt import PERTURBATIONS, Cell, summarise
 from edge_steer.cli import app
 from steering_fixtures import tiny_model
 
@@ -41,7 +41,7 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     assert "recording" not in res.output and "seed 0:" not in res.output and "robustness: dim_light" in res.output
     cells = json.loads((tmp_path / "run" / "cells.json").read_text())
-    assert all(set(c["robustness"]) == {"dim_light", "distractors", "camera_jitter"} for c in cells)
+    assert all(set(c["robustness"]) == set(PERTURBATIONS) for c in cells)
     assert all(r[1] == 1 for c in cells for r in c["robustness"].values())
     assert (tmp_path / "run" / "adapt_robustness.png").exists()
     # more episodes later extend every cell on its saved model with the next scenes; nothing is trained
@@ -188,7 +188,7 @@ def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkey
     assert {f["selection"] for f in fits if f["method"] == "steer"} == {"attribution", "random"}
     assert {f["lr"] for f in fits if f["method"] == "full"} == {1e-3, 1e-4}
     # grid arms are measured under the perturbations like the main arms; the sweep's arm is not
-    assert all(set(c.robustness) == {"dim_light", "distractors", "camera_jitter"} for c in cells if c.arm != "k=3")
+    assert all(set(c.robustness) == set(PERTURBATIONS) for c in cells if c.arm != "k=3")
     assert next(c for c in cells if c.arm == "k=3").robustness == {}
     # the summary gives grid arms rows of their own beside the methods; the sweep stays an ablation row
     summary = summarise(cells, cfg.grid_arms)
@@ -260,12 +260,13 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
     # seed 0: steer has its episodes but not the robustness runs asked, lora is short of episodes, and both
     # models are gone (left without --refit); zero-shot new; seed 1: all three new, each with its robustness runs
     assert said == ["dry run, nothing run or written; left to do: 2 cells short of episodes or robustness runs, left "
-                    "without --refit, 2 demo sets, 16 episodes, 1 lora fine-tunes, 12 perturbed episodes, 1 steer fine-tunes"]
+                    f"without --refit, 2 demo sets, 16 episodes, 1 lora fine-tunes, {4 * len(PERTURBATIONS)} perturbed "
+                    "episodes, 1 steer fine-tunes"]   # 4 cells, each run once under every perturbation
     assert (tmp_path / "cells.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
     said.clear()
     adapt.run(replace(cfg, refit=True), tmp_path, say=said.append, dry_run=True)
     assert said == ["dry run, nothing run or written; left to do: 2 demo sets, 24 episodes, 2 lora fine-tunes, "
-                    "18 perturbed episodes, 2 steer fine-tunes"]
+                    f"{6 * len(PERTURBATIONS)} perturbed episodes, 2 steer fine-tunes"]
 
 
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edge_steer.sim.scene import Entity, EnvSpec
-from edge_steer.sim.tasks import FACTORS, TASKS, Task, TaskError, get_task, tasks_by_split
+from edge_steer.sim.tasks import FACTORS, OBJ_REGION, TASKS, Task, TaskError, get_task, tasks_by_split
 from edge_steer.sim.world import World
 
 
@@ -42,7 +42,7 @@ def test_unknown_task_suggests_close_names():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(lighting="disco"), dict(table="glass"), dict(distractors=9), dict(camera_jitter=0.5),
+    dict(lighting="disco"), dict(table="glass"), dict(distractors=9), dict(camera_jitter=0.5), dict(spawn_margin=0.2),
     dict(object_color="mauve"), dict(object_shape="plate"), dict(object_size=3.0), dict(colour="red"),
 ])
 def test_impossible_variations_are_refused(bad):
@@ -64,6 +64,24 @@ def test_vary_changes_exactly_what_was_asked():
     assert t.env == EnvSpec(lighting="dim", table="grey", distractors=3, camera_jitter=0.0)
     assert t.obj == Entity("cube", "purple") and t.target == Entity("plate", "blue")
     assert t.instruction == "put the purple cube on the blue plate"
+
+
+def test_spawn_margin_widens_where_objects_start_and_nothing_else():
+    """The 'object position ranges widened' perturbation: objects start up to the margin beyond the demos'
+    region; at margin 0 a seed draws exactly the scenes it always drew."""
+    task = get_task("red_cube_on_blue_plate")
+    wide = task.vary(spawn_margin=0.05)
+
+    def starts(t, n=200):
+        rng = np.random.default_rng(7)
+        return np.array([[p.xy for p in t.sample_scene(rng).spec.objects[:2]] for _ in range(n)]).reshape(-1, 2)
+    base, far = starts(task), starts(wide)
+    assert np.array_equal(base, starts(task.vary(spawn_margin=0.0)))
+    inside = lambda xy, m: ((OBJ_REGION[0][0] - m <= xy[:, 0]) & (xy[:, 0] <= OBJ_REGION[0][1] + m)   # noqa: E731
+                            & (OBJ_REGION[1][0] - m <= xy[:, 1]) & (xy[:, 1] <= OBJ_REGION[1][1] + m))
+    assert inside(base, 0.0).all() and inside(far, 0.05).all()
+    assert (~inside(far, 0.0)).mean() > 0.1   # about a third of the widened area lies outside the old one
+    assert wide.env.spawn_margin == 0.05 and wide.obj == task.obj and wide.instruction == task.instruction
 
 
 @pytest.mark.parametrize("name", list(TASKS))

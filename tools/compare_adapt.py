@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_steer.bench.adapt import _load_cells                # noqa: E402
+from edge_steer.bench.adapt import PERTURBATIONS, _load_cells # noqa: E402
 from edge_steer.sim.rollout import wilson_interval             # noqa: E402
 
 
@@ -130,27 +130,32 @@ def pooled(cells: list) -> tuple[float, float, float]:
     return s / n, lo, hi
 
 
-def robust_counts(by_arm: dict, arm: tuple[str, str], keys: list) -> dict[str, tuple[int, int]] | None:
-    """{"clean" and each perturbation: (successes, episodes)} pooled over `keys`, or None where `arm` did not
-    run every perturbation on every cell."""
-    from edge_steer.bench.adapt import PERTURBATIONS
-    if not ran_all(by_arm, arm, keys) or not all(set(PERTURBATIONS) <= set(by_arm[arm][k].robustness) for k in keys):
-        return None
+def robust_counts(by_arm: dict, arm: tuple[str, str], keys: list) -> dict[str, tuple[int, int]]:
+    """{"clean", then each perturbation every cell in `keys` ran: (successes, episodes)} pooled over `keys`;
+    {} where `arm` did not run every cell or no perturbation on all of them."""
+    if not ran_all(by_arm, arm, keys):
+        return {}
     got = by_arm[arm]
-    cols = {"clean": counts([got[k] for k in keys])}
-    cols.update({n: tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in PERTURBATIONS})
-    return cols
+    names = [n for n in PERTURBATIONS if all(n in got[k].robustness for k in keys)]
+    if not names:
+        return {}
+    return {"clean": counts([got[k] for k in keys]),
+            **{n: tuple(map(sum, zip(*(got[k].robustness[n] for k in keys)))) for n in names}}
 
 
 def robustness(by_arm: dict, keys: list) -> None:
-    """Pooled success under each test-time perturbation, for the arms that ran all of them on every cell."""
+    """Pooled success under each test-time perturbation, for the arms that ran some on every cell ('-' where
+    an arm lacks one another arm ran)."""
     rows = [(arm, cols) for arm in sorted(by_arm) if (cols := robust_counts(by_arm, arm, keys))]
     if not rows:
         return
+    names = [n for n in ("clean", *PERTURBATIONS) if any(n in cols for _, cols in rows)]
     print("\nunder test-time perturbations (pooled over the same cells):")
-    print(f"{'method:arm':28s} " + " ".join(f"{n:>16s}" for n in rows[0][1]))
+    print(f"{'method:arm':28s} " + " ".join(f"{n:>16s}" for n in names))
     for (method, arm), cols in rows:
-        print(f"{method + ':' + arm:28s} " + " ".join(f"{f'{s}/{n} {100 * s / n:4.1f} %':>16s}" for s, n in cols.values()))
+        print(f"{method + ':' + arm:28s} " + " ".join(
+            f"{f'{cols[n][0]}/{cols[n][1]} {100 * cols[n][0] / cols[n][1]:4.1f} %' if n in cols else '-':>16s}"
+            for n in names))
 
 
 def k_plot(cells: list, seeds: set[int], ref: tuple[str, str], arms: list[tuple[str, str]], path: Path) -> None:
@@ -199,12 +204,17 @@ def plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, titl
 
 
 def robust_plot(by_arm: dict, keys: list, arms: list[tuple[str, str]], path: Path, title: str) -> None:
-    """Grouped bars: each arm's pooled success clean and under each perturbation, with Wilson 95 % intervals."""
+    """Grouped bars: each arm's pooled success clean and under each perturbation all of them ran, with Wilson
+    95 % intervals."""
     cols = {arm: robust_counts(by_arm, arm, keys) for arm in arms}
-    missing = [a for a, c in cols.items() if c is None]
+    missing = [a for a, c in cols.items() if not c]
     if missing:
         raise SystemExit(f"--plot-arms {missing} lack robustness runs on some cell of the reference")
-    bars(cols, path, f"held-out variants pooled, {title} (bars: 95 % Wilson interval)")
+    shared = [n for n in cols[arms[0]] if all(n in c for c in cols.values())]
+    if shared == ["clean"]:
+        raise SystemExit(f"--plot-arms {arms} ran no perturbation in common on every cell")
+    bars({a: {n: c[n] for n in shared} for a, c in cols.items()}, path,
+         f"held-out variants pooled, {title} (bars: 95 % Wilson interval)")
 
 
 def bars(groups_by_arm: dict[tuple[str, str], dict[str, tuple[int, int]]], path: Path, title: str) -> None:

@@ -32,8 +32,10 @@ import numpy as np
 METHODS = ("zero-shot", "steer", "lora", "full")
 SELECTIONS = ("attribution", "ablation", "patching", "probe", "random")
 # test-time perturbations: none of the fine-tunes saw these
+# test-time perturbations no arm trained on (Task.vary changes); wide_spawn draws object positions up to 5 cm
+# beyond every side of the region the demos were recorded in
 PERTURBATIONS = {"dim_light": {"lighting": "dim"}, "distractors": {"distractors": 4},
-                 "camera_jitter": {"camera_jitter": 0.03}}
+                 "camera_jitter": {"camera_jitter": 0.03}, "wide_spawn": {"spawn_margin": 0.05}}
 
 
 @dataclass(frozen=True)
@@ -568,7 +570,7 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
     for factor in sorted({r["factor"] for r in summary["rows"]}):
         lines += [f"#### {factor} variants", "",
                   "| K | method | success | 95 % CI | episodes | trainable params | fine-tune s | peak RSS MB |"
-                  + (" robustness (dim / distractors / jitter) |" if any(r["robustness"] for r in summary["rows"]) else ""),
+                  + (f" robustness ({' / '.join(PERTURBATIONS)}) |" if any(r["robustness"] for r in summary["rows"]) else ""),
                   "|---|---|---|---|---|---|---|---|" + ("---|" if any(r["robustness"] for r in summary["rows"]) else "")]
         for r in summary["rows"]:
             if r["factor"] != factor:

@@ -108,12 +108,14 @@ class Entity:
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """The environment factor: lighting, table look, distractor count, camera pose jitter (metres)."""
+    """The environment factor: lighting, table look, distractor count, camera pose jitter (metres), and how far
+    (metres, each side) the region objects are spawned in is widened beyond the one demos are recorded in."""
 
     lighting: str = "default"
     table: str = "grey"
     distractors: int = 1
     camera_jitter: float = 0.0
+    spawn_margin: float = 0.0
 
     def __post_init__(self):
         if self.lighting not in LIGHTING:
@@ -124,6 +126,8 @@ class EnvSpec:
             raise ValueError(f"distractors must be in [0, 5], got {self.distractors}")
         if not 0.0 <= self.camera_jitter <= 0.1:
             raise ValueError(f"camera_jitter must be in [0, 0.1] m, got {self.camera_jitter}")
+        if not 0.0 <= self.spawn_margin <= 0.05:   # wider leaves the arm's comfortable reach and the camera's frame
+            raise ValueError(f"spawn_margin must be in [0, 0.05] m, got {self.spawn_margin}")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class Task:
         return f"put the {self.obj.name} {RELATIONS[self.relation]} the {self.target.name}"
 
     def vary(self, **changes) -> "Task":
-        """A copy with environment fields (lighting, table, distractors, camera_jitter) or entity
+        """A copy with environment fields (lighting, table, distractors, camera_jitter, spawn_margin) or entity
         fields (object_color, object_shape, object_size, target_color, ...) changed; validated."""
         env_fields = {k: v for k, v in changes.items() if k in EnvSpec.__dataclass_fields__}
         ent = {k: v for k, v in changes.items() if k not in env_fields}
@@ -97,12 +97,14 @@ class Task:
 
     def sample_scene(self, rng: np.random.Generator, image_size: int = 128, max_tries: int = 500) -> SceneInstance:
         distractors = [_distractor(rng, (self.obj, self.target)) for _ in range(self.env.distractors)]
+        m = self.env.spawn_margin   # 0 draws exactly as before: the same scenes for the same seed
+        region = tuple((lo - m, hi + m) for lo, hi in OBJ_REGION)
         for _ in range(max_tries):
-            t_xy = _uniform(rng, OBJ_REGION)
+            t_xy = _uniform(rng, region)
             goal = t_xy + self.goal_offset()
             if not _inside(goal, REACH):
                 continue
-            o_xy = _uniform(rng, OBJ_REGION)
+            o_xy = _uniform(rng, region)
             placed = [(t_xy, self.target.radius), (goal, self.obj.radius)]
             if not _clear(o_xy, self.obj.radius, placed):
                 continue
