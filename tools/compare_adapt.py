@@ -123,11 +123,15 @@ def counts(cells: list) -> tuple[int, int]:
     return sum(c.successes for c in cells), sum(c.episodes for c in cells)
 
 
-def pooled(cells: list) -> tuple[float, float, float]:
-    """Success rate and its Wilson 95 % interval over the episodes of `cells`."""
-    s, n = counts(cells)
+def rate_ci(s: int, n: int) -> tuple[float, float, float]:
+    """Success rate s / n and its Wilson 95 % interval."""
     lo, hi = wilson_interval(s, n)
     return s / n, lo, hi
+
+
+def pooled(cells: list) -> tuple[float, float, float]:
+    """Success rate and its Wilson 95 % interval over the episodes of `cells`."""
+    return rate_ci(*counts(cells))
 
 
 def robust_counts(by_arm: dict, arm: tuple[str, str], keys: list) -> dict[str, tuple[int, int]]:
@@ -231,11 +235,10 @@ def bars(groups_by_arm: dict[tuple[str, str], dict[str, tuple[int, int]]], path:
     for i, arm in enumerate(arms):
         rates, errs = [], [[], []]
         for g in groups:
-            s, n = groups_by_arm[arm][g]
-            lo, hi = wilson_interval(s, n)
-            rates.append(s / n)
-            errs[0].append(s / n - lo)
-            errs[1].append(hi - s / n)
+            rate, lo, hi = rate_ci(*groups_by_arm[arm][g])
+            rates.append(rate)
+            errs[0].append(rate - lo)
+            errs[1].append(hi - rate)
         ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(groups))], rates, width, yerr=errs,
                capsize=2, label=":".join(arm).replace(":main", ""))
     ax.set_xticks(range(len(groups)), [textwrap.fill(g.replace("_", " "), 20) for g in groups], fontsize=8)

@@ -31,7 +31,6 @@ import numpy as np
 
 METHODS = ("zero-shot", "steer", "lora", "full")
 SELECTIONS = ("attribution", "ablation", "patching", "probe", "random")
-# test-time perturbations: none of the fine-tunes saw these
 # test-time perturbations no arm trained on (Task.vary changes); wide_spawn draws object positions up to 5 cm
 # beyond every side of the region the demos were recorded in
 PERTURBATIONS = {"dim_light": {"lighting": "dim"}, "distractors": {"distractors": 4},
@@ -567,16 +566,17 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
              f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
              f"{cfg.episodes} evaluation episodes per cell, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
              f"steer top-{cfg.top_k} heads by {cfg.selection}, slices {cfg.slices}, LoRA rank {cfg.lora_rank} on q/k/v/o.", ""]
+    has_rob = any(r["robustness"] for r in summary["rows"])
     for factor in sorted({r["factor"] for r in summary["rows"]}):
         lines += [f"#### {factor} variants", "",
                   "| K | method | success | 95 % CI | episodes | trainable params | fine-tune s | peak RSS MB |"
-                  + (f" robustness ({' / '.join(PERTURBATIONS)}) |" if any(r["robustness"] for r in summary["rows"]) else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if any(r["robustness"] for r in summary["rows"]) else "")]
+                  + (f" robustness ({' / '.join(PERTURBATIONS)}) |" if has_rob else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if has_rob else "")]
         for r in summary["rows"]:
             if r["factor"] != factor:
                 continue
             rob = ""
-            if any(x["robustness"] for x in summary["rows"]):
+            if has_rob:
                 rob = " " + " / ".join(f"{100 * r['robustness'][n]:.0f} %" if n in r["robustness"] else "–"
                                        for n in PERTURBATIONS) + " |"
             lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
