@@ -436,10 +436,12 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         adapt.grid_arms(cfg)
     except ValueError as e:
         _fail(str(e))
+    try:
+        cells = adapt.run(cfg, out, say=console.print, dry_run=dry_run)
+    except adapt.ForeignCells as e:
+        _fail(str(e))
     if dry_run:
-        adapt.run(cfg, out, say=console.print, dry_run=True)
         return
-    cells = adapt.run(cfg, out, say=console.print)
     summary = adapt.summarise(cells, cfg.grid_arms)
     plots = adapt.plot(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

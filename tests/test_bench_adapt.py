@@ -269,6 +269,55 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
                     f"{6 * len(PERTURBATIONS)} perturbed episodes, 2 steer fine-tunes"]
 
 
+def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch, capsys):
+    """A new default checkpoint must not extend or be pooled with cells measured on the old one."""
+    import sys
+    from types import SimpleNamespace
+
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.sim.rollout as rollout
+    from edge_steer.models import load_model
+
+    def fake_finetune(args):
+        (Path(args["out"]) / "model").mkdir(parents=True, exist_ok=True)
+        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
+                "model_dir": str(Path(args["out"]) / "model")}
+
+    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
+    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
+    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
+        SimpleNamespace(success=True, seed=first + i, steps=10) for i in range(n)])
+    cfg = adapt.AdaptConfig.quick(episodes=2, methods=("zero-shot", "steer"))
+    fp = load_model().fingerprint()
+    cells = adapt.run(cfg, tmp_path)
+    assert len(cells) == 2 and {c.base_model for c in cells} == {fp}
+    assert adapt.markdown(summarise(cells), cfg, "cmd", "abc").count(f"fingerprint): {fp[:12]}.") == 1
+    # the same cells, as if measured on other weights: refused before anything runs, dry run or not
+    file = tmp_path / "cells.json"
+    theirs = [replace(c, base_model="f" * 64) for c in cells]
+    file.write_text(json.dumps([c.__dict__ for c in theirs]))
+    before = file.read_text()
+    for dry in (False, True):
+        with pytest.raises(adapt.ForeignCells, match=f"2 on ffffffffffff\\); this run's is {fp[:12]}"):
+            adapt.run(replace(cfg, episodes=3), tmp_path, dry_run=dry)
+    assert file.read_text() == before
+    res = runner.invoke(app, ["bench", "adapt", "--quick", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "another base model" in res.output, res.output
+    # cells from before fingerprints were kept are adopted once, said so, and written back marked
+    file.write_text(json.dumps([replace(c, base_model="").__dict__ for c in cells]))
+    said = []
+    again = adapt.run(cfg, tmp_path, say=said.append)
+    assert [c.episodes for c in again] == [2, 2] and any("carry no base-model fingerprint" in s for s in said)
+    assert {c["base_model"] for c in json.loads(file.read_text())} == {fp}
+    # the comparison tool will not pair cells of two base models either
+    file.write_text(json.dumps([cells[0].__dict__, theirs[1].__dict__]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import compare_adapt
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(file), "--shots", "5", "--seeds", "0"])
+    with pytest.raises(SystemExit, match="more than one base model: 1 on .*, 1 on ffffffffffff"):
+        compare_adapt.main()
+
+
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
     from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
     from edge_steer.steering.finetune import FinetuneError

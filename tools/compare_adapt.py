@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import replace
 from math import comb
 from pathlib import Path
@@ -55,6 +56,10 @@ def main() -> None:
         all_cells = [c for c in all_cells if c.variant in wanted]
         if not all_cells:
             raise SystemExit(f"no cells for variants {sorted(wanted)}")
+    # pairing and pooling are only meaningful on one base model (cells name the one they were measured on)
+    if len(bases := Counter(c.base_model for c in all_cells)) > 1:
+        raise SystemExit("these cells were measured on more than one base model: "
+                         + ", ".join(f"{n} on {fp[:12] or 'an unrecorded one'}" for fp, n in bases.items()))
     if args.skip or args.first:   # cells left without episodes (all skipped) are dropped
         start = args.skip or 0
         stop = start + args.first if args.first else None
@@ -65,7 +70,8 @@ def main() -> None:
         raise SystemExit(f"no cells for {args.ref} at K = {args.shots}, seeds {sorted(seeds)}; have {sorted(by_arm)}")
     keys = sorted(by_arm[ref])
     variants = sorted({v for v, _ in keys})
-    print(f"K = {args.shots}, seeds {sorted(seeds)}, {len(keys)} cells; variants: {', '.join(variants)}")
+    base = next(iter(bases))[:12] or "not recorded"
+    print(f"K = {args.shots}, seeds {sorted(seeds)}, {len(keys)} cells, base model {base}; variants: {', '.join(variants)}")
     print(f"{'method:arm':28s} " + " ".join(f"{v[:10]:>10s}" for v in variants)
           + "   pooled        95% CI    params  ft s     vs ref  p")
     for (method, arm), got in sorted(by_arm.items()):

@@ -109,6 +109,11 @@ class Cell:
     heads: list[str] = field(default_factory=list)
     robustness: dict[str, list[int]] = field(default_factory=dict)   # perturbation -> [successes, episodes]
     episode_log: list[dict] = field(default_factory=list)
+    base_model: str = ""                    # fingerprint of the base checkpoint it was measured on ("": not kept)
+
+
+class ForeignCells(ValueError):
+    """cells.json holds cells measured on another base model than this run's: resuming would pool the two."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +287,7 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
     """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations. `dry_run`: only
     say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
-    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA, load_model
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.rollout import EpisodeResult, evaluate
@@ -305,6 +310,19 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     variants = [get_task(v) for v in dict.fromkeys(cfg.variants)] if cfg.variants else tasks_by_split("heldout")
     results_file = out / "cells.json"
     cells = {_key(c): c for c in _load_cells(results_file)}   # in the order they ran
+    # every cell names the weights it was measured on, so a new default checkpoint cannot be pooled with
+    # (or extend) cells of the old one; cells from before the fingerprint was kept are adopted once, and said so
+    base_fp = load_model(str(base_dir)).fingerprint()
+    if foreign := Counter(c.base_model for c in cells.values() if c.base_model not in ("", base_fp)):
+        raise ForeignCells(
+            f"{results_file} holds cells measured on another base model ("
+            + ", ".join(f"{n} on {fp[:12]}" for fp, n in foreign.items())
+            + f"); this run's is {base_fp[:12]} ({base_dir}). Pass that checkpoint as --model, or use another --out.")
+    if legacy := [c for c in cells.values() if not c.base_model]:
+        say(f"{len(legacy)} cells in {results_file} carry no base-model fingerprint (recorded before it was kept); "
+            f"they are taken as measured on this run's base model {base_fp[:12]} and marked so")
+        for c in legacy:
+            c.base_model = base_fp
 
     def evaluate_cell(cell: Cell, model_dir: Path, task) -> bool:
         """The evaluation episodes the cell lacks (all of them for a new cell), on its saved model, then
@@ -330,6 +348,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     def save() -> None:
         if not dry_run:
             results_file.write_text(json.dumps([asdict(c) for c in cells.values()], indent=1))   # resumable after a crash
+
+    if legacy:
+        save()
 
     def record(cell: Cell) -> None:
         cells[_key(cell)] = cell
@@ -365,7 +386,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue
                         if method == "zero-shot" and k != min(cfg.shots):
                             continue                   # zero-shot does not depend on K: one cell per (variant, seed)
-                        cell = Cell(task.name, task.factor or "", k, method, seed, arm)
+                        cell = Cell(task.name, task.factor or "", k, method, seed, arm, base_model=base_fp)
                         if method == "zero-shot":      # a cell recorded at any K is this one
                             cell.shots = next((key[1] for key in cells if key[0] == task.name and key[2] == method
                                                and key[3] == seed), k)
@@ -504,7 +525,7 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
                               "success": s / max(n, 1), "ci": list(wilson_interval(s, n)), "n": n,
                               "trainable_params": float(np.mean([c.trainable_params for c in sel])),
                               "final_loss": float(np.mean([c.final_loss for c in sel]))})
-    return {"rows": rows, "ablations": ablations}
+    return {"rows": rows, "ablations": ablations, "base_models": sorted({c.base_model for c in cells if c.base_model})}
 
 
 def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -565,7 +586,9 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
     lines = [f"Command: `{command}` at commit `{commit}`.", "",
              f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
              f"{cfg.episodes} evaluation episodes per cell, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-             f"steer top-{cfg.top_k} heads by {cfg.selection}, slices {cfg.slices}, LoRA rank {cfg.lora_rank} on q/k/v/o.", ""]
+             f"steer top-{cfg.top_k} heads by {cfg.selection}, slices {cfg.slices}, LoRA rank {cfg.lora_rank} on q/k/v/o."
+             + (f" Base model (weights fingerprint): {', '.join(f[:12] for f in summary.get('base_models', []))}."
+                if summary.get("base_models") else ""), ""]
     has_rob = any(r["robustness"] for r in summary["rows"])
     for factor in sorted({r["factor"] for r in summary["rows"]}):
         lines += [f"#### {factor} variants", "",
