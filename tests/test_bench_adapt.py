@@ -16,6 +16,29 @@ from steering_fixtures import tiny_model
 runner = CliRunner()
 
 
+def stand_ins(monkeypatch, success, seed_of=lambda seed, i: i) -> list[dict]:
+    """The benchmark's own loop with stand-ins for the fine-tune (a model folder, nothing trained), the demo
+    count and the rollouts: episode `i` of a cell succeeds when `success(load, i)`. Returns the fine-tunes' args."""
+    from types import SimpleNamespace
+
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.sim.rollout as rollout
+
+    fits = []
+
+    def fake_finetune(args):
+        fits.append(args)
+        (Path(args["out"]) / "model").mkdir(parents=True, exist_ok=True)
+        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
+                "model_dir": str(Path(args["out"]) / "model")}
+
+    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
+    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
+    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
+        SimpleNamespace(success=success(load, first + i), seed=seed_of(seed, first + i), steps=10) for i in range(n)])
+    return fits
+
+
 def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     m = tiny_model(language="minilm")
     m.save_pretrained(tmp_path / "base")
@@ -157,23 +180,9 @@ def test_grid_arms_are_parsed_per_method_and_bad_ones_refused():
 def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkeypatch):
     """Which cells one command makes: main and grid arms everywhere, sweeps at the ablation K and first
     seed only; the fine-tune and the rollouts are stand-ins, the loop is the benchmark's own."""
-    from types import SimpleNamespace
-
     import edge_steer.bench.adapt as adapt
-    import edge_steer.sim.rollout as rollout
 
-    fits = []
-
-    def fake_finetune(args):
-        fits.append(args)
-        (Path(args["out"]) / "model").mkdir(parents=True)
-        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
-                "model_dir": str(Path(args["out"]) / "model")}
-
-    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
-    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
-    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
-        SimpleNamespace(success=(first + i) % 2 == 0, seed=seed * 1000 + first + i, steps=10) for i in range(n)])
+    fits = stand_ins(monkeypatch, lambda load, i: i % 2 == 0, seed_of=lambda seed, i: seed * 1000 + i)
     cfg = adapt.AdaptConfig.quick(shots=(5, 10), seeds=(0, 1), episodes=2, methods=("zero-shot", "steer", "full"),
                             ablations=True, arms=("k=3",), ablation_shots=10,
                             grid_arms=("steer:select=random", "full:lr=0.0001"), perturb_episodes=1)
@@ -207,22 +216,10 @@ def test_grid_arms_run_on_every_k_and_seed_and_ablations_on_one(tmp_path, monkey
 def test_sweeps_run_on_their_own_seeds_and_episodes_and_are_paired_with_the_main_arms_first_scenes(tmp_path, monkeypatch):
     """--ablation-seeds / --ablation-episodes: sweeps on several seeds with fewer episodes than the grid; the
     ablation table's main-arm reference counts only the scenes the sweeps ran."""
-    from types import SimpleNamespace
-
     import edge_steer.bench.adapt as adapt
-    import edge_steer.sim.rollout as rollout
 
-    def fake_finetune(args):
-        (Path(args["out"]) / "model").mkdir(parents=True, exist_ok=True)
-        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
-                "model_dir": str(Path(args["out"]) / "model")}
-
-    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
-    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
     # the main arm fails its first two scenes and solves the rest; every other arm solves everything
-    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
-        SimpleNamespace(success="_steer_main_" not in Path(load.args[0]).parent.name or first + i >= 2, seed=first + i, steps=10)
-        for i in range(n)])
+    stand_ins(monkeypatch, lambda load, i: "_steer_main_" not in Path(load.args[0]).parent.name or i >= 2)
     cfg = adapt.AdaptConfig.quick(shots=(5,), seeds=(0, 1, 2), episodes=6, methods=("steer",), ablations=True,
                                   arms=("k=3",), ablation_seeds=(0, 2), ablation_episodes=2)
     cells = adapt.run(cfg, tmp_path)
@@ -272,21 +269,11 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
 def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch, capsys):
     """A new default checkpoint must not extend or be pooled with cells measured on the old one."""
     import sys
-    from types import SimpleNamespace
 
     import edge_steer.bench.adapt as adapt
-    import edge_steer.sim.rollout as rollout
     from edge_steer.models import load_model
 
-    def fake_finetune(args):
-        (Path(args["out"]) / "model").mkdir(parents=True, exist_ok=True)
-        return {"trainable_params": 1, "finetune_s": 0.0, "peak_rss_mb": 0.0, "final_loss": 0.1, "heads": [],
-                "model_dir": str(Path(args["out"]) / "model")}
-
-    monkeypatch.setattr(adapt, "_finetune_job", fake_finetune)
-    monkeypatch.setattr(adapt, "_demo_count", lambda root: 99)
-    monkeypatch.setattr(rollout, "evaluate", lambda load, tasks, n, seed, workers=1, first=0: [
-        SimpleNamespace(success=True, seed=first + i, steps=10) for i in range(n)])
+    stand_ins(monkeypatch, lambda load, i: True)
     cfg = adapt.AdaptConfig.quick(episodes=2, methods=("zero-shot", "steer"))
     fp = load_model().fingerprint()
     cells = adapt.run(cfg, tmp_path)
