@@ -266,7 +266,7 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
                     f"{6 * len(PERTURBATIONS)} perturbed episodes, 2 steer fine-tunes"]
 
 
-def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch, capsys):
+def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch):
     """A new default checkpoint must not extend or be pooled with cells measured on the old one."""
     import sys
 

@@ -287,7 +287,7 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
     """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations. `dry_run`: only
     say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
-    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA, load_model
+    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.rollout import EpisodeResult, evaluate
@@ -312,7 +312,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     cells = {_key(c): c for c in _load_cells(results_file)}   # in the order they ran
     # every cell names the weights it was measured on, so a new default checkpoint cannot be pooled with
     # (or extend) cells of the old one; cells from before the fingerprint was kept are adopted once, and said so
-    base_fp = load_model(str(base_dir)).fingerprint()
+    base = EdgeVLA.from_pretrained(base_dir)   # loaded once: its fingerprint here, its modules for --whole below
+    base_fp = base.fingerprint()
     if foreign := Counter(c.base_model for c in cells.values() if c.base_model not in ("", base_fp)):
         raise ForeignCells(
             f"{results_file} holds cells measured on another base model ("
@@ -365,7 +366,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         say(f"the ablation arms run on seeds {list(cfg.sweep_seeds)}, which this run does not include; only main and grid arms run")
     if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
-        whole_slices(EdgeVLA.from_pretrained(base_dir), tuple(sorted(whole)))   # a wrong name fails before hours of work
+        whole_slices(base, tuple(sorted(whole)))   # a wrong name fails before hours of work
     for task in variants:
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
@@ -587,8 +588,8 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
              f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
              f"{cfg.episodes} evaluation episodes per cell, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
              f"steer top-{cfg.top_k} heads by {cfg.selection}, slices {cfg.slices}, LoRA rank {cfg.lora_rank} on q/k/v/o."
-             + (f" Base model (weights fingerprint): {', '.join(f[:12] for f in summary.get('base_models', []))}."
-                if summary.get("base_models") else ""), ""]
+             + (f" Base model (weights fingerprint): {', '.join(f[:12] for f in bases)}."
+                if (bases := summary.get("base_models")) else ""), ""]
     has_rob = any(r["robustness"] for r in summary["rows"])
     for factor in sorted({r["factor"] for r in summary["rows"]}):
         lines += [f"#### {factor} variants", "",
