@@ -305,6 +305,31 @@ def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled
         compare_adapt.main()
 
 
+def test_a_run_killed_while_saving_leaves_the_last_complete_cells(tmp_path, monkeypatch):
+    """Sessions end abruptly: a kill while cells.json is being written must not tear the file that holds hours of
+    cells; the run then resumes from the last complete one."""
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.data.layout as layout
+
+    stand_ins(monkeypatch, lambda load, i: True)
+    cfg = adapt.AdaptConfig.quick(episodes=2, methods=("zero-shot", "steer"))
+    real, saves = layout.os.replace, []
+
+    def killed_on_the_second_save(src, dst):
+        saves.append(dst)
+        if Path(dst).name == "cells.json" and len(saves) == 2:
+            raise KeyboardInterrupt   # the new text is written, but not yet in place of the old
+        real(src, dst)
+
+    monkeypatch.setattr(layout.os, "replace", killed_on_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.run(cfg, tmp_path)
+    kept = json.loads((tmp_path / "cells.json").read_text())
+    assert [c["method"] for c in kept] == ["zero-shot"]
+    monkeypatch.setattr(layout.os, "replace", real)
+    assert [c.method for c in adapt.run(cfg, tmp_path)] == ["zero-shot", "steer"]
+
+
 def test_arms_outside_the_default_sweeps_are_parsed_by_name_and_bad_ones_refused(tmp_path):
     from edge_steer.bench.adapt import AdaptConfig, ablation_arms, run
     from edge_steer.steering.finetune import FinetuneError

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_steer.data.layout import atomic_write
+
 METHODS = ("zero-shot", "steer", "lora", "full")
 SELECTIONS = ("attribution", "ablation", "patching", "probe", "random")
 # test-time perturbations no arm trained on (Task.vary changes); wide_spawn draws object positions up to 5 cm
@@ -348,7 +350,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
 
     def save() -> None:
         if not dry_run:
-            results_file.write_text(json.dumps([asdict(c) for c in cells.values()], indent=1))   # resumable after a crash
+            # resumable after a crash: a run killed mid-write (a session's end) leaves the last complete file
+            text = json.dumps([asdict(c) for c in cells.values()], indent=1)
+            atomic_write(results_file, lambda f: f.write(text.encode()))
 
     if legacy:
         save()
