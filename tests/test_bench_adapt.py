@@ -309,11 +309,11 @@ def test_a_run_killed_while_saving_leaves_the_last_complete_cells(tmp_path, monk
     """Sessions end abruptly: a kill while cells.json is being written must not tear the file that holds hours of
     cells; the run then resumes from the last complete one."""
     import edge_steer.bench.adapt as adapt
-    import edge_steer.data.layout as layout
+    import edge_steer.files as files
 
     stand_ins(monkeypatch, lambda load, i: True)
     cfg = adapt.AdaptConfig.quick(episodes=2, methods=("zero-shot", "steer"))
-    real, saves = layout.os.replace, []
+    real, saves = files.os.replace, []
 
     def killed_on_the_second_save(src, dst):
         if Path(dst).name == "cells.json":   # count only the benchmark's saves, whatever else renames files
@@ -322,12 +322,12 @@ def test_a_run_killed_while_saving_leaves_the_last_complete_cells(tmp_path, monk
                 raise KeyboardInterrupt   # the new text is written, but not yet in place of the old
         real(src, dst)
 
-    monkeypatch.setattr(layout.os, "replace", killed_on_the_second_save)
+    monkeypatch.setattr(files.os, "replace", killed_on_the_second_save)
     with pytest.raises(KeyboardInterrupt):
         adapt.run(cfg, tmp_path)
     kept = json.loads((tmp_path / "cells.json").read_text())
     assert [c["method"] for c in kept] == ["zero-shot"]
-    monkeypatch.setattr(layout.os, "replace", real)
+    monkeypatch.setattr(files.os, "replace", real)
     assert [c.method for c in adapt.run(cfg, tmp_path)] == ["zero-shot", "steer"]
 
 

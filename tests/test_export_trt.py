@@ -154,7 +154,7 @@ def test_missing_plugin_tensorrt_or_gpu_is_a_clear_error(onnx_engine, tmp_path, 
     plan.write_bytes(b"not a real plan")
     shutil.copyfile(path.with_name(path.name + ".base.safetensors"), tmp_path / "p.plan.base.safetensors")
     side = json.loads(sidecar_path(path).read_text())
-    from edge_steer.export.metadata import file_sha256
+    from edge_steer.files import file_sha256
     side.update(backend="tensorrt", engine_file="p.plan", engine_sha256=file_sha256(plan), base_file="p.plan.base.safetensors",
                 tensorrt={"gpu": "NVIDIA L4", "compute_capability": "8.9", "version": "10.9.0"})
     sidecar_path(plan).write_text(json.dumps(side))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_steer.data.layout import atomic_write
+from edge_steer.files import atomic_write_text
 
 METHODS = ("zero-shot", "steer", "lora", "full")
 SELECTIONS = ("attribution", "ablation", "patching", "probe", "random")
@@ -352,7 +352,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         if not dry_run:
             # resumable after a crash: a run killed mid-write (a session's end) leaves the last complete file
             text = json.dumps([asdict(c) for c in cells.values()], indent=1)
-            atomic_write(results_file, lambda f: f.write(text.encode()))
+            atomic_write_text(results_file, text)
 
     if legacy:
         save()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,32 +25,13 @@ from edge_steer.data.schema import (
     TASKS_PATH,
     DatasetError,
 )
+from edge_steer.files import TMP_SUFFIX, atomic_write, atomic_write_text
 
 REQUIRED_INFO = ("codebase_version", "fps", "features", "total_episodes", "total_frames", "data_path")
 REQUIRED_EPISODE_COLUMNS = ("episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
                             "dataset_from_index", "dataset_to_index")
 LOCK_NAME = "meta/.writer.lock"
-TMP_SUFFIX = ".tmp"  # temp files are ".<name>.tmp": never matched by lerobot's "*/*.parquet" globs
 FILE_RE = re.compile(r"file-\d+\.parquet")
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write to a temp name in the same directory, fsync, rename over `path`, fsync the directory.
-
-    Readers therefore see the old file or the new one, never a torn one, even across a power cut.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def is_leftover(root: Path, path: Path) -> bool:
@@ -66,7 +45,7 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=4, ensure_ascii=False).encode()))
+    atomic_write_text(path, json.dumps(data, indent=4, ensure_ascii=False))
 
 
 def read_parquet(path: Path, what: str) -> pa.Table:

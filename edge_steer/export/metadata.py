@@ -14,11 +14,12 @@ plan was built for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from edge_steer.files import atomic_write_text, file_sha256
 
 SIDECAR_FORMAT = "edge-steer-engine/1"
 
@@ -79,9 +80,7 @@ class EngineMeta:
     # --- files --------------------------------------------------------------------------------------
     def save(self, engine_path: str | Path) -> Path:
         p = sidecar_path(engine_path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(p)
+        atomic_write_text(p, json.dumps(asdict(self), indent=1))
         return p
 
     @classmethod
@@ -143,9 +142,3 @@ def steering_path(engine_path: str | Path) -> Path:
     return p.with_name(p.name + ".steering.safetensors")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

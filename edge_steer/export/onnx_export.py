@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, steerable_params
-from edge_steer.export.metadata import (EngineMeta, SteerableSpec, TensorSpec, base_path, file_sha256,
-                                        steering_path)
+from edge_steer.export.metadata import EngineMeta, SteerableSpec, TensorSpec, base_path, steering_path
+from edge_steer.files import atomic_path, atomic_write_bytes, file_sha256
 from edge_steer.steering.delta import SteeringDelta
 
 INPUTS = ("images", "state", "lang", "lang_mask")
@@ -107,12 +107,11 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
         proto = _to_fp16(proto, [input_name(n) for n in names])
     counts = check_fused(proto, model.config.n_layers, other_softmax=int(model.config.keypoints > 0))
     onnx.checker.check_model(proto)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
 
-    from safetensors.numpy import save_file
-    save_file({n: t.numpy() for n, t in base.items()}, str(base_path(out)))
+    from safetensors.numpy import save
+    atomic_write_bytes(base_path(out), save({n: t.numpy() for n, t in base.items()}))
     steering_file = None
     if delta is not None:
         delta.save(steering_path(out))

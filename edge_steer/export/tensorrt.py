@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP
-from edge_steer.export.metadata import EngineError, EngineMeta, base_path, file_sha256, steering_path
+from edge_steer.export.metadata import EngineError, EngineMeta, base_path, steering_path
+from edge_steer.files import atomic_write_bytes, file_sha256
 
 PLUGIN_PACKAGE = "fused_attention"
 PLUGIN_NAME, PLUGIN_NAMESPACE = "fused_attention", "edge_steer"
@@ -186,10 +187,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, config: TrtBuildConfig 
     if not cache.is_file():
         proto = rewrite_for_tensorrt(onnx.load(str(onnx_path)), [s.input for s in meta.steerable])
         plan = _build_plan(trt, proto, meta, config)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_bytes(plan)
-        tmp.replace(cache)
+        atomic_write_bytes(cache, plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cache, out)
     shutil.copyfile(base_path(onnx_path), base_path(out))

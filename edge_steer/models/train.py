@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_steer.files import atomic_path, atomic_write_text
+
 CKPT_DIR = "checkpoints"
 
 
@@ -167,13 +169,12 @@ def checkpoint_paths(run_dir: str | Path) -> list[Path]:
 
 def _checkpoint(out: Path, model: nn.Module, opt, step: int, history: list, cfg: TrainConfig) -> None:
     path = checkpoint_path(out, step)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": history,
-                "train_config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)  # a checkpoint is either complete or absent
+    with atomic_path(path) as tmp:   # a checkpoint is either complete or absent
+        torch.save({"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": history,
+                    "train_config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
     for old in checkpoint_paths(out)[:-cfg.keep_checkpoints]:
         old.unlink()
-    (out / "history.json").write_text(json.dumps(history))
+    atomic_write_text(out / "history.json", json.dumps(history))
 
 
 def _restore(out: Path, model: nn.Module, opt) -> tuple[int, list]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
 from edge_steer.models.attention import Block
 from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
 from edge_steer.models.language import ENCODERS, InstructionEncoder, minilm_fingerprint
@@ -311,19 +312,15 @@ class EdgeVLA(nn.Module):
         return h.hexdigest()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        weights = save({k: v.contiguous() for k, v in self.state_dict().items()})
         meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "fingerprint": self.fingerprint(), "weights_sha256": _file_sha256(tmp)}
+                "fingerprint": self.fingerprint(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
         if self.config.language == "minilm":
             meta["language_fingerprint"] = minilm_fingerprint()
-        tmp.replace(d / WEIGHTS_FILE)
-        ctmp = d / (CONFIG_FILE + ".tmp")
-        ctmp.write_text(json.dumps(meta, indent=1))
-        ctmp.replace(d / CONFIG_FILE)
+        atomic_write_bytes(d / WEIGHTS_FILE, weights)
+        atomic_write_text(d / CONFIG_FILE, json.dumps(meta, indent=1))   # last: the config commits the pair
         return d
 
     @classmethod
@@ -344,7 +341,7 @@ class EdgeVLA(nn.Module):
             raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if _file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
+        if file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
             raise CheckpointError(f"{d / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE} "
                                   "(corrupted or replaced)")
         config = EdgeVLAConfig.from_dict(meta["config"])
@@ -436,9 +433,3 @@ def _random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_steer.files import atomic_write_bytes
 from edge_steer.models.heads import ParamSlice
 
 FORMAT = "edge-steer-delta/1"
@@ -93,18 +94,15 @@ class SteeringDelta:
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         flat = {}
         for (name, dim), (i, v) in self.tensors.items():
             flat[f"{name}|{dim}"] = v.contiguous()
             flat[f"{name}|{dim}|idx"] = i.contiguous()
         meta = {"format": FORMAT, "base_fingerprint": self.base_fingerprint, "slices": self.slices,
                 "heads": json.dumps(self.heads), "delta_hash": self.hash()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(flat, str(tmp), metadata=meta)
-        tmp.replace(path)
+        atomic_write_bytes(path, save(flat, metadata=meta))
         return path
 
     @classmethod
