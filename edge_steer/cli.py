@@ -412,6 +412,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
                 dry_run: bool = typer.Option(False, help="say what is left to run (demo sets, fine-tunes, episodes); run nothing"),
+                report: bool = typer.Option(False, help="write the tables, plots and --docs section from the cells already in --out; run nothing"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
     import sys
@@ -437,8 +438,8 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     except ValueError as e:
         _fail(str(e))
     try:
-        cells = adapt.run(cfg, out, say=console.print, dry_run=dry_run)
-    except adapt.ForeignCells as e:
+        cells = adapt.measured(cfg, out) if report else adapt.run(cfg, out, say=console.print, dry_run=dry_run)
+    except (adapt.ForeignCells, FileNotFoundError) as e:
         _fail(str(e))
     if dry_run:
         return
@@ -446,6 +447,9 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     plots = adapt.plot(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = adapt.markdown(summary, cfg, "edge-steer " + " ".join(sys.argv[1:]), git_commit())
+    if report:
+        text = ("Rendered with `--report` from the cells measured so far, not a finished run: each row pools the "
+                "cells it has (its episodes column), while the config line is what the finished run asks for.\n\n" + text)
     (out / "results.md").write_text(text)
     console.print(text)
     console.print(f"plots: {', '.join(str(p) for p in plots)}; raw cells: {out / 'cells.json'}")
@@ -454,7 +458,9 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         docs.parent.mkdir(parents=True, exist_ok=True)
         for p in plots:
             shutil.copy(p, docs.parent / p.name)
-        shutil.copy(out / "cells.json", docs.parent / "adapt_cells.json")
+        # named after the run folder (runs/adapt13 -> docs/results/adapt13_cells.json): the file a later run resumes from
+        (docs.parent / "results").mkdir(exist_ok=True)
+        shutil.copy(out / "cells.json", docs.parent / "results" / f"{out.name}_cells.json")
         heading = "## Few-shot adaptation" + (" (quick)" if quick else "")
         section = heading + "\n\n" + text + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
         upsert_section(str(docs), section, title="# Results")

@@ -56,6 +56,18 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     doc = (tmp_path / "docs" / "results.md").read_text()
     assert "## Few-shot adaptation (quick)" in doc and "| 2 | steer |" in doc
     assert (tmp_path / "docs" / "adapt_success_vs_k.png").stat().st_size > 5000
+    assert (tmp_path / "docs" / "results" / "run_cells.json").read_text() == (tmp_path / "run" / "cells.json").read_text()
+    # --report renders what is measured, even where the config asks for more (here 9 episodes), and runs nothing
+    measured = (tmp_path / "run" / "cells.json").read_text()
+    (tmp_path / "docs" / "results.md").unlink()
+    res = runner.invoke(app, [str(a) for a in args[:-4] + ["--episodes", "9", "--docs", tmp_path / "docs" / "results.md",
+                                                           "--report"]])
+    assert res.exit_code == 0 and "seed 0:" not in res.output and "extended" not in res.output, res.output
+    assert (tmp_path / "run" / "cells.json").read_text() == measured
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    assert "from the cells measured so far" in doc and "| 2 | steer |" in doc and "9 evaluation episodes" in doc
+    res = runner.invoke(app, ["bench", "adapt", "--report", "--out", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no measured cells" in res.output, res.output
     # resumable: a second run finds every cell done and trains nothing
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == 0 and "recording" not in res.output and "seed 0:" not in res.output
@@ -462,3 +474,23 @@ def test_compare_adapt_variants_keeps_only_the_named_variants(tmp_path, capsys, 
     monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--variants", "nope"])
     with pytest.raises(SystemExit, match="no cells for variants"):
         compare_adapt.main()
+
+
+def test_robustness_drops_are_measured_against_the_same_scenes_clean():
+    """A perturbation runs on a cell's first scenes (and only on some cells); its drop must be taken against
+    clean success on those scenes, not against the row's whole clean rate."""
+    from edge_steer.bench.adapt import AdaptConfig, markdown
+
+    log = [{"seed": i, "success": i < 10, "steps": 9} for i in range(50)]   # first 10 all succeed, then none
+    with_rob = Cell("purple_cylinder_in_yellow_bowl", "entity", 20, "steer", 0, successes=10, episodes=50,
+                    episode_log=log, robustness={"distractors": [6, 10]})
+    without = Cell("orange_sphere_on_blue_plate", "entity", 20, "steer", 1, successes=0, episodes=20)
+    no_log = Cell("purple_cylinder_in_yellow_bowl", "entity", 20, "lora", 0, successes=25, episodes=50,
+                  robustness={"distractors": [3, 10]})
+    rows = {r["method"]: r for r in summarise([with_rob, without, no_log])["rows"]}
+    steer, lora = rows["steer"], rows["lora"]
+    assert steer["success"] == 10 / 70 and steer["robustness"] == {"distractors": 0.6}
+    assert steer["robustness_clean"] == {"distractors": 1.0}         # the first 10 scenes, where it ran
+    assert lora["robustness_clean"] == {"distractors": 0.5}          # no log: the cell's rate stands in
+    text = markdown(summarise([with_rob, without, no_log]), AdaptConfig.quick(), "cmd", "abc")
+    assert "| 20 | steer | 14.3 % |" in text and "– / 100 → 60 % / – / –" in text

@@ -21,7 +21,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -316,11 +316,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     # (or extend) cells of the old one; cells from before the fingerprint was kept are adopted once, and said so
     base = EdgeVLA.from_pretrained(base_dir)   # loaded once: its fingerprint here, its modules for --whole below
     base_fp = base.fingerprint()
-    if foreign := Counter(c.base_model for c in cells.values() if c.base_model not in ("", base_fp)):
-        raise ForeignCells(
-            f"{results_file} holds cells measured on another base model ("
-            + ", ".join(f"{n} on {fp[:12]}" for fp, n in foreign.items())
-            + f"); this run's is {base_fp[:12]} ({base_dir}). Pass that checkpoint as --model, or use another --out.")
+    _refuse_foreign(cells.values(), base_fp, results_file, base_dir)
     if legacy := [c for c in cells.values() if not c.base_model]:
         say(f"{len(legacy)} cells in {results_file} carry no base-model fingerprint (recorded before it was kept); "
             f"they are taken as measured on this run's base model {base_fp[:12]} and marked so")
@@ -463,9 +459,39 @@ def _load_cells(path: Path) -> list[Cell]:
     return [Cell(**d) for d in json.loads(path.read_text())]
 
 
+def _refuse_foreign(cells: Iterable[Cell], base_fp: str, results_file: Path, base_dir: Path) -> None:
+    if foreign := Counter(c.base_model for c in cells if c.base_model not in ("", base_fp)):
+        raise ForeignCells(
+            f"{results_file} holds cells measured on another base model ("
+            + ", ".join(f"{n} on {fp[:12]}" for fp, n in foreign.items())
+            + f"); this run's is {base_fp[:12]} ({base_dir}). Pass that checkpoint as --model, or use another --out.")
+
+
+def measured(cfg: AdaptConfig, out_dir: str | Path) -> list[Cell]:
+    """The cells already in `out_dir/cells.json`, for the tables and plots of a run that is not finished
+    (`--report`): nothing runs or is written, and a file measured on another base model is refused."""
+    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+
+    results_file = Path(out_dir) / "cells.json"
+    cells = _load_cells(results_file)
+    if not cells:
+        raise FileNotFoundError(f"no measured cells in {results_file}: run the benchmark there first "
+                                "(or copy the committed docs/results/*_cells.json there)")
+    base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
+    _refuse_foreign(cells, EdgeVLA.from_pretrained(base_dir).fingerprint(), results_file, base_dir)
+    return cells
+
+
 # ------------------------------------------------------------------------------------------------
 # tables and plots
 # ------------------------------------------------------------------------------------------------
+def _first_successes(c: Cell, n: int) -> float:
+    """Successes in a cell's first `n` clean episodes (its rate times n where no per-episode log was kept)."""
+    if len(c.episode_log) >= n:
+        return float(sum(e["success"] for e in c.episode_log[:n]))
+    return n * c.successes / max(1, c.episodes)
+
+
 def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
     """Pooled success with a Wilson 95 % interval per (factor, K, method) of the main arms and the grid
     arms (`grid`, "method:arm", each a row of its own), the zero-shot row repeated for every K; plus
@@ -489,16 +515,20 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
                     continue
                 s, n = sum(c.successes for c in sel), sum(c.episodes for c in sel)
                 lo, hi = wilson_interval(s, n)
-                rob = {}
+                rob, rob_clean = {}, {}
                 for name in PERTURBATIONS:
-                    rs = [c.robustness[name] for c in sel if name in c.robustness]
+                    rs = [(c, c.robustness[name]) for c in sel if name in c.robustness]
                     if rs:
-                        rob[name] = sum(r[0] for r in rs) / max(1, sum(r[1] for r in rs))
+                        rob[name] = sum(r[0] for _, r in rs) / max(1, sum(r[1] for _, r in rs))
+                        # clean success on the same scenes (perturbed episode i is clean episode i, varied), so a
+                        # drop is measured where the perturbation was, not against cells or seeds it never ran on
+                        rob_clean[name] = sum(_first_successes(c, r[1]) for c, r in rs) / max(1, sum(r[1] for _, r in rs))
                 rows.append({"factor": factor, "shots": k, "method": method, "success": s / max(n, 1),
                              "ci": [lo, hi], "n": n, "cells": len(sel),
                              "trainable_params": float(np.mean([c.trainable_params for c in sel])),
                              "finetune_s": float(np.mean([c.finetune_s for c in sel])),
-                             "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob})
+                             "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob,
+                             "robustness_clean": rob_clean})
     ablations = []
     for method in METHODS[1:]:
         changed = sorted({c.arm for c in cells if c.method == method and c.arm != "main" and label(c) not in grid})
@@ -572,11 +602,11 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             rs = [r for r in rob if r["method"] == method]
             if not rs:
                 continue
-            clean = np.mean([r["success"] for r in rs])
-            drops = [100 * (clean - np.mean([r["robustness"].get(n, np.nan) for r in rs])) for n in names]
+            drops = [100 * np.mean([r["robustness_clean"][n] - r["robustness"][n] for r in rs if n in r["robustness"]]
+                                   or [np.nan]) for n in names]
             ax.bar(np.arange(len(names)) + i * width, drops, width, label=method)
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-        ax.set_ylabel("success drop (pp)")
+        ax.set_ylabel("success drop on the same scenes (pp)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
@@ -598,14 +628,15 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
     for factor in sorted({r["factor"] for r in summary["rows"]}):
         lines += [f"#### {factor} variants", "",
                   "| K | method | success | 95 % CI | episodes | trainable params | fine-tune s | peak RSS MB |"
-                  + (f" robustness ({' / '.join(PERTURBATIONS)}) |" if has_rob else ""),
+                  + (f" robustness, clean → perturbed on the same scenes ({' / '.join(PERTURBATIONS)}) |" if has_rob else ""),
                   "|---|---|---|---|---|---|---|---|" + ("---|" if has_rob else "")]
         for r in summary["rows"]:
             if r["factor"] != factor:
                 continue
             rob = ""
             if has_rob:
-                rob = " " + " / ".join(f"{100 * r['robustness'][n]:.0f} %" if n in r["robustness"] else "–"
+                rob = " " + " / ".join(f"{100 * r['robustness_clean'][n]:.0f} → {100 * r['robustness'][n]:.0f} %"
+                                       if n in r["robustness"] else "–"
                                        for n in PERTURBATIONS) + " |"
             lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
                          f"{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f} % | {r['n']} | {r['trainable_params']:,.0f} | "
