@@ -25,12 +25,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def temp_path(path: Path) -> Path:
+def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_SUFFIX}")
 
 
-def _fsync_path(p: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(p, flags)
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)   # fsync needs no write access; on a directory it makes a rename durable
     try:
         os.fsync(fd)
     finally:
@@ -42,7 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path for a writer that wants a file name (torch.save, onnx.save); commit it on exit."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = _temp_path(path)
     try:
         yield tmp
         if not tmp.is_file():
