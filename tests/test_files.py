@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -50,7 +51,7 @@ def test_a_failed_or_killed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path
     assert sorted(f.name for f in p.parent.iterdir()) == ["state.bin"]
     monkeypatch.undo()
     atomic_write_bytes(p, b"new")
-    assert p.read_bytes() == b"new" and file_sha256(p) == file_sha256(p)
+    assert p.read_bytes() == b"new" and file_sha256(p) == hashlib.sha256(b"new").hexdigest()
 
 
 def test_a_model_saved_over_survives_a_kill_or_refuses_to_load_a_mix(tmp_path, monkeypatch):
