@@ -268,14 +268,42 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
     adapt.run(cfg, tmp_path, say=said.append, dry_run=True)
     # seed 0: steer has its episodes but not the robustness runs asked, lora is short of episodes, and both
     # models are gone (left without --refit); zero-shot new; seed 1: all three new, each with its robustness runs
+    untimed = "; no cell here is timed yet (cells from before 2026-12-07 are not), so no estimate"
     assert said == ["dry run, nothing run or written; left to do: 2 cells short of episodes or robustness runs, left "
                     f"without --refit, 2 demo sets, 16 episodes, 1 lora fine-tunes, {4 * len(PERTURBATIONS)} perturbed "
-                    "episodes, 1 steer fine-tunes"]   # 4 cells, each run once under every perturbation
+                    "episodes, 1 steer fine-tunes" + untimed]   # 4 cells, each run once under every perturbation
     assert (tmp_path / "cells.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
     said.clear()
     adapt.run(replace(cfg, refit=True), tmp_path, say=said.append, dry_run=True)
     assert said == ["dry run, nothing run or written; left to do: 2 demo sets, 24 episodes, 2 lora fine-tunes, "
-                    f"{6 * len(PERTURBATIONS)} perturbed episodes, 2 steer fine-tunes"]
+                    f"{6 * len(PERTURBATIONS)} perturbed episodes, 2 steer fine-tunes" + untimed]
+
+
+def test_dry_run_estimates_the_time_left_from_the_rates_its_cells_measured(tmp_path, monkeypatch):
+    import edge_steer.bench.adapt as adapt
+
+    stand_ins(monkeypatch, lambda load, i: i == 0)
+    cfg = adapt.AdaptConfig.quick(episodes=3, methods=("zero-shot", "steer", "lora"), perturb_episodes=1)
+    cells = adapt.run(cfg, tmp_path)
+    # every evaluation episode of a run is timed, clean and perturbed alike
+    assert [(c.method, c.eval_episodes) for c in cells] == [
+        ("zero-shot", 3 + len(PERTURBATIONS)), ("steer", 3 + len(PERTURBATIONS)), ("lora", 3 + len(PERTURBATIONS))]
+    assert all(c.eval_s > 0 for c in cells)
+    # set the rates by hand: 10 s an episode, steer fits of 60 and 120 s (median 120), no LoRA fit timed
+    file = tmp_path / "cells.json"
+    rows = json.loads(file.read_text())
+    for row in rows:
+        row["eval_s"], row["eval_episodes"] = 10.0 * row["eval_episodes"], row["eval_episodes"]
+        row["finetune_s"] = 0.0 if row["method"] == "lora" else row["finetune_s"]
+    steer = next(r for r in rows if r["method"] == "steer")
+    rows += [{**steer, "seed": 7, "finetune_s": 60.0}, {**steer, "seed": 8, "finetune_s": 120.0}]
+    file.write_text(json.dumps(rows))
+    said = []
+    adapt.run(replace(cfg, seeds=(1,)), tmp_path, say=said.append, dry_run=True)
+    per_cell = 3 + len(PERTURBATIONS)
+    minutes = (10.0 * 3 * per_cell + 120.0) / 60   # seed 1: three new cells, + one steer fit at the median; LoRA untimed
+    assert said[-1].endswith(f"; about {minutes:.0f} min at the rates these cells measured (10.0 s an episode over "
+                             f"{5 * per_cell} timed episodes, each method's median fit), not counting lora fine-tunes"), said[-1]
 
 
 def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch):

@@ -112,6 +112,8 @@ class Cell:
     robustness: dict[str, list[int]] = field(default_factory=dict)   # perturbation -> [successes, episodes]
     episode_log: list[dict] = field(default_factory=list)
     base_model: str = ""                    # fingerprint of the base checkpoint it was measured on ("": not kept)
+    eval_s: float = 0.0                     # wall seconds of the evaluation episodes timed (clean and perturbed)
+    eval_episodes: int = 0                  # how many episodes eval_s covers (0 in cells from before it was kept)
 
 
 class ForeignCells(ValueError):
@@ -301,11 +303,15 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     work: Counter[str] = Counter()      # what a dry run would have done
     tell, say = say, (lambda line: None) if dry_run else say
 
-    def rollout(kind: str, load, task, n: int, seed: int, first: int = 0) -> list:
+    def rollout(cell: Cell, kind: str, load, task, n: int, first: int = 0) -> list:
         if dry_run:
             work[kind] += n
-            return [EpisodeResult(task.name, seed, False, 0)] * n
-        return evaluate(load, [task], n, seed, workers=cfg.workers, first=first)
+            return [EpisodeResult(task.name, cell.seed, False, 0)] * n
+        t0 = time.perf_counter()
+        res = evaluate(load, [task], n, cell.seed, workers=cfg.workers, first=first)
+        cell.eval_s += time.perf_counter() - t0      # what --dry-run's estimate is made of
+        cell.eval_episodes += len(res)
+        return res
 
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
     # a variant named twice runs once, in the order first named
@@ -329,7 +335,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         todo = cfg.episodes_for(cell.method, cell.arm) - cell.episodes
         if todo > 0:
             load = partial(EdgeVLA.from_pretrained, model_dir)
-            res = rollout("episodes", load, task, todo, cell.seed, first=cell.episodes)
+            res = rollout(cell, "episodes", load, task, todo, first=cell.episodes)
             cell.successes += sum(r.success for r in res)
             cell.episodes += len(res)
             cell.episode_log += [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
@@ -340,7 +346,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         todo = missing_perturbations(cfg, cell)
         load = partial(EdgeVLA.from_pretrained, model_dir)
         for name in todo:
-            pres = rollout("perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes, cell.seed)
+            pres = rollout(cell, "perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes)
             cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
         return bool(todo)
 
@@ -435,8 +441,34 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                         record(cell)
     if dry_run:
         tell("dry run, nothing run or written; left to do: "
-             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing"))
+             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
+             + (f"; {estimate}" if work and (estimate := _estimate(work, cells.values())) else ""))
     return list(cells.values())
+
+
+def _estimate(work: Counter[str], cells: Iterable[Cell]) -> str:
+    """How long `work` takes at the rates the cells measured on their machine: seconds per evaluation episode
+    over every timed episode, and each method's median fit time. Demo sets are not timed; where a rate is
+    missing (no timed cell, or no fit of that method), it says so instead of assuming one."""
+    cells = list(cells)
+    timed = [c for c in cells if c.eval_episodes]
+    if not timed:
+        return "no cell here is timed yet (cells from before 2026-12-07 are not), so no estimate"
+    per_episode = sum(c.eval_s for c in timed) / sum(c.eval_episodes for c in timed)
+    seconds = per_episode * (work["episodes"] + work["perturbed episodes"])
+    untimed = []
+    for what, n in work.items():
+        if what.endswith(" fine-tunes"):
+            fits = sorted(c.finetune_s for c in cells if c.method == what.split()[0] and c.finetune_s > 0)
+            if fits:
+                seconds += n * fits[len(fits) // 2]
+            else:
+                untimed.append(what)
+    untimed += ["demo sets"] if work["demo sets"] else []
+    took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return (f"about {took} at the rates these cells measured ({per_episode:.1f} s an episode over "
+            f"{sum(c.eval_episodes for c in timed)} timed episodes, each method's median fit)"
+            + (f", not counting {' and '.join(untimed)}" if untimed else ""))
 
 
 def _demo_count(root: Path) -> int:
