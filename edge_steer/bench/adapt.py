@@ -442,7 +442,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     if dry_run:
         tell("dry run, nothing run or written; left to do: "
              + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
-             + (f"; {estimate}" if work and (estimate := _estimate(work, cells.values())) else ""))
+             + (f"; {_estimate(work, cells.values())}" if work else ""))
     return list(cells.values())
 
 
