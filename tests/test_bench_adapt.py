@@ -285,11 +285,12 @@ def test_dry_run_estimates_the_time_left_from_the_rates_its_cells_measured(tmp_p
     stand_ins(monkeypatch, lambda load, i: i == 0)
     cfg = adapt.AdaptConfig.quick(episodes=3, methods=("zero-shot", "steer", "lora"), perturb_episodes=1)
     cells = adapt.run(cfg, tmp_path)
-    # every evaluation episode of a run is timed, clean and perturbed alike
+    # every evaluation episode of a run is timed, clean and perturbed alike, and the cells say on which machine
     assert [(c.method, c.eval_episodes) for c in cells] == [
         ("zero-shot", 3 + len(PERTURBATIONS)), ("steer", 3 + len(PERTURBATIONS)), ("lora", 3 + len(PERTURBATIONS))]
-    assert all(c.eval_s > 0 for c in cells)
-    # set the rates by hand: 10 s an episode, steer fits of 60 and 120 s (median 120), no LoRA fit timed
+    assert all(c.eval_s > 0 for c in cells) and {c.machine for c in cells} == {adapt.this_machine()}
+    # set the rates by hand: 10 s an episode, steer fits of 60 and 120 s (median 120), no LoRA fit timed; and
+    # cells of a 100x slower machine, which must not move an estimate made where this machine has rates
     file = tmp_path / "cells.json"
     rows = json.loads(file.read_text())
     for row in rows:
@@ -297,13 +298,35 @@ def test_dry_run_estimates_the_time_left_from_the_rates_its_cells_measured(tmp_p
         row["finetune_s"] = 0.0 if row["method"] == "lora" else row["finetune_s"]
     steer = next(r for r in rows if r["method"] == "steer")
     rows += [{**steer, "seed": 7, "finetune_s": 60.0}, {**steer, "seed": 8, "finetune_s": 120.0}]
-    file.write_text(json.dumps(rows))
+    slow = [{**r, "seed": 20 + i, "machine": "a slow one", "eval_s": 1000.0 * r["eval_episodes"],
+             "finetune_s": 9000.0} for i, r in enumerate(rows)]
+    file.write_text(json.dumps(rows + slow))
     said = []
     adapt.run(replace(cfg, seeds=(1,)), tmp_path, say=said.append, dry_run=True)
     per_cell = 3 + len(PERTURBATIONS)
     minutes = (10.0 * 3 * per_cell + 120.0) / 60   # seed 1: three new cells, + one steer fit at the median; LoRA untimed
-    assert said[-1].endswith(f"; about {minutes:.0f} min at the rates these cells measured (10.0 s an episode over "
-                             f"{5 * per_cell} timed episodes, each method's median fit), not counting lora fine-tunes"), said[-1]
+    assert said[-1].endswith(f"; about {minutes:.0f} min at the rates these cells measured on this machine (10.0 s an "
+                             f"episode over {5 * per_cell} timed episodes, each method's median fit), not counting "
+                             "lora fine-tunes"), said[-1]
+    # on a machine that has timed nothing, every cell's rates, and it says they are other machines'
+    monkeypatch.setattr(adapt, "this_machine", lambda: "a new one")
+    said.clear()
+    adapt.run(replace(cfg, seeds=(1,)), tmp_path, say=said.append, dry_run=True)
+    assert "measured on other machines (none timed on this one) (505.0 s an episode" in said[-1], said[-1]
+
+
+def test_report_marks_fit_times_that_pool_machines():
+    """Fit seconds from VMs 3x apart are not one rate: a row that averages over machines says so."""
+    import edge_steer.bench.adapt as adapt
+
+    one = [Cell("purple_cylinder_in_yellow_bowl", "entity", 5, "steer", s, successes=1, episodes=2, finetune_s=30.0,
+                machine="A") for s in (0, 1)]
+    text = adapt.markdown(summarise(one), adapt.AdaptConfig.quick(), "cmd", "abc")
+    assert "| 30 | " in text and "†" not in text
+    for other in ("B", ""):     # another machine, or a cell that does not say which
+        mixed = one + [replace(one[0], seed=2, finetune_s=90.0, machine=other)]
+        text = adapt.markdown(summarise(mixed), adapt.AdaptConfig.quick(), "cmd", "abc")
+        assert "| 50 † | " in text and "† a mean over fits on more than one machine" in text
 
 
 def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch):

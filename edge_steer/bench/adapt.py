@@ -16,6 +16,8 @@ on every K and seed like the main arms, and under the perturbations, so one comm
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import shutil
 import time
@@ -114,6 +116,25 @@ class Cell:
     base_model: str = ""                    # fingerprint of the base checkpoint it was measured on ("": not kept)
     eval_s: float = 0.0                     # wall seconds of the evaluation episodes timed (clean and perturbed)
     eval_episodes: int = 0                  # how many episodes eval_s covers (0 in cells from before it was kept)
+    machine: str = ""                       # the CPU whose seconds finetune_s and eval_s are ("": not recorded)
+
+
+def this_machine() -> str:
+    """The CPU seconds are measured on: model, cores and its widest vector units. Sessions' VMs differ about 3x in
+    speed (two "AMD EPYC, 2 cores" VMs did, one with AVX512-BF16), so fit and episode times are only compared or
+    pooled within one machine."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    units = next((name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                          ("avx2", "AVX2")) if flag in flags), "")
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores" + (f", {units}" if units else "")
 
 
 class ForeignCells(ValueError):
@@ -301,6 +322,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
     work: Counter[str] = Counter()      # what a dry run would have done
+    here = this_machine()
     tell, say = say, (lambda line: None) if dry_run else say
 
     def rollout(cell: Cell, kind: str, load, task, n: int, first: int = 0) -> list:
@@ -309,8 +331,9 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
             return [EpisodeResult(task.name, cell.seed, False, 0)] * n
         t0 = time.perf_counter()
         res = evaluate(load, [task], n, cell.seed, workers=cfg.workers, first=first)
-        cell.eval_s += time.perf_counter() - t0      # what --dry-run's estimate is made of
-        cell.eval_episodes += len(res)
+        if cell.machine == here:   # what --dry-run's estimate is made of; never one cell's seconds from two machines
+            cell.eval_s += time.perf_counter() - t0
+            cell.eval_episodes += len(res)
         return res
 
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
@@ -393,7 +416,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue
                         if method == "zero-shot" and k != min(cfg.shots):
                             continue                   # zero-shot does not depend on K: one cell per (variant, seed)
-                        cell = Cell(task.name, task.factor or "", k, method, seed, arm, base_model=base_fp)
+                        cell = Cell(task.name, task.factor or "", k, method, seed, arm, base_model=base_fp, machine=here)
                         if method == "zero-shot":      # a cell recorded at any K is this one
                             cell.shots = next((key[1] for key in cells if key[0] == task.name and key[2] == method
                                                and key[3] == seed), k)
@@ -442,16 +465,19 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     if dry_run:
         tell("dry run, nothing run or written; left to do: "
              + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
-             + (f"; {_estimate(work, cells.values())}" if work else ""))
+             + (f"; {_estimate(work, cells.values(), here)}" if work else ""))
     return list(cells.values())
 
 
-def _estimate(work: Counter[str], cells: Iterable[Cell]) -> str:
-    """How long `work` takes at the rates the cells measured on their machine: seconds per evaluation episode
-    over every timed episode, and each method's median fit time. Demo sets are not timed; where a rate is
-    missing (no timed cell, or no fit of that method), it says so instead of assuming one."""
+def _estimate(work: Counter[str], cells: Iterable[Cell], here: str) -> str:
+    """How long `work` takes at the rates the cells measured: seconds per evaluation episode over every timed
+    episode, and each method's median fit time, from the cells of this machine where it has timed any (another
+    session's VM may be 3x slower or faster), else from all cells, and then it says so. Demo sets are not timed;
+    where a rate is missing (no timed cell, or no fit of that method), it says so instead of assuming one."""
     cells = list(cells)
-    timed = [c for c in cells if c.eval_episodes]
+    mine = [c for c in cells if c.machine == here]
+    basis = mine if any(c.eval_episodes for c in mine) else cells
+    timed = [c for c in basis if c.eval_episodes]
     if not timed:
         return "no cell here is timed yet (cells from before 2026-12-07 are not), so no estimate"
     per_episode = sum(c.eval_s for c in timed) / sum(c.eval_episodes for c in timed)
@@ -459,14 +485,15 @@ def _estimate(work: Counter[str], cells: Iterable[Cell]) -> str:
     untimed = []
     for what, n in work.items():
         if what.endswith(" fine-tunes"):
-            fits = sorted(c.finetune_s for c in cells if c.method == what.split()[0] and c.finetune_s > 0)
+            fits = sorted(c.finetune_s for c in basis if c.method == what.split()[0] and c.finetune_s > 0)
             if fits:
                 seconds += n * fits[len(fits) // 2]
             else:
                 untimed.append(what)
     untimed += ["demo sets"] if work["demo sets"] else []
     took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-    return (f"about {took} at the rates these cells measured ({per_episode:.1f} s an episode over "
+    where = "on this machine" if basis is mine else "on other machines (none timed on this one)"
+    return (f"about {took} at the rates these cells measured {where} ({per_episode:.1f} s an episode over "
             f"{sum(c.eval_episodes for c in timed)} timed episodes, each method's median fit)"
             + (f", not counting {' and '.join(untimed)}" if untimed else ""))
 
@@ -559,6 +586,8 @@ def summarise(cells: list[Cell], grid: tuple[str, ...] = ()) -> dict[str, Any]:
                              "ci": [lo, hi], "n": n, "cells": len(sel),
                              "trainable_params": float(np.mean([c.trainable_params for c in sel])),
                              "finetune_s": float(np.mean([c.finetune_s for c in sel])),
+                             # "" where a cell's machine was not recorded: a mean over machines compares machines
+                             "fit_machines": sorted({c.machine for c in sel if c.method != "zero-shot"}),
                              "peak_rss_mb": float(np.mean([c.peak_rss_mb for c in sel])), "robustness": rob,
                              "robustness_clean": rob_clean})
     ablations = []
@@ -649,6 +678,11 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _pools_machines(row: dict[str, Any]) -> bool:
+    """Whether a table row's mean fit time pools machines (or cells that do not say which)."""
+    return len(row["fit_machines"]) > 1 or "" in row["fit_machines"]
+
+
 def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: str) -> str:
     lines = [f"Command: `{command}` at commit `{commit}`.", "",
              f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
@@ -672,8 +706,12 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                                        for n in PERTURBATIONS) + " |"
             lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
                          f"{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f} % | {r['n']} | {r['trainable_params']:,.0f} | "
-                         f"{r['finetune_s']:.0f} | {r['peak_rss_mb']:.0f} |{rob}")
+                         f"{r['finetune_s']:.0f}{' †' if _pools_machines(r) else ''} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
+    if any(map(_pools_machines, summary["rows"])):
+        lines += ["† a mean over fits on more than one machine, or on machines the cells do not record (before "
+                  "2026-12-07): sessions' VMs differ about 3x in speed, so compare fit times within one run, not "
+                  "across these rows.", ""]
     if summary["ablations"]:
         seeds = ", ".join(map(str, cfg.sweep_seeds))
         lines += [f"#### Ablations (K = {cfg.sweep_shots}, seeds {seeds}, {cfg.ablation_episodes or cfg.episodes} episodes per "
