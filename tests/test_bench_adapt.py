@@ -326,7 +326,7 @@ def test_report_marks_fit_times_that_pool_machines():
     for other in ("B", ""):     # another machine, or a cell that does not say which
         mixed = one + [replace(one[0], seed=2, finetune_s=90.0, machine=other)]
         text = adapt.markdown(summarise(mixed), adapt.AdaptConfig.quick(), "cmd", "abc")
-        assert "| 50 † | " in text and "† a mean over fits on more than one machine" in text
+        assert "| 50 † | " in text and "† fit times over more than one machine" in text
 
 
 def test_cells_name_their_base_model_and_cells_of_another_are_refused_not_pooled(tmp_path, monkeypatch):
@@ -448,6 +448,8 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
     rows = {line.split()[0]: line.split() for line in paired.splitlines() if line and ":" in line.split()[0]}
     assert rows["lora:main"][-2:] == ["6/0", f"{compare_adapt.sign_test(6, 0):.3f}"]   # episodes 3-8 only LoRA solves
     assert rows["steer:k=2"][-2:] == ["1/3", "0.625"]
+    # these cells do not say which machine fitted them: their fit-time ranges are marked and the mark explained
+    assert "5†" in rows["lora:main"] and paired.count("†") == 4 and "more than one machine" in paired
     # only LoRA ran the perturbations: its row, clean then dim / distractors / jitter
     assert [line.split()[0] for line in perturbed.splitlines() if "%" in line] == ["lora:main"]
     assert "9/10 90.0 %" in perturbed and "1/4 25.0 %" in perturbed and "3/4 75.0 %" in perturbed
@@ -465,6 +467,14 @@ def test_compare_adapt_pairs_arms_by_episode_and_plots(tmp_path, capsys, monkeyp
                                       "--plot-arms", "lora:main,steer:main", "--robust-plot", str(robust)])
     with pytest.raises(SystemExit, match=r"steer', 'main'\)\] lack robustness runs"):   # steer never ran them
         compare_adapt.main()
+    for c in cells:   # fitted on one machine: nothing to mark
+        c.machine = "AMD EPYC, 2 cores, AVX512"
+    (tmp_path / "cells.json").write_text(json.dumps([asdict(c) for c in cells]))
+    monkeypatch.setattr(sys, "argv", ["compare_adapt", str(tmp_path / "cells.json"), "--seeds", "0"])
+    capsys.readouterr()
+    compare_adapt.main()
+    out = capsys.readouterr().out
+    assert "  5-  5 " in out and "†" not in out
 
 
 def test_compare_adapt_first_pools_every_arm_over_the_same_first_scenes(tmp_path, capsys, monkeypatch):

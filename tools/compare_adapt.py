@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_steer.bench.adapt import PERTURBATIONS, _load_cells # noqa: E402
+from edge_steer.bench.adapt import PERTURBATIONS, POOLED_FIT_TIMES, _load_cells, pools_machines  # noqa: E402
 from edge_steer.sim.rollout import wilson_interval             # noqa: E402
 
 
@@ -74,6 +74,7 @@ def main() -> None:
     print(f"K = {args.shots}, seeds {sorted(seeds)}, {len(keys)} cells, base model {base}; variants: {', '.join(variants)}")
     print(f"{'method:arm':28s} " + " ".join(f"{v[:10]:>10s}" for v in variants)
           + "   pooled        95% CI    params  ft s     vs ref  p")
+    pooled_any = False
     for (method, arm), got in sorted(by_arm.items()):
         if not ran_all(by_arm, (method, arm), keys):
             continue
@@ -87,12 +88,17 @@ def main() -> None:
             for seed in mine.keys() & theirs.keys():
                 only_this += mine[seed] and not theirs[seed]
                 only_ref += theirs[seed] and not mine[seed]
-        ft = [got[k].finetune_s for k in keys if got[k].method != "zero-shot"]
+        fitted = [got[k] for k in keys if got[k].method != "zero-shot"]
+        ft = [c.finetune_s for c in fitted]
+        pooled = pools_machines(c.machine for c in fitted) if fitted else False
+        pooled_any |= pooled
         print(f"{method + ':' + arm:28s} " + " ".join(f"{per_var[v]:>10d}" for v in variants)
               + f"   {s:3d}/{n} {100 * s / n:5.1f} %  {100 * lo:3.0f}-{100 * hi:3.0f} %"
               + f"  {int(got[keys[0]].trainable_params):>8,d}"
-              + (f"  {min(ft):3.0f}-{max(ft):3.0f}" if ft else "      -")
+              + (f"  {min(ft):3.0f}-{max(ft):3.0f}{'†' if pooled else ' '}" if ft else "       -")
               + ("" if (method, arm) == ref else f"  {only_this:3d}/{only_ref:<3d} {sign_test(only_this, only_ref):.3f}"))
+    if pooled_any:
+        print(textwrap.fill(f"† {POOLED_FIT_TIMES}", 118))
     robustness(by_arm, keys)
     plot_arms = [tuple(a.split(":", 1)) for a in args.plot_arms.split(",")]
     title = f"K = {args.shots}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"

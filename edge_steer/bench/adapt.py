@@ -678,9 +678,19 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def pools_machines(machines: Iterable[str]) -> bool:
+    """Whether fit times measured on `machines` (one per cell; "" where a cell does not say) pool machines."""
+    machines = set(machines)
+    return len(machines) > 1 or "" in machines
+
+
+POOLED_FIT_TIMES = ("fit times over more than one machine, or on machines the cells do not record (before "
+                    "2026-12-07): sessions' VMs differ about 3x in speed, so compare fit times within one run, not "
+                    "across these rows.")
+
+
 def _pools_machines(row: dict[str, Any]) -> bool:
-    """Whether a table row's mean fit time pools machines (or cells that do not say which)."""
-    return len(row["fit_machines"]) > 1 or "" in row["fit_machines"]
+    return pools_machines(row["fit_machines"])
 
 
 def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: str) -> str:
@@ -709,9 +719,7 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                          f"{r['finetune_s']:.0f}{' †' if _pools_machines(r) else ''} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
     if any(map(_pools_machines, summary["rows"])):
-        lines += ["† a mean over fits on more than one machine, or on machines the cells do not record (before "
-                  "2026-12-07): sessions' VMs differ about 3x in speed, so compare fit times within one run, not "
-                  "across these rows.", ""]
+        lines += [f"† {POOLED_FIT_TIMES}", ""]
     if summary["ablations"]:
         seeds = ", ".join(map(str, cfg.sweep_seeds))
         lines += [f"#### Ablations (K = {cfg.sweep_shots}, seeds {seeds}, {cfg.ablation_episodes or cfg.episodes} episodes per "
