@@ -160,6 +160,10 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              scene_aux: float = typer.Option(0.0, min=0.0, help="weight of the auxiliary pick/goal position loss (sim demos)"),
              augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
              init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
+             d_model: Optional[int] = typer.Option(None, min=16, help="trunk width (default: the config's 128)"),
+             n_layers: Optional[int] = typer.Option(None, min=1, help="trunk depth (default: the config's 4)"),
+             n_heads: Optional[int] = typer.Option(None, min=1, help="query heads per layer (default: the config's 8)"),
+             head_dim: Optional[int] = typer.Option(None, min=4, help="dims per head (default: the config's 16)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
              workers: int = typer.Option(2, min=1)) -> None:
     """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
@@ -177,14 +181,20 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     from dataclasses import replace as _replace
 
     base = EdgeVLAConfig()
+    trunk = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim).items()
+             if v is not None}
     start = _load(init) if init is not None else None
+    if start is not None and trunk:
+        _fail(f"--init {init} fixes the trunk's size; --{', --'.join(k.replace('_', '-') for k in trunk)} "
+              "can only start a model from scratch")
     try:
         if start is not None:
             cfg = _replace(start.config, state_dropout=state_dropout, scene_aux=scene_aux)
         else:
             shift = base.augment_shift if augment_shift is None else augment_shift
-            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or base.n_heads, state_dropout=state_dropout,
-                                keypoints=keypoints, scene_aux=scene_aux, augment_shift=shift)
+            heads = trunk.get("n_heads", base.n_heads)
+            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or heads, state_dropout=state_dropout,
+                                keypoints=keypoints, scene_aux=scene_aux, augment_shift=shift, **trunk)
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)

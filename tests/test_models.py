@@ -349,3 +349,26 @@ def test_training_attention_matches_the_fused_kernel():
     torch.testing.assert_close(loss, loss_fused)
     for a, b in zip(grads, grads_fused):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_trunk_costs_prices_each_candidate_against_the_model(monkeypatch):
+    """tools/bench_model.py --trunks: the issue-3 lever (a bigger trunk) priced before it is trained."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_model
+
+    assert bench_model.parse_trunks("d_model=64,n_heads=8;n_layers=3") == [{"d_model": 64, "n_heads": 8},
+                                                                           {"n_layers": 3}]
+    with pytest.raises(SystemExit, match="'width=3' is not one of"):
+        bench_model.parse_trunks("width=3")
+    monkeypatch.setattr(bench_model, "train_step_s", lambda m, batch: [1e-3 * m.config.n_layers * m.config.d_model])
+    text = bench_model.trunk_costs(tiny(), bench_model.parse_trunks("d_model=64,n_heads=8;n_layers=3"), rounds=1)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in text.splitlines()
+            if r.startswith("| ") and "x shipped" not in r}
+    assert list(rows) == ["shipped", "d_model=64, n_heads=8", "n_layers=3"]
+    assert rows["shipped"][:2] == ["2 x 4 x 8, 32", "8"] and rows["shipped"][-1] == "1.00x"
+    assert rows["d_model=64, n_heads=8"][:2] == ["2 x 8 x 8, 64", "16"] and rows["d_model=64, n_heads=8"][-1] == "2.00x"
+    assert rows["n_layers=3"][-1] == "1.50x"
+    wider = EdgeVLA(EdgeVLAConfig(**{**TINY, "d_model": 64, "n_heads": 8, "n_kv_heads": 8}))
+    assert rows["d_model=64, n_heads=8"][2] == f"{sum(p.numel() for p in wider.parameters()):,}"

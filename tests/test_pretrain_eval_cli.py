@@ -80,12 +80,21 @@ def test_pretrain_with_keypoints_state_dropout_and_scene_loss(run_dir, tmp_path)
     from edge_steer.models import EdgeVLA
     res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "run"),
                               "--steps", "3", "--batch-size", "4", "--eval-episodes", "0", "--keypoints", "4",
-                              "--state-dropout", "0.5", "--scene-aux", "0.5", "--augment-shift", "1"])
+                              "--state-dropout", "0.5", "--scene-aux", "0.5", "--augment-shift", "1",
+                              "--d-model", "48", "--n-layers", "2", "--n-heads", "6", "--head-dim", "8"])
     assert res.exit_code == 0, res.output
     m = EdgeVLA.from_pretrained(tmp_path / "run" / "model")
     c = m.config
     assert (c.keypoints, c.state_dropout, c.scene_aux, c.augment_shift) == (4, 0.5, 0.5, 1)
-    assert hasattr(m, "scene_out") and hasattr(m, "keypoint_maps")
+    assert (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == (48, 2, 6, 6, 8)
+    assert len(m.heads()) == 12 and hasattr(m, "scene_out") and hasattr(m, "keypoint_maps")
+
+
+def test_pretrain_refuses_a_new_trunk_size_on_an_init_checkpoint(run_dir, tmp_path):
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "run"),
+                              "--init", str(run_dir / "run" / "model"), "--n-layers", "6", "--steps", "1"])
+    assert res.exit_code != 0 and "fixes the trunk's size; --n-layers can only start a model from scratch" in res.output
+    assert not (tmp_path / "run").exists()
 
 
 class _FakeEnv:

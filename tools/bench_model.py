@@ -3,6 +3,8 @@ and the closed-loop success table (base vs held-out) from eval logs.
 
 Usage: .venv/bin/python tools/bench_model.py [--model DIR] [--base-eval runs/pretrain/eval.json]
                                              [--heldout-eval runs/heldout_eval.json] [--out docs/model.md]
+       .venv/bin/python tools/bench_model.py --trunks 'd_model=192,n_heads=12;n_layers=6'   (what a bigger trunk
+           costs a training step against the model's own, measured side by side; a section of its own)
 """
 
 from __future__ import annotations
@@ -55,6 +57,72 @@ def stock_kernels(model):
     return stock
 
 
+def train_step_s(model, batch: dict, steps: int = 8) -> list[float]:
+    """Seconds of each training step after the first (bf16 autocast where the CPU has the units, as pretraining)."""
+    opt, times, bf16 = torch.optim.AdamW(model.parameters(), 1e-4), [], cpu_has_bf16()
+    model.train()
+    for i in range(steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def parse_trunks(spec: str) -> list[dict[str, int]]:
+    """'d_model=192,n_heads=12;n_layers=6' -> [{'d_model': 192, 'n_heads': 12}, {'n_layers': 6}]."""
+    allowed = {"d_model", "n_layers", "n_heads", "head_dim", "n_kv_heads"}
+    out = []
+    for part in filter(None, spec.split(";")):
+        d = {}
+        for kv in part.split(","):
+            k, _, v = kv.partition("=")
+            if k.strip() not in allowed or not v.strip().isdigit():
+                raise SystemExit(f"--trunks: {kv!r} is not one of {sorted(allowed)}=<int>")
+            d[k.strip()] = int(v)
+        out.append(d)
+    return out
+
+
+def trunk_costs(model, trunks: list[dict[str, int]], rounds: int = 3) -> str:
+    """A section: each candidate trunk (randomly initialised, otherwise the model's config) against the model's
+    own, parameters, FLOPs and training-step time, the step times measured in interleaved rounds."""
+    from dataclasses import replace
+
+    from edge_steer.models import EdgeVLA
+    models = {"shipped": model}
+    for t in trunks:   # as many kv heads as query heads unless the spec says (the shipped model has no GQA)
+        models[", ".join(f"{k}={v}" for k, v in t.items())] = EdgeVLA(
+            replace(model.config, **{"n_kv_heads": t.get("n_heads", model.config.n_heads), **t}))
+    xb = fake_batch(model, 64)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):   # interleaved, so a slow spell of the machine lands on every model
+        for name, m in models.items():
+            times[name] += train_step_s(m, xb)
+    ref = statistics.median(times["shipped"])
+    lines = ["## Trunk sizes: what a wider or deeper model costs (issue 3)", "",
+             f"Command: `.venv/bin/python tools/bench_model.py --trunks '{';'.join(','.join(f'{k}={v}' for k, v in t.items()) for t in trunks)}'`"
+             f" at commit `{git_commit()}`, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch 64, "
+             f"{'bf16 autocast' if cpu_has_bf16() else 'fp32'}, median of {len(times['shipped'])} steps each "
+             "(interleaved rounds); candidates randomly initialised.", "",
+             "| trunk | layers x heads x dims, d_model | addressable heads | parameters | MFLOP per batch-1 forward "
+             "| step (s) | x shipped |", "|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        c = m.config
+        x1 = m.prepare(fake_batch(m, 1))
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m.eval()(**x1)
+        step = statistics.median(times[name])
+        lines.append(f"| {name} | {c.n_layers} x {c.n_heads} x {c.head_dim}, {c.d_model} | {c.n_layers * c.n_heads} "
+                     f"| {sum(p.numel() for p in m.parameters()):,} | {fc.get_total_flops() / 1e6:.1f} | {step:.3f} "
+                     f"| {step / ref:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
@@ -62,9 +130,16 @@ def main() -> None:
     ap.add_argument("--heldout-eval", default=None)
     ap.add_argument("--train-log", default=None, help="history.json of the pretraining run")
     ap.add_argument("--out", default="docs/model.md")
+    ap.add_argument("--trunks", default=None, help="only price these trunks against the model's: "
+                    "'d_model=192,n_heads=12;n_layers=6' (keys d_model, n_layers, n_heads, head_dim, n_kv_heads)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(args.model).eval()
+    if args.trunks:
+        text = trunk_costs(model, parse_trunks(args.trunks))
+        print(text)
+        upsert_section(args.out, text)
+        return
     n_params = sum(p.numel() for p in model.parameters())
     x1 = fake_batch(model, 1)
     inputs = model.prepare(x1)
@@ -85,19 +160,11 @@ def main() -> None:
     # see one machine
     bf16 = cpu_has_bf16()
     xb = fake_batch(model, 64)
-    runs = {k: (m.train(), torch.optim.AdamW(m.parameters(), 1e-4), [])
-            for k, m in (("ours", model), ("stock", stock_kernels(model)))}
-    for i in range(8):
-        for m, opt, times in runs.values():
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = m.loss(xb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - t0)
-    sps, stock_sps = (64 / statistics.median(runs[k][2]) for k in ("ours", "stock"))
+    runs = {"ours": (model, []), "stock": (stock_kernels(model), [])}
+    for _ in range(2):   # interleaved rounds, so both see one machine
+        for m, times in runs.values():
+            times += train_step_s(m, xb, steps=5)
+    sps, stock_sps = (64 / statistics.median(runs[k][1]) for k in ("ours", "stock"))
     size_mb = sum(f.stat().st_size for f in Path(args.model).iterdir()) / 1e6
     c = model.config
     lines = ["## The reference VLA (issue 3)", "",
