@@ -161,8 +161,10 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
              init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
              d_model: Optional[int] = typer.Option(None, min=16, help="trunk width (default: the config's 128)"),
-             n_layers: Optional[int] = typer.Option(None, min=1, help="trunk depth (default: the config's 4)"),
-             n_heads: Optional[int] = typer.Option(None, min=1, help="query heads per layer (default: the config's 8)"),
+             n_layers: Optional[int] = typer.Option(None, min=1, help="trunk depth (default: the config's 4); with "
+                                                    "--init, more layers than it has grow it (new ones start as identity)"),
+             n_heads: Optional[int] = typer.Option(None, min=1, help="query heads per layer (default: the config's 8); "
+                                                   "with --init, more grow it (new heads start with zero output)"),
              head_dim: Optional[int] = typer.Option(None, min=4, help="dims per head (default: the config's 16)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
              workers: int = typer.Option(2, min=1)) -> None:
@@ -184,10 +186,12 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     trunk = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim).items()
              if v is not None}
     start = _load(init) if init is not None else None
-    if start is not None and trunk:
-        _fail(f"--init {init} fixes the trunk's size; --{', --'.join(k.replace('_', '-') for k in trunk)} "
-              "can only start a model from scratch")
+    if start is not None and (fixed := [k for k in ("d_model", "head_dim") if k in trunk]):
+        _fail(f"--init {init} fixes the trunk's width; --{', --'.join(k.replace('_', '-') for k in fixed)} "
+              "can only start a model from scratch (--n-layers / --n-heads grow it)")
     try:
+        if start is not None and trunk:
+            start = start.grown(trunk.get("n_layers"), trunk.get("n_heads"))
         if start is not None:
             cfg = _replace(start.config, state_dropout=state_dropout, scene_aux=scene_aux)
         else:

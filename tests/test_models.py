@@ -372,3 +372,25 @@ def test_trunk_costs_prices_each_candidate_against_the_model(monkeypatch):
     assert rows["n_layers=3"][-1] == "1.50x"
     wider = EdgeVLA(EdgeVLAConfig(**{**TINY, "d_model": 64, "n_heads": 8, "n_kv_heads": 8}))
     assert rows["d_model=64, n_heads=8"][2] == f"{sum(p.numel() for p in wider.parameters()):,}"
+
+
+def test_a_grown_model_computes_what_it_grew_from_and_then_trains_its_new_parts():
+    small = tiny(keypoints=4, scene_aux=1.0, state_dropout=0.3)
+    small.action_std.fill_(3.0)
+    big = small.grown(n_layers=3, n_heads=6)
+    c = big.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.keypoints, c.scene_aux) == (3, 6, 6, 4, 1.0)
+    assert len(big.heads()) == 18 and float(big.action_std[0]) == 3.0
+    b = batch(small)
+    small.eval(), big.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(big(**big.prepare(b)), small(**small.prepare(b)), rtol=0, atol=1e-5)
+    # the new parts are not dead: one step moves the new heads' o columns and the new layer's outputs
+    big.train()
+    big.loss(b).backward()
+    assert big.blocks[0].attn.o_proj.weight.grad[:, 32:].abs().sum() > 0
+    assert big.blocks[2].mlp[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="can only grow"):
+        big.grown(n_layers=2)
+    with pytest.raises(ValueError, match="grouped-query"):
+        tiny(n_kv_heads=2).grown(n_heads=8)

@@ -90,11 +90,21 @@ def test_pretrain_with_keypoints_state_dropout_and_scene_loss(run_dir, tmp_path)
     assert len(m.heads()) == 12 and hasattr(m, "scene_out") and hasattr(m, "keypoint_maps")
 
 
-def test_pretrain_refuses_a_new_trunk_size_on_an_init_checkpoint(run_dir, tmp_path):
-    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "run"),
-                              "--init", str(run_dir / "run" / "model"), "--n-layers", "6", "--steps", "1"])
-    assert res.exit_code != 0 and "fixes the trunk's size; --n-layers can only start a model from scratch" in res.output
-    assert not (tmp_path / "run").exists()
+def test_pretrain_grows_an_init_checkpoint_deeper_and_refuses_to_widen_it(run_dir, tmp_path):
+    from edge_steer.models import EdgeVLA
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "deep"),
+                              "--init", str(run_dir / "run" / "model"), "--n-layers", "5", "--n-heads", "10",
+                              "--steps", "1", "--batch-size", "4", "--eval-episodes", "0"])
+    assert res.exit_code == 0, res.output
+    c = EdgeVLA.from_pretrained(tmp_path / "deep" / "model").config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.d_model) == (5, 10, 10, 128)
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "wide"),
+                              "--init", str(run_dir / "run" / "model"), "--d-model", "192", "--steps", "1"])
+    assert res.exit_code != 0 and "fixes the trunk's width; --d-model can only start a model from scratch" in res.output
+    assert not (tmp_path / "wide").exists()
+    res = runner.invoke(app, ["pretrain", "--data", str(run_dir / "data"), "--out", str(tmp_path / "less"),
+                              "--init", str(run_dir / "run" / "model"), "--n-layers", "2", "--steps", "1"])
+    assert res.exit_code != 0 and "can only grow" in res.output
 
 
 class _FakeEnv:

@@ -300,6 +300,37 @@ class EdgeVLA(nn.Module):
         self.train(was_training)
         return action_chunk(out[0].numpy(), self.action_mean.numpy(), self.action_std.numpy())
 
+    def grown(self, n_layers: int | None = None, n_heads: int | None = None) -> "EdgeVLA":
+        """A copy with more layers and/or more heads per layer that computes exactly what this model does.
+
+        New heads get fresh q/k/v rows and zero o columns; new layers (appended after the last) get zero
+        attention-output and MLP-output weights, so each is the identity through its residual path. Training
+        then starts from this model's skills instead of from scratch (issue 3: a bigger trunk without
+        repeating the whole pretraining chain)."""
+        from dataclasses import replace
+        c = self.config
+        n_layers, n_heads = n_layers or c.n_layers, n_heads or c.n_heads
+        if n_layers < c.n_layers or n_heads < c.n_heads:
+            raise ValueError(f"can only grow: {c.n_layers} layers x {c.n_heads} heads -> {n_layers} x {n_heads}")
+        if n_heads != c.n_heads and c.n_kv_heads != c.n_heads:
+            raise ValueError("growing the heads of a grouped-query model is not supported")
+        new = EdgeVLA(replace(c, n_layers=n_layers, n_heads=n_heads,
+                              n_kv_heads=n_heads if c.n_kv_heads == c.n_heads else c.n_kv_heads))
+        target = new.state_dict()      # references to new's tensors: writing them writes the model
+        with torch.no_grad():
+            for name, t in self.state_dict().items():
+                dst = target[name]
+                if name.endswith("o_proj.weight"):       # (d_model, heads * head_dim): new heads' columns zero
+                    dst.zero_()
+                    dst[:, :t.shape[1]] = t
+                else:                                    # q/k/v rows of new heads keep their fresh init
+                    dst[tuple(slice(0, n) for n in t.shape)] = t
+            for block in new.blocks[c.n_layers:]:
+                for out in (block.attn.o_proj, block.mlp[2]):
+                    out.weight.zero_()
+                    out.bias.zero_()
+        return new
+
     # --- persistence -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """sha256 over parameter names, shapes and bytes: identifies the weights, not the file."""
