@@ -105,8 +105,11 @@ def test_quick_adaptation_benchmark_end_to_end(tmp_path):
     steer = [c for c in cells if c["method"] == "steer"]
     assert len(steer) == 1 and steer[0]["episodes"] == 4 and steer[0]["robustness"] == {}
     assert (run_dirs[0] / "model").exists() and len(cells) == 3
-    # a larger K later finds the 2-demo set too small and records it again at 3, instead of training on 2
+    # a larger K later finds the 2-demo set too small and records it again at 3, instead of training on 2;
+    # but only once a fit needs it: zero-shot alone records nothing
     res = runner.invoke(app, [str(a) for a in args[:-6] + ["--shots", "2,3", "--methods", "zero-shot"]])
+    assert res.exit_code == 0 and "recording" not in res.output, res.output
+    res = runner.invoke(app, [str(a) for a in args[:-6] + ["--shots", "3", "--methods", "lora"]])
     assert res.exit_code == 0 and "recording 3 demos" in res.output, res.output
     info = json.loads((tmp_path / "run" / "demos" / "purple_cylinder_in_yellow_bowl_seed0" / "meta" / "info.json").read_text())
     assert info["total_episodes"] == 3
@@ -267,10 +270,11 @@ def test_dry_run_counts_what_is_left_and_runs_and_writes_nothing(tmp_path, monke
     said = []
     adapt.run(cfg, tmp_path, say=said.append, dry_run=True)
     # seed 0: steer has its episodes but not the robustness runs asked, lora is short of episodes, and both
-    # models are gone (left without --refit); zero-shot new; seed 1: all three new, each with its robustness runs
+    # models are gone (left without --refit, so seed 0 fits nothing and needs no demos); zero-shot new;
+    # seed 1: all three new, each with its robustness runs
     untimed = "; no cell here is timed yet (cells from before 2026-12-07 are not), so no estimate"
     assert said == ["dry run, nothing run or written; left to do: 2 cells short of episodes or robustness runs, left "
-                    f"without --refit, 2 demo sets, 16 episodes, 1 lora fine-tunes, {4 * len(PERTURBATIONS)} perturbed "
+                    f"without --refit, 1 demo sets, 16 episodes, 1 lora fine-tunes, {4 * len(PERTURBATIONS)} perturbed "
                     "episodes, 1 steer fine-tunes" + untimed]   # 4 cells, each run once under every perturbation
     assert (tmp_path / "cells.json").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cells.json"]
     said.clear()

@@ -399,14 +399,8 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     for task in variants:
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
-            if _demo_count(demos) < max(cfg.shots):
-                # a set recorded for a smaller K is re-recorded whole: same seed, so its first episodes are the same
-                if dry_run:
-                    work["demo sets"] += 1
-                else:
-                    say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
-                    shutil.rmtree(demos, ignore_errors=True)
-                    generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(), workers=cfg.workers)
+            # recorded when the first fit needs them: a (variant, seed) whose cells are all done needs none
+            demos_ready = _demo_count(demos) >= max(cfg.shots)
             for k in cfg.shots:
                 for method in cfg.methods:
                     sweep = method_arms(arms, method)
@@ -448,6 +442,16 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             evaluate_cell(cell, base_dir, task)
                             record(cell)
                             continue
+                        if not demos_ready:
+                            # a set recorded for a smaller K is re-recorded whole: same seed, same first episodes
+                            if dry_run:
+                                work["demo sets"] += 1
+                            else:
+                                say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
+                                shutil.rmtree(demos, ignore_errors=True)
+                                generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(),
+                                               workers=cfg.workers)
+                            demos_ready = True
                         if dry_run:
                             work[f"{method} fine-tunes"] += 1
                             evaluate_cell(cell, run_dir / "model", task)
