@@ -159,7 +159,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
              keypoints: int = typer.Option(0, min=0, help="spatial-softmax keypoint token per camera with K maps (0 = none)"),
              scene_aux: float = typer.Option(0.0, min=0.0, help="weight of the auxiliary pick/goal position loss (sim demos)"),
              augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
-             init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (same architecture)"),
+             init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (its architecture, or grown by --n-layers / --n-heads)"),
              d_model: Optional[int] = typer.Option(None, min=16, help="trunk width (default: the config's 128)"),
              n_layers: Optional[int] = typer.Option(None, min=1, help="trunk depth (default: the config's 4); with "
                                                     "--init, more layers than it has grow it (new ones start as identity)"),
