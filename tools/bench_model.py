@@ -57,6 +57,13 @@ def stock_kernels(model):
     return stock
 
 
+def forward_flops(model, inputs: dict) -> int:
+    """FLOPs of one forward pass on `inputs` (already prepared)."""
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(**inputs)
+    return fc.get_total_flops()
+
+
 def train_step_s(model, batch: dict, steps: int = 8) -> list[float]:
     """Seconds of each training step after the first (bf16 autocast where the CPU has the units, as pretraining)."""
     opt, times, bf16 = torch.optim.AdamW(model.parameters(), 1e-4), [], cpu_has_bf16()
@@ -113,12 +120,10 @@ def trunk_costs(model, trunks: list[dict[str, int]], rounds: int = 3) -> str:
              "| step (s) | x shipped |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         c = m.config
-        x1 = m.prepare(fake_batch(m, 1))
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            m.eval()(**x1)
+        flops = forward_flops(m.eval(), m.prepare(fake_batch(m, 1)))
         step = statistics.median(times[name])
         lines.append(f"| {name} | {c.n_layers} x {c.n_heads} x {c.head_dim}, {c.d_model} | {c.n_layers * c.n_heads} "
-                     f"| {sum(p.numel() for p in m.parameters()):,} | {fc.get_total_flops() / 1e6:.1f} | {step:.3f} "
+                     f"| {sum(p.numel() for p in m.parameters()):,} | {flops / 1e6:.1f} | {step:.3f} "
                      f"| {step / ref:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -143,9 +148,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     x1 = fake_batch(model, 1)
     inputs = model.prepare(x1)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(**inputs)
-    flops = fc.get_total_flops()
+    flops = forward_flops(model, inputs)
     lat = []
     with torch.no_grad():
         for _ in range(10):

@@ -90,7 +90,7 @@ def main() -> None:
                 only_ref += theirs[seed] and not mine[seed]
         fitted = [got[k] for k in keys if got[k].method != "zero-shot"]
         ft = [c.finetune_s for c in fitted]
-        pooled = pools_machines(c.machine for c in fitted) if fitted else False
+        pooled = pools_machines(c.machine for c in fitted)
         pooled_any |= pooled
         print(f"{method + ':' + arm:28s} " + " ".join(f"{per_var[v]:>10d}" for v in variants)
               + f"   {s:3d}/{n} {100 * s / n:5.1f} %  {100 * lo:3.0f}-{100 * hi:3.0f} %"

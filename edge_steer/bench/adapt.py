@@ -693,10 +693,6 @@ POOLED_FIT_TIMES = ("fit times over more than one machine, or on machines the ce
                     "across these rows.")
 
 
-def _pools_machines(row: dict[str, Any]) -> bool:
-    return pools_machines(row["fit_machines"])
-
-
 def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: str) -> str:
     lines = [f"Command: `{command}` at commit `{commit}`.", "",
              f"Config: {len(cfg.variants) or 'all'} variants, K in {list(cfg.shots)}, seeds {list(cfg.seeds)}, "
@@ -720,9 +716,9 @@ def markdown(summary: dict[str, Any], cfg: AdaptConfig, command: str, commit: st
                                        for n in PERTURBATIONS) + " |"
             lines.append(f"| {r['shots']} | {r['method']} | {100 * r['success']:.1f} % | "
                          f"{100 * r['ci'][0]:.0f}–{100 * r['ci'][1]:.0f} % | {r['n']} | {r['trainable_params']:,.0f} | "
-                         f"{r['finetune_s']:.0f}{' †' if _pools_machines(r) else ''} | {r['peak_rss_mb']:.0f} |{rob}")
+                         f"{r['finetune_s']:.0f}{' †' if pools_machines(r['fit_machines']) else ''} | {r['peak_rss_mb']:.0f} |{rob}")
         lines.append("")
-    if any(map(_pools_machines, summary["rows"])):
+    if any(pools_machines(r["fit_machines"]) for r in summary["rows"]):
         lines += [f"† {POOLED_FIT_TIMES}", ""]
     if summary["ablations"]:
         seeds = ", ".join(map(str, cfg.sweep_seeds))
