@@ -284,3 +284,21 @@ def test_an_expert_taking_over_a_gripper_shut_on_nothing_opens_it_and_starts_ove
         labels = []
         assert run_expert_episode(env, lambda obs, a: labels.append(a), expert=expert)
         assert labels[0][6] == 0.0
+
+
+def test_an_expert_taking_over_a_cube_gripped_off_its_faces_carries_it_on(monkeypatch):
+    """A policy that does not turn the hand grips a cube across its corners: the fingers stand wider
+    than the cube's side, yet it holds. The expert taking over must carry it on, not open the gripper
+    (which taught the policy to let go of such grasps)."""
+    import edge_steer.sim.expert as expert_mod
+    with SimEnv(get_task("red_cube_on_blue_plate"), 8) as env:   # the cube stands 44 degrees off square
+        with monkeypatch.context() as m:
+            m.setattr(expert_mod, "_grasp_yaw", lambda env: 0.0)   # a hand that never turns
+            _drive_expert_until(env, 4)
+        width = env.world.gripper_width
+        assert width > expert_mod.grasp_width(env) + 0.006, "not gripped off its faces: the test shows nothing"
+        expert = expert_mod.ScriptedExpert.resume(env)
+        assert expert.phase == 3
+        labels = []
+        assert run_expert_episode(env, lambda obs, a: labels.append(a), expert=expert)
+        assert labels[0][6] == 1.0

@@ -48,9 +48,16 @@ def _grasp_yaw(env: SimEnv) -> float:
 
 
 def grasp_width(env: SimEnv) -> float:
-    """Width of the instructed object between the fingers (m)."""
+    """Width of the instructed object between the fingers (m), grasped square to a face."""
     o = env.task.obj
     return 2 * min(o.radius, o.half_height)
+
+
+def widest_hold(env: SimEnv) -> float:
+    """The widest the fingers stand on a held object (m): a cube gripped off its faces, as a policy
+    that does not turn the hand grips it, spans up to its diagonal, and physics holds it so."""
+    w = grasp_width(env)
+    return w * np.sqrt(2.0) if env.task.obj.shape == "cube" else w
 
 
 def plan(env: SimEnv) -> list[Waypoint]:
@@ -116,7 +123,7 @@ class ScriptedExpert:
             tcp = env.world.tcp_pose()[0]
             width = env.world.gripper_width
             obj = env.world.object_pos(0)
-        held = (env.gripper_closed and ex.MISS_SHARE * ex.width < width <= ex.width + 0.006
+        held = (env.gripper_closed and ex.MISS_SHARE * ex.width < width <= widest_hold(env) + 0.006
                 and np.linalg.norm(obj - tcp) < 0.025)
         if held:
             place = wps[5].pos
