@@ -559,3 +559,18 @@ def test_robustness_drops_are_measured_against_the_same_scenes_clean():
     assert lora["robustness_clean"] == {"distractors": 0.5}          # no log: the cell's rate stands in
     text = markdown(summarise([with_rob, without, no_log]), AdaptConfig.quick(), "cmd", "abc")
     assert "| 20 | steer | 14.3 % |" in text and "– / 100 → 60 % / – / –" in text
+
+
+def test_the_machine_description_names_the_cpu_its_cores_and_widest_vector_units(tmp_path):
+    """One description for every benchmark header and every cell: the CPU model and its widest units from
+    cpuinfo (the first processor's), and the platform's name where there is no cpuinfo."""
+    import os
+
+    from edge_steer.bench.docs import this_machine
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu amx_tile\n")
+    assert this_machine(info) == f"Test CPU 9000, {os.cpu_count()} cores, AVX512-BF16"
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse4_2\n")
+    assert this_machine(info) == f"Old CPU, {os.cpu_count()} cores"
+    assert this_machine(tmp_path / "missing").endswith(f", {os.cpu_count()} cores")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import git_commit, upsert_section
+from _report import git_commit, this_machine, upsert_section
 
 from edge_steer.export import OnnxExportConfig, export_onnx
 from edge_steer.export.onnx_export import example_inputs
@@ -173,7 +173,7 @@ def main() -> None:
              f"--iters {args.iters} --threads {args.threads}` (commit {git_commit()}, {time.strftime('%Y-%m-%d')}).",
              f"Model: {which}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
              f"{c.n_layers} layers, language `{c.language}`, {len(c.cameras)} cameras at {c.image_size} px.",
-             f"CPU: {os.cpu_count()} cores; onnxruntime ORT_ENABLE_ALL, sequential, no thread spinning. Load average: "
+             f"CPU: {this_machine()}; onnxruntime ORT_ENABLE_ALL, sequential, no thread spinning. Load average: "
              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; another job was training on this machine, "
              "so absolute times are noisy; the rounds interleave the backends so both see the same load).", "",
              "| batch-1 latency, graph only (normalised inputs) | p50 ms | p99 ms | p50 vs best torch |", "|---|---|---|---|"]

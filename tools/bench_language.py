@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import git_commit, upsert_section  # noqa: E402
+from _report import git_commit, this_machine, upsert_section  # noqa: E402
 
 # Words and phrases of the base-task instructions, each replaced by one no base-task demo uses.
 REWORDING = [("to the left of", "on the left side of"), ("to the right of", "on the right side of"),
@@ -139,7 +139,7 @@ def _section(args, result: dict) -> str:
     cmd = " ".join(["tools/bench_language.py", "--data", args.data, "--steps", str(args.steps),
                     "--episodes", str(args.episodes), "--seed", str(args.seed)])
     t = result["baseline_training"]
-    lines = [f"Command: `.venv/bin/python {cmd}` at commit `{git_commit()}`, 2 CPU cores "
+    lines = [f"Command: `.venv/bin/python {cmd}` at commit `{git_commit()}`, {this_machine()} "
              f"({result['seconds'] / 60:.0f} min).", "",
              f"Both models share every vision, trunk and action weight of `{Path(result['model']).name}`; the "
              f"`embedding` one replaces the frozen MiniLM features by a trained token table and was then fine-tuned "

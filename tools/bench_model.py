@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import git_commit, upsert_section
+from _report import git_commit, this_machine, upsert_section
 from torch.utils.flop_counter import FlopCounterMode
 
 from edge_steer.models import DEFAULT_MODEL_DIR, load_model
@@ -113,7 +113,7 @@ def trunk_costs(model, trunks: list[dict[str, int]], rounds: int = 3) -> str:
     ref = statistics.median(times["shipped"])
     lines = ["## Trunk sizes: what a wider or deeper model costs (issue 3)", "",
              f"Command: `.venv/bin/python tools/bench_model.py --trunks '{';'.join(','.join(f'{k}={v}' for k, v in t.items()) for t in trunks)}'`"
-             f" at commit `{git_commit()}`, {os.cpu_count()} CPU cores, torch {torch.__version__}, batch 64, "
+             f" at commit `{git_commit()}`, {this_machine()}, torch {torch.__version__}, batch 64, "
              f"{'bf16 autocast' if cpu_has_bf16() else 'fp32'}, median of {len(times['shipped'])} steps each "
              "(interleaved rounds); candidates randomly initialised.", "",
              "| trunk | layers x heads x dims, d_model | addressable heads | parameters | MFLOP per batch-1 forward "
@@ -175,7 +175,7 @@ def main() -> None:
              + (f" --base-eval {args.base_eval}" if args.base_eval else "")
              + (f" --heldout-eval {args.heldout_eval}" if args.heldout_eval else "")
              + (f" --train-log {args.train_log}" if args.train_log else "")
-             + f"` at commit `{git_commit()}`, {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
+             + f"` at commit `{git_commit()}`, {this_machine()}, torch {torch.__version__}.", "",
              "| figure | value |", "|---|---|",
              f"| architecture | {c.n_layers} layers x {c.n_heads} heads (kv heads {c.n_kv_heads}) x {c.head_dim} dims, "
              f"d_model {c.d_model}, {len(c.cameras)} cameras at {c.image_size} px -> {c.patches_per_camera} patches each, "

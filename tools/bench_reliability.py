@@ -1049,7 +1049,7 @@ def _fmt(x, nd: int = 1) -> str:
 def write_report(r: dict, path: Path, command: str) -> None:
     L = ["# Reliability and security of `edge-steer serve`", "",
          f"Command: `{command}`  ",
-         f"Commit: {r['commit']}; machine: {r['cpus']} CPU cores, no GPU "
+         f"Commit: {r['commit']}; machine: {r.get('machine') or str(r['cpus']) + ' CPU cores'}, no GPU "
          f"(1-minute load average {r['loadavg'][0]:.1f} at the start, {r['loadavg_end'][0]:.1f} at the end). "
          f"Total wall time {r['wall_s']:.0f} s. Short durations by design ({r['seconds']:.0f} s per load level) "
          "to limit the load on a shared 2-core machine; rerun with `--seconds 60` on the robot PC.", "",
@@ -1197,9 +1197,9 @@ def main() -> None:
     import tempfile
 
     sys.path.insert(0, str(ROOT / "tools"))
-    from _report import git_commit
+    from _report import git_commit, this_machine
     t_start = time.perf_counter()
-    r: dict[str, Any] = {"commit": git_commit(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+    r: dict[str, Any] = {"commit": git_commit(), "machine": this_machine(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                          "seconds": args.seconds}
     tmp = Path(tempfile.mkdtemp(prefix="edge_steer_rel_"))
     print("fuzzing the decoder", file=sys.stderr)

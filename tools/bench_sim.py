@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
 
 import numpy as np
 
-from _report import git_commit, upsert_section
+from _report import git_commit, this_machine, upsert_section
 
 from edge_steer.sim.camera import SceneRenderer
 from edge_steer.sim.demos import generate_demos
@@ -89,7 +88,7 @@ def main() -> None:
         "## Simulation (issue 2)",
         "",
         f"Command: `.venv/bin/python tools/bench_sim.py --episodes {args.episodes}` at commit `{commit}`, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, MUJOCO_GL={os.environ.get('MUJOCO_GL')}.",
+        f"{this_machine()}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}.",
         f"Scene: `{TASK}` (arm + 5 objects), timestep 1 ms.",
         "",
         "| figure | value |",

@@ -16,8 +16,6 @@ on every K and seed like the main arms, and under the perturbations, so one comm
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import shutil
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_steer.bench.docs import this_machine
 from edge_steer.files import atomic_write_text
 
 METHODS = ("zero-shot", "steer", "lora", "full")
@@ -117,24 +116,6 @@ class Cell:
     eval_s: float = 0.0                     # wall seconds of the evaluation episodes timed (clean and perturbed)
     eval_episodes: int = 0                  # how many episodes eval_s covers (0 in cells from before it was kept)
     machine: str = ""                       # the CPU whose seconds finetune_s and eval_s are ("": not recorded)
-
-
-def this_machine() -> str:
-    """The CPU seconds are measured on: model, cores and its widest vector units. Sessions' VMs differ about 3x in
-    speed (two "AMD EPYC, 2 cores" VMs did, one with AVX512-BF16), so fit and episode times are only compared or
-    pooled within one machine."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = set(info.get("flags", "").split())
-    units = next((name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
-                                          ("avx2", "AVX2")) if flag in flags), "")
-    name = info.get("model name") or platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores" + (f", {units}" if units else "")
 
 
 class ForeignCells(ValueError):

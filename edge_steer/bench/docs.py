@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
+from pathlib import Path
 
 
 def git_commit() -> str:
@@ -27,3 +29,21 @@ def upsert_section(path: str, text: str, title: str = "# Benchmarks") -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(body)
+
+
+def this_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU a benchmark's seconds are measured on: model, cores and its widest vector units, the one description
+    every result header and `bench adapt`'s cells carry. Sessions' VMs differ about 3x in speed (two "AMD EPYC,
+    2 cores" VMs did, one with AVX512-BF16), so times are only compared or pooled within one machine."""
+    info = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    units = next((name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                          ("avx2", "AVX2")) if flag in flags), "")
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores" + (f", {units}" if units else "")
