@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import git_commit, upsert_section  # noqa: E402
+from _report import git_commit, this_machine, upsert_section  # noqa: E402
 
 
 def main() -> None:
@@ -86,7 +86,8 @@ def main() -> None:
     lines = [
         "## Steering core (issue 4)", "",
         f"Command: `.venv/bin/python tools/bench_steering.py {' '.join(sys.argv[1:])}` at commit `{git_commit()}`, "
-        f"this 2-core CPU. Model `{model_dir.name}` ({doc['n_layers']} layers x {doc['n_heads']} heads), "
+        f"{this_machine()}. Model `{model_dir.name}` (`{doc['model_fingerprint'][:12]}`, {doc['n_layers']} layers x "
+        f"{doc['n_heads']} heads), "
         f"{args.shots} demos of `{args.task}`, {doc['demos']['frames']} probe frames.", "",
         "### Identification", "",
         "| estimate | wall s | forward passes (backward = 2) |", "|---|---|---|",
