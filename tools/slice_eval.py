@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_steer.sim.env import EnvConfig
+from edge_steer.sim.expert import face_yaw
 from edge_steer.sim.tasks import get_task
 
 VARIABLES = ("yaw", "distractor", "reach")
@@ -32,8 +33,7 @@ def scene_variables(task_name: str, seed: int) -> dict:
     task = get_task(task_name)
     scene = task.sample_scene(np.random.default_rng(seed), EnvConfig().image_size)
     obj = scene.spec.objects[0]
-    off_square = abs((obj.yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)
-    return {"yaw": float(np.degrees(off_square)) if obj.entity.shape == "cube" else None,
+    return {"yaw": float(np.degrees(abs(face_yaw(obj.yaw)))) if obj.entity.shape == "cube" else None,
             "distractor": ", ".join(p.entity.name for p in scene.spec.objects[2:]) or "none",
             "reach": float(np.linalg.norm(np.subtract(obj.xy, scene.goal_xy)))}
 

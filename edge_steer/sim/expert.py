@@ -39,12 +39,16 @@ class Waypoint:
         return rot_z(self.yaw) @ R_DOWN
 
 
+def face_yaw(yaw: float) -> float:
+    """A cube's yaw folded to the face closest to neutral, in [-pi/4, pi/4): the turn that squares the hand to it."""
+    return float((yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)
+
+
 def _grasp_yaw(env: SimEnv) -> float:
     if env.task.obj.shape != "cube":
         return 0.0
     m = env.world.object_mat(0)
-    yaw = np.arctan2(m[1, 0], m[0, 0])
-    return float((yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)  # the cube face closest to neutral
+    return face_yaw(np.arctan2(m[1, 0], m[0, 0]))
 
 
 def grasp_width(env: SimEnv) -> float:
