@@ -60,7 +60,7 @@ def served(tmp_path_factory, request):
         safety={"stale_frame_ms": 300.0, "camera_fault_ms": 1200.0, "inference_deadline_ms": 400.0,
                 "inference_stop_ms": 1000.0},
         record={"dir": str(tmp_path_factory.mktemp("rec") / "ds")},
-        robot={"stop_on_success": False}, realtime={"motion": request.param})
+        robot={"stop_on_success": False, "fresh_scene": False}, realtime={"motion": request.param})
     engine = FakeEngine()
     d = Daemon(cfg, engine=engine).start()
     c = Client(cmd, tel, timeout_ms=5000)
@@ -134,7 +134,7 @@ def test_fast_joints_fault_before_the_robot_reflex(daemon, monkeypatch):
     """The monitor checks joint speeds against `joint_velocity_share` of their limits; with a share so
     small that an ordinary 2 cm/s push exceeds it, the daemon faults and names the joint."""
     d, c, e = daemon
-    monkeypatch.setattr(d, "cfg", d.cfg.with_(safety={"joint_velocity_share": 0.005}))
+    monkeypatch.setattr(d.monitor, "cfg", d.cfg.with_(safety={"joint_velocity_share": 0.005}))
     c.instruct("push forward")
     wait_for(lambda: c.status()["state"] == "FAULT")
     assert c.status()["fault"].startswith("joint_velocity_margin: joint ")
@@ -293,7 +293,7 @@ def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
 
 
 def test_sim_success_counts_only_once_it_has_held_without_a_break():
-    from edge_steer.runtime.daemon import SuccessLatch
+    from edge_steer.runtime.monitor import SuccessLatch
     latch = SuccessLatch(0.3)
     # an instant of "resting" (t = 0), a break, then held from t = 0.2: done at t = 0.5, not before
     seen = [latch.update(ok, t) for ok, t in [(True, 0.0), (False, 0.1), (True, 0.2), (True, 0.4), (True, 0.5)]]

@@ -33,6 +33,9 @@ class RobotConfig:
     seed: int = 0
     stop_on_success: bool = True         # sim: RUNNING -> IDLE once the task's success predicate holds
     success_hold_s: float = 0.3          # ... without a break for this long (it is an instantaneous test)
+    # sim: every episode started from IDLE after the first begins in a fresh scene, the n-th with seed
+    # robot.seed + n (the `reset` command makes one at once); false: the cell stays as the last episode left it
+    fresh_scene: bool = True
     # sim: where SimPanda's 1 kHz loop runs. "process": its own interpreter, as libfranka's C++ loop is
     # outside Python's GIL on the robot; "thread": inside the daemon (as in data generation)
     sim_loop: str = "process"
