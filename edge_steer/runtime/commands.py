@@ -17,6 +17,7 @@ from edge_steer.runtime.statemachine import Event, Refused
 
 class CommandHost(Protocol):
     def apply(self, event: Event, **kwargs: Any) -> dict: ...
+    def scene(self) -> dict: ...
     def status(self) -> dict: ...
     def set_steering(self, path: Path | None, name: str | None) -> None: ...
     def set_recording(self, on: bool) -> dict: ...
@@ -54,7 +55,7 @@ class CommandHandlers:
         return self.host.apply(Event.RECOVER)
 
     def cmd_reset(self) -> dict:
-        return self.host.apply(Event.RESET)
+        return {**self.host.apply(Event.RESET), **self.host.scene()}
 
     def cmd_set_steering(self, task: str = "") -> dict:
         if task and ("/" in task or "\\" in task or task.startswith(".")):

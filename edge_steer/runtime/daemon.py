@@ -227,23 +227,27 @@ class Daemon:
             raise Refused("recover_failed", str(e)) from None
 
     def _fresh_scene(self, seed: int) -> None:
-        """Sim: open the cell again on scene `seed` and swap it in whole; the old one closes after. The
-        monitor finishes its current pass on the old plant before the swap (its lock)."""
+        """Sim: close the cell and open it again on scene `seed`. The old one closes first: its 1 kHz
+        physics and rendering would otherwise compete with the new one's start for the same cores. The
+        monitor is held off meanwhile (its lock); if the new scene cannot be opened the old seed's is."""
         log.info("fresh sim scene: seed %d", seed)
-        try:
-            new = open_plant(self.cfg, seed=seed)
-            try:
-                self.reading = new.start_controller()
-                new.start_loops(self.cfg)
-            except BaseException:
-                new.close()
-                raise
-        except Exception as e:  # noqa: BLE001 - the old scene stays
-            raise Refused("scene_failed", f"cannot open a fresh scene (seed {seed}): {type(e).__name__}: {e}") from None
-        old = self.plant
         with self.monitor.lock if self.monitor is not None else threading.Lock():
-            self.plant = new
-        old.close()
+            self.plant.close()
+            try:
+                self.plant = self._open_started(seed)
+            except Exception as e:  # noqa: BLE001 - back to a scene that opened before, then say why
+                self.plant = self._open_started(self.plant.seed)
+                raise Refused("scene_failed", f"cannot open a fresh scene (seed {seed}): {type(e).__name__}: {e}") from None
+
+    def _open_started(self, seed: int | None) -> Plant:
+        plant = open_plant(self.cfg, seed=seed)
+        try:
+            self.reading = plant.start_controller()
+            plant.start_loops(self.cfg)
+        except BaseException:
+            plant.close()
+            raise
+        return plant
 
     def _end_episode(self, success: bool | None, reason: str) -> None:
         if self.recording and self.recorder is not None:
@@ -287,6 +291,11 @@ class Daemon:
                     self._end_episode(None, "record_off")
                 self.recording = False
             return {"recording": self.recording, "dir": str(self.cfg.record.dir)}
+
+    def scene(self) -> dict:
+        """Sim: the scene's task, seed and number ({} on hardware)."""
+        cell = self.plant.sim
+        return {"task": cell.task.name, "seed": self.plant.seed, "scene": self.machine.scene} if cell else {}
 
     def request_shutdown(self) -> None:
         self.shutdown_requested.set()
@@ -357,6 +366,5 @@ class Daemon:
             out["recorder"] = {"dir": str(self.recorder.root), "saved_episodes": self.recorder.saved_episodes,
                                "dropped": self.recorder.dropped, "error": self.recorder.last_error}
         if self.plant.sim is not None:
-            out["sim"] = {"task": self.plant.sim.task.name, "seed": self.plant.seed, "scene": m.scene,
-                          "success": self.sim_success()}
+            out["sim"] = {**self.scene(), "success": self.sim_success()}
         return out

@@ -32,6 +32,10 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "shutdown": {},
 }
 ENVELOPE = {"v", "cmd", "id"}
+# commands whose reply may take seconds: in sim, `instruct` (a new episode in a fresh scene) and `reset`
+# reopen the cell (2-4 s on 2 cores), `recover` restarts the controller. Clients wait this long for them.
+SLOW_COMMANDS = frozenset({"instruct", "reset", "recover"})
+SLOW_REPLY_MS = 20_000
 # what any authenticated client may send: look, or make the arm stop. The rest can move the arm, and
 # with zmq.curve_operator_keys set only operators may send it (anyone must be able to stop a robot)
 OBSERVER_COMMANDS = frozenset({"status", "pause", "stop", "estop"})
