@@ -381,3 +381,100 @@ def test_an_estop_waiting_behind_other_requests_is_answered_first():
     # an instruction whose text is "estop" is only moved up, never mistaken for one
     assert d.order == ["status", "instruct estop", "estop", "status", "pause"]
     assert ids == [0, 2, 3, 1, None, 4]       # every request answered, the malformed one with an error
+
+
+def test_pause_holds_the_pose_it_was_paused_at(daemon):
+    """Pause re-anchors the hold at the measured pose: the arm stops where it is instead of going on to
+    the last commanded target, which the impedance controller trails (docs/serve.md, "Pause and e-stop").
+    Before, at 2 cm/s the arm went on 2.5-3 mm after the pause's reply; now it stops within braking."""
+    d, c, e = daemon
+    e.dx = 0.004                                       # 4 cm/s
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 8)
+    time.sleep(0.3)
+    c.pause()
+    p_paused = np.array(d.robot.read().position)
+    time.sleep(1.0)
+    drift = np.linalg.norm(np.array(d.robot.read().position) - p_paused)
+    lag = np.linalg.norm(np.array(d.setpoint.commanded[0]) - p_paused)
+    assert drift < 2.5e-3 and lag < 1.5e-3, (drift, lag)
+    c.stop()
+
+
+def test_reset_opens_a_fresh_scene_and_a_new_instruction_starts_in_one(daemon, monkeypatch):
+    """Sim: `reset` reopens the cell on the next seed, the arm back at its start; with robot.fresh_scene
+    an instruction from IDLE after an episode does the same before it starts (docs/protocol.md, Sim)."""
+    import dataclasses
+    d, c, e = daemon
+    seed0, start = c.status()["sim"]["seed"], None
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 3)
+    c.stop()
+    r = c.reset()
+    assert r == {"state": "IDLE", "task": d.cfg.robot.task, "seed": seed0 + 1, "scene": r["scene"]}, r
+    start = np.array(c.status()["tcp"][:3])
+    monkeypatch.setattr(d, "machine", dataclasses.replace(d.machine, fresh_scene=True))
+    c.instruct("push forward")
+    wait_for(lambda: np.linalg.norm(np.array(c.status()["tcp"][:3]) - start) > 5e-3)
+    c.stop()
+    assert c.instruct("push forward")["state"] == "RUNNING"      # a fresh scene first, then running
+    s = c.status()
+    assert s["sim"]["seed"] == seed0 + 2 and s["sim"]["scene"] == r["scene"] + 1
+    assert np.linalg.norm(np.array(s["tcp"][:3]) - start) < 0.1   # back near the start, not where it was pushed
+    c.stop()
+    with pytest.raises(ClientError, match="bad_state"):
+        c.instruct("push forward")
+        c.reset()                                                  # not under a running episode
+    c.stop()
+    monkeypatch.setattr(d, "machine", dataclasses.replace(d.machine, fresh_scene=False))
+
+
+def test_a_client_from_the_doc_alone(daemon):
+    """docs/protocol.md's words, pyzmq and msgpack only: DEALER and REQ framing, ids echoed in results
+    and errors, each command's result shape, telemetry keys."""
+    import zmq
+    d, c, e = daemon
+    endpoint, telemetry = d.cfg.zmq.command, d.cfg.zmq.telemetry
+    ctx = zmq.Context()
+    dealer, req, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.REQ), ctx.socket(zmq.SUB)
+    for s in (dealer, req, sub):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 20_000)
+    dealer.connect(endpoint)
+    req.connect(endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"telemetry")
+    sub.connect(telemetry)
+
+    def call(cmd, rid, **fields):
+        dealer.send_multipart([b"", msgpack.packb({"v": 1, "cmd": cmd, "id": rid, **fields})])
+        frames = dealer.recv_multipart()
+        assert len(frames) == 2 and frames[0] == b""
+        reply = msgpack.unpackb(frames[1])
+        assert reply["v"] == 1 and reply["id"] == rid
+        return reply
+
+    try:
+        req.send(msgpack.packb({"v": 1, "cmd": "status", "id": "via-req"}))
+        r = msgpack.unpackb(req.recv())
+        assert r["ok"] and r["id"] == "via-req" and r["result"]["state"] == "IDLE"
+        assert call("instruct", 1, text="push forward")["result"] == {"state": "RUNNING", "instruction": "push forward"}
+        assert call("pause", 2)["result"] == {"state": "PAUSED"}
+        assert call("start", 3)["result"] == {"state": "RUNNING"}
+        assert call("stop", 4)["result"] == {"state": "IDLE"}
+        assert call("estop", 5)["result"] == {"state": "FAULT", "controller": "stopped"}
+        assert call("recover", 6)["result"] == {"state": "IDLE"}
+        assert call("set_steering", 7, task="")["result"] == {"steering": None}
+        assert call("record", 8, on=False)["result"] == {"recording": False, "dir": d.cfg.record.dir}
+        for rid, msg, code in [(9, {"cmd": "fly"}, "unknown_command"), (10, {"cmd": "start", "v": 2}, "bad_version"),
+                               ("eleven", {"cmd": "instruct", "text": "a\x7fb"}, "bad_field"),
+                               (12, {"cmd": "instruct", "text": "x" * 70000}, "too_large")]:
+            dealer.send_multipart([b"", msgpack.packb({"v": 1, "id": rid, **msg})])
+            reply = msgpack.unpackb(dealer.recv_multipart()[-1])
+            assert reply["ok"] is False and reply["error"] == code and reply["id"] == rid and reply["reason"], reply
+        t = msgpack.unpackb(sub.recv_multipart()[-1])
+        assert {"v", "seq", "t", "state", "hold", "segment", "tcp", "q", "gripper_width", "setpoint", "chunk",
+                "chunks", "inference_ms", "missed_ticks"} == set(t)
+    finally:
+        for s in (dealer, req, sub):
+            s.close()
+        ctx.term()

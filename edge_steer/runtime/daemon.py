@@ -66,10 +66,8 @@ class Daemon:
             raise
         self.engine_lock = threading.Lock()
         self._lock = threading.RLock()
-        # the expert engine plans in the scene it was built on: fresh scenes need an engine without one
         sim = self.plant.sim is not None and self.plant.owned
-        self.machine = Machine(sim=sim, fresh_scene=sim and cfg.robot.fresh_scene
-                               and getattr(self.engine, "backend", "") != "expert")
+        self.machine = Machine(sim=sim, fresh_scene=sim and cfg.robot.fresh_scene)
         self.transitions: deque[dict] = deque(maxlen=50)
         self.steering: str | None = None
         self.recording = False
@@ -238,6 +236,10 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - back to a scene that opened before, then say why
                 self.plant = self._open_started(self.plant.seed)
                 raise Refused("scene_failed", f"cannot open a fresh scene (seed {seed}): {type(e).__name__}: {e}") from None
+            finally:
+                if getattr(self.engine, "backend", "") == "expert":   # it plans from the cell's privileged state
+                    with self.engine_lock:
+                        self.engine.cell = self.plant.sim
 
     def _open_started(self, seed: int | None) -> Plant:
         plant = open_plant(self.cfg, seed=seed)
