@@ -41,6 +41,12 @@ SLOW_REPLY_MS = 20_000
 OBSERVER_COMMANDS = frozenset({"status", "pause", "stop", "estop"})
 
 
+# every error code a reply may carry (docs/protocol.md, Replies); "internal" is a bug, so not listed
+ERROR_CODES = frozenset({"malformed", "too_large", "bad_version", "unknown_command", "bad_field", "bad_state",
+                         "no_instruction", "no_steering", "steering_failed", "recover_failed", "not_sim",
+                         "scene_failed", "forbidden"})
+
+
 class ProtocolError(ValueError):
     """A refused request; `id` is the request's id where it could be read (echoed in the error reply)."""
 
