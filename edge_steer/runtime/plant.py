@@ -90,7 +90,11 @@ class Plant:
         """Re-anchor the hold at the measured pose, so a paused arm stops where it is rather than going
         on to the last commanded target, which the impedance controller trails by millimetres. A pose the
         filter would refuse keeps the braking hold the stage already took."""
-        r = self.robot.read()
+        try:
+            r = self.robot.read()
+        except Exception as e:  # noqa: BLE001 - no reading (the monitor faults on it): the braking hold stays
+            log.warning("pause: cannot read the robot (%s); holding at the braking point", e)
+            return
         if np.isfinite(r.position).all() and np.isfinite(r.quat).all() and self.filter.inside(list(r.position)):
             self.setpoint.reset(r.position, r.quat)
 

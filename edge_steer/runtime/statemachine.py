@@ -75,7 +75,7 @@ class Machine:
     episode: int = 0                  # episodes begun so far
     scene: int = 0                    # sim scenes made so far after the first (its seed offset)
     scene_used: bool = False          # an episode has run in the current scene
-    sim: bool = False                 # the cell is simulated (RESET and fresh scenes exist)
+    sim: bool = False                 # a sim cell the daemon opened itself (so RESET and fresh scenes exist)
     fresh_scene: bool = False         # sim: every episode after the first starts in a fresh scene
 
 
@@ -158,7 +158,7 @@ def step(m: Machine, event: Event, *, text: str | None = None, start: bool = Tru
         return replace(_go(m, State.IDLE, "task_success", (Effect.END_EPISODE,)), success=True)
     if event == Event.RESET:
         if not m.sim:
-            raise Refused("not_sim", "reset makes a fresh sim scene; this daemon drives a real robot")
+            raise Refused("not_sim", "reset makes a fresh sim scene: this daemon drives a robot or a cell it cannot reopen")
         if s != State.IDLE:
             raise Refused("bad_state", f"reset needs IDLE (stop first), state is {s.value}")
         return Step(replace(m, scene=m.scene + 1, scene_used=False), (Effect.FRESH_SCENE,))
