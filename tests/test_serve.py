@@ -485,3 +485,24 @@ def test_a_client_from_the_doc_alone(daemon):
         for s in (dealer, req, sub):
             s.close()
         ctx.term()
+
+
+def test_serve_sim_ships_a_steering_delta_the_default_engine_loads():
+    """`serve --sim` points engine.steering_dir at the delta shipped with the embedded model, so
+    `set_steering` can be tried in sim; a run directory named by its task resolves to its delta."""
+    from edge_steer.runtime.commands import CommandHandlers
+    from edge_steer.runtime.engine import TorchEngine
+
+    cfg = ServeConfig.sim()
+    engine = TorchEngine.load()
+    loaded = []
+
+    class Host:
+        def set_steering(self, path, name):
+            engine.set_steering(path)
+            loaded.append(path)
+
+    handlers = CommandHandlers(Host(), cfg.engine.steering_dir)
+    assert handlers.cmd_set_steering("red_cube_in_front_of_blue_plate") == {"steering": "red_cube_in_front_of_blue_plate"}
+    assert loaded[-1].name == "steering.safetensors" and engine.metadata()["steering_hash"]
+    assert handlers.cmd_set_steering("") == {"steering": None} and engine.metadata()["steering_hash"] is None

@@ -67,6 +67,8 @@ class CommandHandlers:
             path = Path(self.steering_dir) / task
             if not path.exists():
                 raise Refused("no_steering", f"no steering delta for {task!r} at {path}")
+            if (path / "steering.safetensors").is_file():   # a finetune run directory named by its task
+                path = path / "steering.safetensors"
         self.host.set_steering(path, task or None)
         return {"steering": task or None}
 

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
+# a steering delta of the embedded model, shipped so `serve --sim` can try `set_steering`: one run directory
+# per task (docs/serve.md, "Steering in sim")
+SIM_STEERING_DIR = Path(__file__).resolve().parent.parent / "assets" / "steering"
+
+
 class ConfigError(ValueError):
     """A configuration the daemon refuses to start with; the message names the key."""
 
@@ -263,8 +268,9 @@ class ServeConfig:
 
     @classmethod
     def sim(cls, **overrides: Any) -> "ServeConfig":
-        """`serve --sim`: the simulated cell, two sim cameras, the default model, localhost sockets."""
-        return replace(cls(), **overrides).check()
+        """`serve --sim`: the simulated cell, two sim cameras, the default model and the steering delta
+        shipped for it (SIM_STEERING_DIR, so `set_steering` can be tried), localhost sockets."""
+        return replace(cls(engine=EngineConfig(steering_dir=str(SIM_STEERING_DIR))), **overrides).check()
 
     def with_(self, **sections: Any) -> "ServeConfig":
         """A copy with some sections' fields replaced: cfg.with_(zmq={"command": ...})."""
