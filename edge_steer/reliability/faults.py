@@ -236,7 +236,7 @@ def run_faults(cell: Cell, names: list[str] | None = None) -> list[FaultResult]:
 
 # ---- 2b. killing the daemon while it records (a separate process) -----------------------------------------
 def serve_process(tmp: Path, rec: Path, name: str) -> ServeProcess:
-    return ServeProcess(tmp, f'[record]\ndir = "{rec}"\n[engine]\nbackend = "expert"\n[robot]\nstop_on_success = false\n',
+    return ServeProcess(tmp, f'[record]\ndir = "{rec}"\n[engine]\nbackend = "expert"\n[robot]\nstop_on_success = false\nfresh_scene = false\n',
                         name=name).start()
 
 
