@@ -150,3 +150,10 @@ def test_the_example_config_lists_every_key_and_loads():
     from edge_steer.runtime.config import _build
     cfg = _build(ServeConfig, tomllib.loads(text), "")
     assert cfg.zmq.max_message_bytes == 65536
+
+
+def test_every_error_code_is_in_the_doc_table():
+    from edge_steer.runtime.protocol import ERROR_CODES
+    table = (DOCS / "protocol.md").read_text().split("| error code | when |", 1)[1].split("\n\n", 1)[0]
+    missing = sorted(c for c in ERROR_CODES if f"`{c}`" not in table)
+    assert not missing, f"error codes not documented: {missing}"
