@@ -47,13 +47,19 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
         print(json.dumps([{"name": t.name, "split": t.split, "factor": t.factor, "base": t.base,
                            "instruction": t.instruction, "env": t.env.__dict__} for t in tasks], indent=1))
         return
-    table = Table("split", "factor", "instruction", "environment")
-    table.add_column("name", no_wrap=True)
-    table.columns.insert(0, table.columns.pop())
-    for t in tasks:
-        env = f"{t.env.lighting} light, {t.env.table}, {t.env.distractors} distr., jitter {t.env.camera_jitter}"
-        table.add_row(t.name, t.split, t.factor or "-", t.instruction, env)
-    console.print(table)
+    header = ("name", "split", "factor", "instruction", "environment")
+    rows = [(t.name, t.split, t.factor or "-", t.instruction,
+             f"{t.env.lighting} light, {t.env.table}, {t.env.distractors} distr., jitter {t.env.camera_jitter}")
+            for t in tasks]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if console.is_terminal and console.width >= sum(widths) + 3 * len(widths) + 1:  # the table fits unclipped
+        table = Table(*header)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        return
+    for r in [header, *rows]:   # piped or narrow: whole values in aligned columns, wrapped by the terminal
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @demos_app.command("generate")
@@ -171,15 +177,11 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
     from functools import partial
 
-    from edge_steer.data import Dataset, DatasetError
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
     from edge_steer.models.train import TrainConfig, fit
     from edge_steer.sim.tasks import tasks_by_split
 
-    try:
-        ds = Dataset(data)
-    except DatasetError as e:
-        _fail(str(e))
+    ds = _demos(data)
     from dataclasses import replace as _replace
 
     base = EdgeVLAConfig()
@@ -202,6 +204,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)
+    _fits(model, ds)
     model.set_stats(ds.stats)  # a resumed run restores these from its checkpoint
     if start is not None:   # new parameters (e.g. the null state token) keep their fresh init
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
@@ -292,12 +295,26 @@ def _load(model: Optional[Path]):
         _fail(str(e))
 
 
-def _demos(path: Path):
+def _demos(path: Path, model=None):
+    """The dataset at `path`, refused (one line, exit 2) where it cannot be read or, given the model,
+    does not fit it (models.interface.check_dataset): every command that takes demos comes here first."""
     from edge_steer.data import Dataset, DatasetError
     try:
-        return Dataset(path)
+        ds = Dataset(path)
     except (DatasetError, FileNotFoundError) as e:
         _fail(f"cannot read demos at {path}: {e}")
+    if model is not None:
+        _fits(model, ds)
+    return ds
+
+
+def _fits(model, ds) -> None:
+    from edge_steer.data import DatasetError
+    from edge_steer.models.interface import check_dataset
+    try:
+        check_dataset(model, ds)
+    except DatasetError as e:
+        _fail(f"demos do not fit the model: {e}")
 
 
 @app.command("identify")
@@ -317,13 +334,13 @@ def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint dir
     from edge_steer.steering.identify import IdentifyConfig, IdentifyError, identify, probe_set
 
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         cfg = IdentifyConfig(method=method, top_k=top_k, coverage=coverage, max_frames=max_frames, probe=probe,
                              exact=exact, seed=seed)
         others = sorted({t.instruction for t in TASKS.values()})
         ps = probe_set(m, ds, cfg.max_frames, seed, others)
-        base_ps = probe_set(m, _demos(baseline), cfg.max_frames, seed) if baseline else None
+        base_ps = probe_set(m, _demos(baseline, m), cfg.max_frames, seed) if baseline else None
         with _progress() as prog:
             bar = prog.add_task("identify", total=None)
             doc = identify(m, ps, cfg, base_ps, demos={"path": str(demos)},
@@ -362,7 +379,7 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
     from edge_steer.steering.identify import IdentifyError, selected_heads
 
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         cfg = with_train(FinetuneConfig(method=method, slices=slices, whole=tuple(w for w in whole.split(",") if w),
                                         lora_rank=lora_rank), steps=steps,
@@ -704,7 +721,7 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
     except (OSError, json.JSONDecodeError) as e:
         _fail(f"cannot read heads file {heads}: {e}")
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         with console.status("drawing the report"):
             path = write_report(doc, m, ds, out, n_frames=frames)
