@@ -230,24 +230,34 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 
 
 def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
-                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None) -> list:
+                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
+                 instruction: str | None = None) -> list:
     from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
 
     t0 = time.perf_counter()
     with _progress() as prog:
         bar = prog.add_task("eval episodes", total=episodes * len(tasks))
         results = evaluate(load, tasks, episodes, seed, workers=workers, gif_first=gif is not None,
-                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble)
-    table = Table("task", "split", "success", "95 % CI", "mean steps")
+                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble,
+                           instruction=instruction)
+    told = ["instructed", "95 % CI"] if instruction is not None else []
+    table = Table("task", "split", "success" if not told else "own task", "95 % CI", *told, "mean steps")
     summary = []
     for t in tasks:
         rs = [r for r in results if r.task == t.name]
         k = sum(r.success for r in rs)
         lo, hi = wilson_interval(k, len(rs))
+        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs), "ci95": [lo, hi]}
+        cells = []
+        if told:   # counted over the scenes where the instructed task can be done
+            doable = [r.instructed_success for r in rs if r.instructed_success is not None]
+            ki, (ilo, ihi) = sum(doable), wilson_interval(sum(doable), len(doable))
+            row.update(instructed_successes=ki, instructed_episodes=len(doable), instructed_ci95=[ilo, ihi])
+            cells = [f"{ki}/{len(doable)} ({100 * ki / len(doable):.0f} %)", f"{100 * ilo:.0f}-{100 * ihi:.0f} %"] \
+                if doable else ["not doable in these scenes", "-"]
         table.add_row(t.name, t.split, f"{k}/{len(rs)} ({100 * k / len(rs):.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
-                      f"{sum(r.steps for r in rs) / len(rs):.0f}")
-        summary.append({"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
-                        "ci95": [lo, hi]})
+                      *cells, f"{sum(r.steps for r in rs) / len(rs):.0f}")
+        summary.append(row)
     console.print(table)
     console.print(f"{len(results)} episodes in {time.perf_counter() - t0:.0f} s")
     if gif is not None:
@@ -257,8 +267,11 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
             console.print(f"GIF of one episode: {gif}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, "summary": summary, "episodes": [
-            {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps} for r in results]}, indent=1))
+        extra = {} if instruction is None else {"instruction": instruction}
+        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **extra, "summary": summary, "episodes": [
+            {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
+             **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]},
+            indent=1))
         console.print(f"per-episode log: {out_json}")
     return summary
 
@@ -270,7 +283,9 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
              gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
              execute: int = typer.Option(5, min=1, help="actions of each chunk executed before re-planning"),
-             ensemble: Optional[float] = typer.Option(None, min=0.0, help="ACT temporal-ensemble decay (off by default)")
+             ensemble: Optional[float] = typer.Option(None, min=0.0, help="ACT temporal-ensemble decay (off by default)"),
+             instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
+                                                       "reports the instructed task's success where it can be done")
              ) -> None:
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
@@ -284,7 +299,16 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         tasks = tasks_by_split(task) if task in ("base", "heldout") else [get_task(n) for n in task.split(",")]
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
-    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble)
+    if instruction is not None:
+        from edge_steer.sim.tasks import task_for_instruction
+        if not instruction.strip():
+            _fail("--instruction is empty")
+        named = task_for_instruction(instruction)
+        console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
+                      "both its objects are in the scene" if named else "no known task: only each scene's own "
+                      "task is reported"), markup=False)
+    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                 instruction)
 
 
 def _load(model: Optional[Path]):
