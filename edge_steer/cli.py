@@ -247,7 +247,8 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
         rs = [r for r in results if r.task == t.name]
         k = sum(r.success for r in rs)
         lo, hi = wilson_interval(k, len(rs))
-        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs), "ci95": [lo, hi]}
+        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
+               "ci95": [lo, hi]}
         cells = []
         if told:   # counted over the scenes where the instructed task can be done
             doable = [r.instructed_success for r in rs if r.instructed_success is not None]
@@ -267,11 +268,11 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
             console.print(f"GIF of one episode: {gif}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        extra = {} if instruction is None else {"instruction": instruction}
-        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **extra, "summary": summary, "episodes": [
-            {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
-             **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]},
-            indent=1))
+        told_json = {} if instruction is None else {"instruction": instruction}
+        log = [{"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
+                **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]
+        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **told_json, "summary": summary,
+                                        "episodes": log}, indent=1))
         console.print(f"per-episode log: {out_json}")
     return summary
 
@@ -283,7 +284,8 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
              gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
              execute: int = typer.Option(5, min=1, help="actions of each chunk executed before re-planning"),
-             ensemble: Optional[float] = typer.Option(None, min=0.0, help="ACT temporal-ensemble decay (off by default)"),
+             ensemble: Optional[float] = typer.Option(None, min=0.0,
+                                                      help="ACT temporal-ensemble decay (off by default)"),
              instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
                                                        "reports the instructed task's success where it can be done")
              ) -> None:

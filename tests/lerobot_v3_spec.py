@@ -224,7 +224,8 @@ def _column(table: pa.Table, key: str, ft: dict[str, Any], path: Path) -> np.nda
     return values.reshape(len(col), ft["shape"][0])
 
 
-def _read_episode_frames(root: Path, info: dict[str, Any], ep: dict[str, Any], tasks: list[str]) -> dict[str, np.ndarray]:
+def _read_episode_frames(root: Path, info: dict[str, Any], ep: dict[str, Any],
+                         tasks: list[str]) -> dict[str, np.ndarray]:
     path = root / info["data_path"].format(chunk_index=ep["data/chunk_index"], file_index=ep["data/file_index"])
     _require(path.is_file(), f"episode {ep['episode_index']}: data file {path} is missing")
     table = pq.read_table(path)
@@ -283,7 +284,8 @@ def _check_stats(where: str, stats: dict[str, Any], ft: dict[str, Any], data: np
     return out
 
 
-def _read_stats(root: Path, info: dict[str, Any], frames: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def _read_stats(root: Path, info: dict[str, Any],
+                frames: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
     path = root / "meta" / "stats.json"
     _require(path.is_file(), f"{path} is missing")
     stats = json.loads(path.read_text())

@@ -1,8 +1,9 @@
 """Cameras behind one narrow protocol, and the camera stage that keeps the latest frame of each.
 
 Backends: `realsense` (pyrealsense2, imported only when used), `sim` (SimCamera over the sim
-robot's world) and `replay` (recorded frames delivered at the camera's rate by a process of their own). The stage runs one thread per camera; a read error (timeout, unplugged cable) is
-counted and the camera is reopened, while the stale-frame watchdog decides what the arm does.
+robot's world) and `replay` (recorded frames delivered at the camera's rate by a process of their
+own). The stage runs one thread per camera; a read error (timeout, unplugged cable) is counted and
+the camera is reopened, while the stale-frame watchdog decides what the arm does.
 """
 
 from __future__ import annotations
