@@ -356,6 +356,7 @@ def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint dir
                  exact: bool = typer.Option(True, help="also run exact ablation/patching and report agreement"),
                  seed: int = typer.Option(0)) -> None:
     """Score every attention head on the demos and select the ones that mediate the task."""
+    from edge_steer.data import DatasetError
     from edge_steer.sim.tasks import TASKS
     from edge_steer.steering.identify import IdentifyConfig, IdentifyError, identify, probe_set
 
@@ -371,7 +372,7 @@ def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint dir
             bar = prog.add_task("identify", total=None)
             doc = identify(m, ps, cfg, base_ps, demos={"path": str(demos)},
                            progress=lambda msg: prog.update(bar, description=f"identify: {msg}"))
-    except IdentifyError as e:
+    except (IdentifyError, DatasetError) as e:   # DatasetError: a damaged frame past the first ones
         _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
@@ -401,6 +402,7 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
                  seed: int = typer.Option(0), deterministic: bool = typer.Option(False),
                  resume: bool = typer.Option(False, help="continue from a checkpoint in OUT")) -> None:
     """Fine-tune on few-shot demos: only the selected heads (steer), LoRA, or every weight (full)."""
+    from edge_steer.data import DatasetError
     from edge_steer.steering.finetune import FinetuneConfig, FinetuneError, finetune, save_result, with_train
     from edge_steer.steering.identify import IdentifyError, selected_heads
 
@@ -417,7 +419,7 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
             doc = json.loads(heads.read_text())
             refs = selected_heads(doc, m)
         res = finetune(m, ds, cfg, out, heads=refs, heads_doc=doc, resume=resume)
-    except (FinetuneError, IdentifyError, FloatingPointError, json.JSONDecodeError) as e:
+    except (FinetuneError, IdentifyError, DatasetError, FloatingPointError, json.JSONDecodeError) as e:
         _fail(str(e))
     paths = save_result(res, out)
     console.print(f"{method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
@@ -739,6 +741,7 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
                out: Path = typer.Option(..., help="report directory: report.md, heatmap.png, attention_<head>.png"),
                frames: int = typer.Option(3, min=1, max=8, help="sample frames per attention map")) -> None:
     """Explain identified heads: effect heatmaps per factor, the top heads' attention on demo frames, a summary."""
+    from edge_steer.data import DatasetError
     from edge_steer.steering.identify import IdentifyError
     from edge_steer.steering.report import ReportError, write_report
 
@@ -751,7 +754,7 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
     try:
         with console.status("drawing the report"):
             path = write_report(doc, m, ds, out, n_frames=frames)
-    except (IdentifyError, ReportError, KeyError) as e:
+    except (IdentifyError, ReportError, DatasetError, KeyError) as e:
         _fail(str(e))
     console.print(f"report: {path}")
 

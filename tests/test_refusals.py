@@ -2,11 +2,16 @@
 the model (state/action dims, cameras, images that do not decode to info.json's size); `tasks list`
 prints whole values when it has no wide terminal."""
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from edge_steer.cli import app
@@ -111,3 +116,19 @@ def test_tasks_list_prints_whole_values_when_piped():
     assert len(lines) == 1 + len(TASKS)
     for t, line in zip(TASKS.values(), lines[1:]):
         assert line.startswith(t.name + " ") and t.instruction in line and f"{t.env.lighting} light" in line
+
+
+def test_a_damaged_frame_past_the_first_is_refused_in_one_line(root, tmp_path):
+    """Only each episode's first frame is checked up front; a bad one further in still ends in one line."""
+    d = tmp_path / "damaged"
+    shutil.copytree(root / "good", d)
+    path = d / "data/chunk-000/file-000.parquet"
+    t = pq.read_table(path)
+    col = t.column("observation.images.front").to_pylist()
+    small = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(small, format="PNG")
+    col[5] = {"bytes": small.getvalue(), "path": None}
+    i = t.column_names.index("observation.images.front")
+    pq.write_table(t.set_column(i, "observation.images.front", pa.array(col, t.schema.field(i).type)), path)
+    _refused(["identify", "--model", root / "model", "--demos", d, "--out", tmp_path / "h.json", "--max-frames", "64"],
+             root, tmp_path / "h.json", "is (16, 16, 3), info.json says (32, 32, 3)")
