@@ -10,7 +10,7 @@ measures what the runtime itself costs), `render=N` (the sim cameras' software r
 threads, `sim_render_threads`; default 0, the config's; `render=mesa`: Mesa's own choice) and `switch=S` (Python's GIL switch
 interval in seconds; default 0.0005, what `edge-steer serve` sets). Every setup runs in a fresh
 interpreter, so none inherits another's threads, GL state or warm caches. The setpoint stage's own
-cost per tick is measured once more alone, in this process before the setups run.
+cost per tick is also measured alone, in this process before the setups run (`setpoint_tick_alone`).
 
 Engines: `model` runs the embedded default model in torch (its motion is the model's); `onnx` runs the
 same model exported to ONNX on onnxruntime, as `edge-steer demo` serves it; `expert+load` runs a
