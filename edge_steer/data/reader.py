@@ -203,6 +203,13 @@ class Dataset:
         for images in self._images.values():
             images.get(everything)
 
+    def check_frames(self) -> None:
+        """Decode the first frame of every episode from each camera: raises DatasetError where a frame
+        does not decode to the shape info.json declares, before a command has spent any work on it."""
+        firsts = np.array([s for s, e in zip(self._starts, self.episodes) if e.length], dtype=np.int64)
+        for images in self._images.values():
+            images.get(firsts)
+
     def episode(self, index: int) -> dict[str, np.ndarray]:
         """A whole episode by its episode_index: every feature as (T, ...) arrays, images uint8 (T, H, W, 3)."""
         if index not in self._pos_of_episode:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from edge_steer.data.schema import DatasetError
 from edge_steer.models.heads import HeadSlices
 
 
@@ -43,3 +44,23 @@ def ensemble_actions(actions: list[np.ndarray], decay: float) -> np.ndarray:
     instead of jumping at each new chunk."""
     w = np.exp(-decay * np.arange(len(actions)))
     return (w[:, None] * np.stack(actions)).sum(0) / w.sum()
+
+
+def check_dataset(model, dataset) -> None:
+    """Refuse demos the model cannot train or be scored on, before any work: the cameras it reads, the
+    state and action dims against its config, and each camera's first frame of every episode against
+    the image size info.json declares. Raises DatasetError with one line naming the mismatch."""
+    c = model.config
+    feats = dataset.spec.features
+    need = [f"observation.images.{cam}" for cam in c.cameras] + ["observation.state", "action"]
+    if missing := [k for k in need if k not in feats]:
+        raise DatasetError(f"{dataset.root}: the demos lack {missing}, which the model reads")
+    dims = {"state": (feats["observation.state"].shape[-1], c.state_dim),
+            "action": (feats["action"].shape[-1], c.action_dim)}
+    if bad := [f"{k} dim {have} (the model's is {want})" for k, (have, want) in dims.items() if have != want]:
+        raise DatasetError(f"{dataset.root}: the demos have {' and '.join(bad)}; they were recorded for another "
+                           "robot or model")
+    try:
+        dataset.check_frames()
+    except DatasetError as e:
+        raise DatasetError(f"{dataset.root}: {e}") from e

@@ -53,7 +53,7 @@ class RobotConfig:
 @dataclass(frozen=True)
 class CameraConfig:
     name: str = "front"                  # the observation key the model reads: observation.images.<name>
-    backend: str = "sim"                 # "sim" | "realsense"
+    backend: str = "sim"                 # "sim" | "realsense" | "replay"
     serial: str = ""                     # realsense: device serial ("" = the only one attached)
     width: int = 96
     height: int = 96
@@ -63,9 +63,15 @@ class CameraConfig:
     # capture thread itself: its own workers would preempt whichever Python thread holds the GIL, and
     # the FIFO setpoint thread waits for that one (half the missed ticks, docs/serve.md); -1: Mesa's choice
     sim_render_threads: int = 0
+    # replay: a dataset or `record` directory (LeRobot layout) whose observation.images.<name> frames are
+    # delivered again at `fps` from a process of their own, as a RealSense delivers from its own threads
+    replay_path: str = ""
 
     def check(self, where: str) -> None:
-        _one_of(f"{where}.backend", self.backend, ("sim", "realsense"))
+        _one_of(f"{where}.backend", self.backend, ("sim", "realsense", "replay"))
+        if self.backend == "replay" and not self.replay_path:
+            raise ConfigError(f"{where}.replay_path is required for the replay backend (a dataset or recording "
+                              "directory)")
         if not self.name.isidentifier():
             raise ConfigError(f"{where}.name must be an identifier, got {self.name!r}")
         if not (16 <= self.width <= 1920 and 16 <= self.height <= 1080):
