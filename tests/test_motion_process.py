@@ -12,6 +12,7 @@ from edge_steer.runtime.config import ConfigError, RatesConfig, SafetyConfig, Se
 from edge_steer.runtime.daemon import Daemon
 from edge_steer.runtime.launch import free_endpoint, wait_for
 from edge_steer.runtime.setpoint import Chunk
+from edge_steer.runtime.messages import MotionSpec
 from edge_steer.sim.panda_model import Q_START
 from edge_steer.runtime.panda_process import PandaProcess
 from edge_steer.runtime.robot_process import RemoteCartesianImpedance
@@ -42,9 +43,10 @@ def arm(request):
     place taken by the twin: libfranka's loop is then SimPanda's thread in that child)."""
     if request.param == "sim":
         scene = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96)
-        a = SimPandaProcess(scene.spec, Q_START, rt_priority=0, motion=(RatesConfig(), SafetyConfig(), 40.0, Q_START))
+        a = SimPandaProcess(scene.spec, Q_START, rt_priority=0, motion=MotionSpec(RatesConfig(), SafetyConfig(), Q_START),
+                            grasp_force=40.0)
     else:
-        a = PandaProcess("172.16.0.2", rt_priority=0, motion=(RatesConfig(), SafetyConfig()), connect=TWIN)
+        a = PandaProcess("172.16.0.2", rt_priority=0, motion=MotionSpec(RatesConfig(), SafetyConfig()), connect=TWIN)
     yield a
     a.close()
 
@@ -175,7 +177,7 @@ def test_the_panda_child_says_why_it_could_not_connect(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", here + ":" + __import__("os").environ.get("PYTHONPATH", ""))
     with pytest.raises(RobotError, match=r"Panda at 192\.0\.2\.7: RuntimeError: no arm answers at 192\.0\.2\.7 "
                                          r"\(enforce_realtime=True\)"):
-        PandaProcess("192.0.2.7", enforce_realtime=True, motion=(RatesConfig(), SafetyConfig()),
+        PandaProcess("192.0.2.7", enforce_realtime=True, motion=MotionSpec(RatesConfig(), SafetyConfig()),
                      connect="fake_franka:refuse")
     with pytest.raises(RobotError, match="connect must be 'module:function'"):
         PandaProcess("192.0.2.7", connect="fake_franka")

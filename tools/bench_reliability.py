@@ -47,13 +47,13 @@ class SetpointLog:
     pose, so speed and acceleration are checked within one controller's run, the box everywhere."""
 
     def __init__(self, capacity: int = 1 << 20):
-        from edge_steer.sim.panda_process import SetpointRecorder
+        from edge_steer.testing.setpoint_probe import SetpointRecorder
         self.rec = SetpointRecorder(capacity)
 
     def attach(self, robot) -> None:
         from types import SimpleNamespace
 
-        from edge_steer.sim.panda_process import RecordedController
+        from edge_steer.testing.setpoint_probe import RecordedController
         make = robot.make_controller
 
         def make_recorded():
@@ -66,9 +66,10 @@ class SetpointLog:
 
     def attach_remote(self, arm, every_s: float = 0.5) -> None:
         """The stage runs in the sim robot's process (`realtime.motion = "process"`): the child records what
-        it sets (SimPandaProcess.record_setpoints), and a thread here pulls the rows every `every_s`, so no
-        single reply grows large enough to hold up the child's 1 kHz loop."""
-        arm.record_setpoints(len(self.rec.buf))
+        it sets (edge_steer.testing.setpoint_probe, installed at open_robot), and a thread here pulls the rows
+        every `every_s`, so no single reply grows large enough to hold up the child's 1 kHz loop."""
+        from edge_steer.testing import setpoint_probe
+        setpoint_probe.record_setpoints(arm, len(self.rec.buf))
         self.remote, self._lock = arm, threading.Lock()
 
         def pull_forever():
@@ -86,7 +87,8 @@ class SetpointLog:
         if self.remote is None:
             return
         with self._lock:
-            self.rec.extend(*self.remote.take_setpoints())
+            from edge_steer.testing.setpoint_probe import take_setpoints
+            self.rec.extend(*take_setpoints(self.remote))
 
     def rows(self) -> np.ndarray:
         try:
@@ -238,7 +240,9 @@ def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None =
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel, **(curve or {})}, safety=sf,
                                   engine={"backend": "expert"}, record={"dir": str(tmp / "rec")},
                                   robot={"stop_on_success": stop_on_success}, realtime={"motion": motion})
-    robot = open_robot(cfg.robot, motion=(cfg.rates, cfg.safety) if motion == "process" else None)
+    from edge_steer.testing.setpoint_probe import HOOK
+    robot = open_robot(cfg.robot, motion=(cfg.rates, cfg.safety) if motion == "process" else None,
+                       hooks=(HOOK,) if motion == "process" else ())
     log = SetpointLog()
     if motion == "process":
         log.attach_remote(robot.arm)
@@ -692,7 +696,8 @@ def f_controller_lost(cell: Cell) -> str:
     c = cell.client
     _running(cell)
     if cell.daemon.robot.arm.motion is not None:      # the stage and its controller live in the robot's process
-        cell.daemon.robot.arm.fail_setter("libfranka: controller not running")
+        from edge_steer.testing.setpoint_probe import fail_setter
+        fail_setter(cell.daemon.robot.arm, "libfranka: controller not running")
     else:
         ctrl = cell.daemon.setpoint.controller
 

@@ -527,7 +527,7 @@ class Daemon:
         self._drain_executed()
 
     def _observation(self, frames, r) -> dict[str, Any]:
-        from edge_steer.sim.env import tcp_state
+        from edge_steer.contract import tcp_state
         from edge_steer.geometry import quat_to_mat
         obs: dict[str, Any] = {f"observation.images.{n}": f.image for n, f in frames.items()}
         obs["observation.state"] = tcp_state(r.position, quat_to_mat(r.quat), r.gripper_width)

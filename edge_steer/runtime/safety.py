@@ -198,7 +198,7 @@ class JointLimits:
 
     @classmethod
     def panda(cls) -> "JointLimits":
-        from edge_steer.sim.panda_model import DQ_MAX, Q_MAX, Q_MIN  # Franka's published limits (constants only)
+        from edge_steer.franka.arm import DQ_MAX, Q_MAX, Q_MIN  # Franka's published limits
         return cls(np.asarray(Q_MIN, float), np.asarray(Q_MAX, float), np.asarray(DQ_MAX, float))
 
 

@@ -2,7 +2,7 @@
 
 Time is counted in *segments* of 1/action_hz (one chunk action each) split into control ticks.
 A chunk is anchored at the segment during which its frames were captured: its action i belongs to
-segment anchor + i and, per the action contract (`edge_steer.sim.env`), moves the commanded target
+segment anchor + i and, per the action contract (`edge_steer.contract`), moves the commanded target
 from where segment anchor + i starts. So a chunk can take effect the tick after it arrives — it
 re-aims the current segment's end and the raw target glides there over the segment's remaining
 ticks — and hand-over needs no blending: deltas apply to the target actually commanded, so the raw
@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
-from edge_steer.models.interface import ensemble_actions
+from edge_steer.contract import advance_target, ensemble_actions
 from edge_steer.realtime import DurationHistogram, LoopStats, make_realtime, run_periodic, scheduling
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
-from edge_steer.sim.env import advance_target
 
 
 @dataclass(frozen=True)
