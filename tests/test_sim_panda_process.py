@@ -128,7 +128,6 @@ def test_the_daemon_runs_the_sim_robot_in_its_own_process_by_default():
     from edge_steer.runtime.config import ConfigError, RobotConfig, ServeConfig
     from edge_steer.runtime.robot import open_robot
 
-    assert ServeConfig.sim().robot.sim_loop == "process"
     with pytest.raises(ConfigError, match="robot.sim_loop"):
         ServeConfig.sim().with_(robot={"sim_loop": "fiber"})
     robot = open_robot(RobotConfig())

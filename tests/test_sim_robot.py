@@ -22,7 +22,7 @@ from edge_steer.sim.panda import (
     CartesianImpedance, ControlException, JointPosition, SimGripper, SimPanda, SimPandaContext,
 )
 from edge_steer.franka.types import Errors, GripperState, RobotMode, RobotState
-from edge_steer.sim.panda_model import HAND_YAW, Q_MAX, Q_MIN, Q_START, fk
+from edge_steer.franka.arm import HAND_YAW, Q_MAX, Q_MIN, Q_START, fk
 from edge_steer.sim.scene import Entity, Placement, SceneSpec
 from edge_steer.sim.world import World
 

@@ -229,7 +229,7 @@ class RobotChild:
             ctrl.set_control(v[:7], v[7:14])
 
     def publish(self, r: Reading) -> None:
-        state, lay, err = self.state, self.lay, self.err
+        state, err = self.state, self.err
         errors = tuple(r.errors)
 
         def write():

@@ -13,7 +13,7 @@ from edge_steer.contract import ACTION_NAMES, advance_target, tcp_state
 from edge_steer.geometry import mat_to_quat, orientation_error, rotvec_to_mat
 from edge_steer.sim.camera import SceneRenderer
 from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
-from edge_steer.sim.panda_model import Q_START
+from edge_steer.franka.arm import Q_START
 from edge_steer.sim.tasks import SceneInstance, Task
 from edge_steer.sim.world import World
 

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # the arm's parameters live in the Franka room (numpy only: the robot's process imports them too)
-from edge_steer.franka.arm import (  # noqa: F401  (re-exported for the sim's modules)
-    DH, DQ_MAX, FLANGE_D, GRIPPER_MAX_WIDTH, HAND_TCP_D, HAND_YAW, Q_MAX, Q_MIN, Q_START, TAU_MAX, fk,
-)
+from edge_steer.franka.arm import DH, FLANGE_D, HAND_TCP_D, HAND_YAW, Q_MAX, Q_MIN
 
 LINK_MASS = np.array([4.970684, 0.646926, 3.228604, 3.587895, 1.225946, 1.666555, 7.35522e-01])
 HAND_MASS = 0.73
