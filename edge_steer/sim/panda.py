@@ -675,9 +675,6 @@ class SimRobot:
 # ----------------------------------------------------------------------------------------------
 # Gripper (panda_py.libfranka.Gripper)
 # ----------------------------------------------------------------------------------------------
-SimGripperState = GripperState   # libfranka.GripperState's twin (edge_steer/franka/types.py)
-
-
 class _GripperCommand:
     """Finger PD with a force cap, evaluated on the control thread each tick."""
 
