@@ -188,3 +188,20 @@ def test_logging_model_robot_and_gripper(arm):
     assert isinstance(g.server_version(), int) and isinstance(g.read_once().time, Duration)
     with pytest.raises(Exception, match="no robot answers"):
         SimGripper("192.0.2.99")
+
+
+def test_overload_resolution_follows_pybinds():
+    from edge_steer.sim.panda import _JOINT_MOVE_OPTIONS, _POSE_MOVE_OPTIONS, _overload
+    p, q, t = np.zeros(3), np.array([1.0, 0, 0, 0]), np.eye(4)
+    assert len(_overload("move_to_pose", (p, q), {}, _POSE_MOVE_OPTIONS)[0]) == 2
+    assert len(_overload("move_to_pose", (p,), {"orientation": q}, _POSE_MOVE_OPTIONS)[0]) == 2
+    (pose,), opts = _overload("move_to_pose", (t, 0.5), {"damping_ratio": 0.7}, _POSE_MOVE_OPTIONS)
+    assert pose is t and opts["speed_factor"] == 0.5 and opts["damping_ratio"] == 0.7 and opts["nullspace_stiffness"] == 15.0
+    with pytest.raises(TypeError, match="given twice"):
+        _overload("move_to_pose", (t, 0.5), {"speed_factor": 0.3}, _POSE_MOVE_OPTIONS)
+    with pytest.raises(TypeError, match="incompatible"):
+        _overload("move_to_pose", (), {"position": p, "pose": t}, _POSE_MOVE_OPTIONS)
+    with pytest.raises(TypeError, match="missing target"):
+        _overload("move_to_pose", (), {"orientations": [q]}, _POSE_MOVE_OPTIONS)
+    (wps,), _ = _overload("move_to_joint_position", (), {"waypoints": [Q_START]}, _JOINT_MOVE_OPTIONS)
+    assert wps == [Q_START] or np.array_equal(wps, [Q_START])

@@ -28,7 +28,7 @@ from edge_steer.franka.arm import DEFAULT_IMPEDANCE as _DEFAULT_IMPEDANCE
 from edge_steer.franka.arm import DEFAULT_STIFFNESS as _DEFAULT_STIFFNESS
 from edge_steer.franka.arm import DQ_MAX, GRIPPER_MAX_WIDTH, MOVE_TO_POSE_IMPEDANCE, Q_MAX, Q_MIN, Q_START, TAU_MAX, frames
 from edge_steer.franka.queries import PandaQueries
-from edge_steer.franka.types import ControlException, Duration, GripperState, RealtimeConfig, RobotMode, RobotState  # noqa: F401
+from edge_steer.franka.types import ControlException, Duration, GripperState, RealtimeConfig, RobotMode, RobotState
 from edge_steer.franka.types import check_vec as _vec
 from edge_steer.geometry import mat_to_quat, orientation_error, quat_to_mat, rotvec_to_mat
 from edge_steer.realtime import LIBFRANKA_PRIORITY, LoopStats, make_realtime, run_periodic, scheduling
@@ -451,8 +451,7 @@ class SimPanda(PandaQueries):
         one; then speed_factor=0.2, stiffness, damping, dq_threshold=0.001, success_threshold=0.01.
         Blocking, through each waypoint in min-jerk segments; returns whether it ended within
         success_threshold rad of the last one."""
-        (target,), opts = _overload("move_to_joint_position", args, kwargs, ("waypoints", "positions"),
-                                    _JOINT_MOVE_OPTIONS)
+        (target,), opts = _overload("move_to_joint_position", args, kwargs, _JOINT_MOVE_OPTIONS)
         wps = np.asarray(target, dtype=float)
         wps = wps[None] if wps.ndim == 1 else wps
         if wps.ndim != 2 or wps.shape[1:] != (7,) or not len(wps):
@@ -500,8 +499,7 @@ class SimPanda(PandaQueries):
         impedance, damping_ratio=1.0, nullspace_stiffness=15.0, dq_threshold=0.001, success_threshold=0.02,
         orientation_threshold=0.1. Blocking, straight lines through the waypoints (min-jerk each);
         returns whether it ended within the thresholds of the last one. Quaternions are x, y, z, w."""
-        targets, opts = _overload("move_to_pose", args, kwargs, ("positions", "orientations", "position",
-                                  "orientation", "pose"), _POSE_MOVE_OPTIONS)
+        targets, opts = _overload("move_to_pose", args, kwargs, _POSE_MOVE_OPTIONS)
         goals = _pose_waypoints(targets)
         speed_factor = float(opts["speed_factor"])
         if not 0.0 < speed_factor <= 1.0:
@@ -538,45 +536,52 @@ _POSE_MOVE_OPTIONS = (("speed_factor", 0.2), ("impedance", MOVE_TO_POSE_IMPEDANC
                       ("orientation_threshold", 0.1))
 
 
+_TARGETS = {"move_to_pose": (("positions", "orientations"), ("position", "orientation"), ("pose",)),
+            "move_to_joint_position": (("waypoints",), ("positions",))}
+
+
 # each overload's parameters (name, default; _REQUIRED for none), as panda-py's docstrings list them: what
 # _overload parses, and what tests/test_sim_robot.py compares against the installed panda_py
 _REQUIRED = object()
-SimPanda.move_to_joint_position.overloads = [[(t, _REQUIRED), *_JOINT_MOVE_OPTIONS] for t in ("waypoints", "positions")]
-SimPanda.move_to_pose.overloads = [[*((t, _REQUIRED) for t in targets), *_POSE_MOVE_OPTIONS]
-                                   for targets in (("positions", "orientations"), ("position", "orientation"),
-                                                   ("pose",), ("pose",))]
+SimPanda.move_to_joint_position.overloads = [[(t, _REQUIRED), *_JOINT_MOVE_OPTIONS] for (t,) in
+                                            _TARGETS["move_to_joint_position"]]
+SimPanda.move_to_pose.overloads = [[*((t, _REQUIRED) for t in targets), *_POSE_MOVE_OPTIONS]   # pose: a list, or one
+                                   for targets in (*_TARGETS["move_to_pose"], ("pose",))]
 
 
-def _overload(fn: str, args: tuple, kwargs: dict, target_names: tuple[str, ...], options: tuple) -> tuple[list, dict]:
-    """Split a pybind-style overloaded call into its target arguments (by keyword, or the leading
-    positionals: one, or two for position(s) + orientation(s)) and its options (positional after the
-    targets, or by keyword, with panda-py's defaults). TypeError for anything panda-py would refuse."""
+def _overload(fn: str, args: tuple, kwargs: dict, options: tuple) -> tuple[list, dict]:
+    """Split a pybind-style overloaded call into its targets and its options (positional after the targets,
+    or by keyword, with panda-py's defaults). The overload is the one whose target names the keywords use,
+    else the one the leading positionals' shapes fit (position + orientation: a 3- then a 4-vector).
+    TypeError for anything panda-py would refuse."""
     kw = dict(kwargs)
-    named = [n for n in target_names if n in kw]
+    named = {n for ts in _TARGETS[fn] for n in ts if n in kw}
     if named:
-        if args:
-            raise TypeError(f"{fn}(): targets given both by position and as {named}")
-        targets = [kw.pop(n) for n in named]
-        rest: list = []
+        fits = [ts for ts in _TARGETS[fn] if named <= set(ts)]
+        if not fits:
+            raise TypeError(f"{fn}(): incompatible targets {sorted(named)}; one of {_TARGETS[fn]}")
+        names = fits[0]
     else:
-        pairs = fn == "move_to_pose" and len(args) >= 2 and np.asarray(args[0], dtype=object).shape[-1:] in ((3,),) \
-            and np.shape(args[1])[-1:] == (4,)
-        n = 2 if pairs else 1
-        if len(args) < n:
-            raise TypeError(f"{fn}(): no target given")
-        targets, rest = list(args[:n]), list(args[n:])
-    if fn == "move_to_pose" and named and sorted(named) not in (["orientations", "positions"], ["orientation", "position"], ["pose"]):
-        raise TypeError(f"{fn}(): incompatible targets {named}: (positions, orientations), (position, orientation) or (pose)")
-    if fn == "move_to_joint_position" and len(named) > 1:
-        raise TypeError(f"{fn}(): give waypoints or positions, not both")
-    if len(rest) > len(options):
+        pairs = fn == "move_to_pose" and len(args) >= 2 and np.shape(args[1])[-1:] == (4,) \
+            and np.asarray(args[0], dtype=object).shape[-1:] == (3,)
+        names = _TARGETS[fn][0 if fn == "move_to_joint_position" else (1 if pairs else 2)]
+    args = list(args)
+    targets = []
+    for name in names:            # leading positionals fill the targets not given by keyword
+        if name in kw:
+            targets.append(kw.pop(name))
+        elif args:
+            targets.append(args.pop(0))
+        else:
+            raise TypeError(f"{fn}(): missing target {name!r}")
+    if len(args) > len(options):
         raise TypeError(f"{fn}(): too many arguments")
     opts = {}
     for i, (name, default) in enumerate(options):
-        if i < len(rest):
+        if i < len(args):
             if name in kw:
                 raise TypeError(f"{fn}(): {name} given twice")
-            opts[name] = rest[i]
+            opts[name] = args[i]
         else:
             opts[name] = kw.pop(name, default)
     if kw:
