@@ -59,24 +59,20 @@ def hand_transform(d: float = HAND_TCP_D) -> np.ndarray:
 F_T_EE = hand_transform()
 
 
-def fk(q: np.ndarray, tcp: bool = True) -> np.ndarray:
-    """Base-frame pose (4x4) of the end effector (O_T_EE) or, with tcp=False, of the flange."""
+def frames(q: np.ndarray) -> list[np.ndarray]:
+    """Base-frame poses (4x4) of libfranka's frames at `q`: joints 1-7, the flange, the end effector
+    (libfranka.Frame kJoint1..kEndEffector, in that order)."""
     q = np.asarray(q, dtype=float)
     if q.shape != (7,):
         raise ValueError(f"fk expects 7 joint angles, got shape {q.shape}")
-    t = np.eye(4)
-    for (a, d, alpha), th in zip(DH, q):
-        t = t @ dh_transform(a, d, alpha, th)
-    t = t @ dh_transform(0.0, FLANGE_D, 0.0, 0.0)
-    return t @ F_T_EE if tcp else t
-
-
-def frames(q: np.ndarray) -> list[np.ndarray]:
-    """Base-frame poses of libfranka's frames at `q`: joints 1-7, the flange, the end effector (kJoint1..kEndEffector)."""
-    q = np.asarray(q, dtype=float)
     out, t = [], np.eye(4)
     for (a, d, alpha), th in zip(DH, q):
         t = t @ dh_transform(a, d, alpha, th)
         out.append(t)
     t = t @ dh_transform(0.0, FLANGE_D, 0.0, 0.0)
     return out + [t, t @ F_T_EE]
+
+
+def fk(q: np.ndarray, tcp: bool = True) -> np.ndarray:
+    """Base-frame pose (4x4) of the end effector (O_T_EE) or, with tcp=False, of the flange."""
+    return frames(q)[8 if tcp else 7]

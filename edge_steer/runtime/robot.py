@@ -1,8 +1,7 @@
-"""The robot behind one narrow protocol: the part of panda-py's API the daemon calls.
-
-`SimPanda` answers it in sim, `panda_py.Panda` on the arm (imported only when used). The 1 kHz
-controller (CartesianImpedance) runs inside the robot side — libfranka's C++ loop on hardware,
-SimPanda's thread in sim — and the setpoint stage only sets its targets.
+"""The daemon's robot: one narrow protocol (the part of panda-py's API the daemon calls), the handle it
+holds, and the backend registry that opens one by name (`sim`: sim/backend.py, `panda`:
+runtime/panda_process.py), so the runtime imports neither MuJoCo nor panda-py unless configured.
+The 1 kHz controller and the setpoint stage run in the robot's own process (runtime/robot_child.py).
 """
 
 from __future__ import annotations
