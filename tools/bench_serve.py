@@ -21,9 +21,9 @@ Measured: the sim robot's 1 kHz loop (SimPanda, libfranka's stand-in) and the da
 period error and missed ticks, camera-frame -> first-setpoint latency, `status` round trip over
 ZMQ (20 Hz), telemetry rate seen by a subscriber. `--setups` runs the whole benchmark once per setup,
 side by side, and prints each one's ratios to the first. A setup is `where:scheduler`: where SimPanda's
-loop runs (`motion`, the serve default: its own interpreter, as libfranka's C++ loop is outside the GIL,
-with the setpoint stage ticking in its loop, `realtime.motion = "process"`; `process`: its own interpreter,
-the setpoint stage a daemon thread, `realtime.motion = "thread"`; `thread`: both inside the daemon), and
+loop runs (`motion`, the only placement left: its own interpreter, as libfranka's C++ loop is outside the
+GIL, with the setpoint stage ticking in its loop; `process` and `thread`, the stage or both loops inside
+the daemon, were retired with realtime.motion / robot.sim_loop "thread" after the figures in docs/serve.md), and
 how both 1 kHz loops are scheduled (`fifo`, the default: SimPanda's
 SCHED_FIFO 20 as libfranka's, the setpoint loop SCHED_FIFO 10; `other`: both SCHED_OTHER).
 """
@@ -75,19 +75,17 @@ def run(args, setup: str) -> dict:
     cmd, tel = free_endpoint(), free_endpoint()
     # the arm keeps working: a new episode (the expert re-plans from the scene as it is) every 12 s
     fifo = scheduler == "fifo"
-    # "motion": the robot's own process, with the setpoint stage ticking in its loop (runtime/motion.py)
-    motion = "process" if where == "motion" else "thread"
-    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
-                                  robot={"stop_on_success": False, "sim_loop": "process" if motion == "process" else where},
-                                  realtime={"priority": 10 if fifo else 0, "required": fifo, "motion": motion})
+    # "motion": the robot's own process, with the setpoint stage ticking in its loop (runtime/motion.py); the
+    # other placements ("process": the stage a daemon thread, "thread": both in the daemon) are retired
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, robot={"stop_on_success": False},
+                                  realtime={"priority": 10 if fifo else 0, "required": fifo})
     from dataclasses import replace
     if "render" in opts:
         n = -1 if opts["render"] == "mesa" else int(opts["render"])
         cfg = cfg.with_(cameras=tuple(replace(c, sim_render_threads=n) for c in cfg.cameras))
     if opts.get("camera") == "replay":
         cfg = cfg.with_(cameras=tuple(replace(c, backend="replay", replay_path=args.replay_path) for c in cfg.cameras))
-    robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0,
-                       motion=(cfg.rates, cfg.safety) if motion == "process" else None)
+    robot = open_robot(cfg.robot, sim_rt_priority=None if fifo else 0, motion=(cfg.rates, cfg.safety))
     if fifo and robot.arm.rt_refused:
         raise SystemExit(f"the fifo run needs real-time scheduling: {robot.arm.rt_refused}")
     import torch
@@ -170,11 +168,13 @@ def _parse_setup(setup: str) -> tuple[str, str, dict[str, str]]:
     where, _, rest = setup.partition(":")
     sched, *options = rest.split(":")
     opts = dict(o.split("=", 1) for o in options if "=" in o)
-    if where not in ("process", "thread", "motion") or sched not in ("fifo", "other") \
-            or set(opts) - {"render", "switch", "camera"} or opts.get("camera", "sim") not in ("sim", "replay") \
-            or len(opts) != len(options):
-        raise SystemExit(f"bad setup {setup!r}: where:scheduler[:camera=sim|replay][:render=N][:switch=S], where in "
-                         "process|thread|motion, scheduler in fifo|other")
+    if where in ("process", "thread"):
+        raise SystemExit(f"setup {setup!r}: the {where!r} placement is retired (realtime.motion / robot.sim_loop "
+                         "'thread', docs/serve.md); use motion:fifo or motion:other")
+    if where != "motion" or sched not in ("fifo", "other") or set(opts) - {"render", "switch", "camera"} \
+            or opts.get("camera", "sim") not in ("sim", "replay") or len(opts) != len(options):
+        raise SystemExit(f"bad setup {setup!r}: where:scheduler[:camera=sim|replay][:render=N][:switch=S], where is "
+                         "motion, scheduler in fifo|other")
     return where, sched, opts
 
 
@@ -234,8 +234,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--engine", choices=["model", "onnx", "expert+load", "expert"], default="expert+load")
     ap.add_argument("--setups", default="motion:fifo:camera=sim,motion:fifo:camera=replay",
-                    help="comma-separated where:scheduler[:camera=sim|replay], where in motion|process|thread, "
-                         "scheduler in fifo|other")
+                    help="comma-separated where:scheduler[:camera=sim|replay], where is motion, scheduler in fifo|other")
     ap.add_argument("--out", default=None, help="JSON file, e.g. docs/results/bench_serve.json")
     ap.add_argument("--tick-samples", type=int, default=20_000, help="setpoint ticks timed alone")
     ap.add_argument("--onnx-path", default="", help=argparse.SUPPRESS)

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from edge_steer.data import layout, stats
+import edge_steer.data.layout as layout
+import edge_steer.data.stats as stats
 from edge_steer.data.schema import BOOKKEEPING, STATS_PATH, DatasetError, DatasetSpec, Feature
 
 KNOWN_EPISODE_COLUMNS = {*layout.REQUIRED_EPISODE_COLUMNS, "success"}

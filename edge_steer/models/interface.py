@@ -2,7 +2,7 @@
 
 Observations are dicts of numpy arrays keyed as in the dataset (`observation.images.<camera>` uint8
 HxWx3, `observation.state`), instructions are strings, actions are chunks (chunk, action_dim) in
-robot units (see `edge_steer.sim.env` for the action contract).
+robot units (see `edge_steer.contract` for the action contract).
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ class VLAPolicy(Protocol):
         """Hash of the weights: steering deltas and exported engines refer to the base model by it."""
 
     def save_pretrained(self, directory: str | Path) -> Path: ...
-
-
-def ensemble_actions(actions: list[np.ndarray], decay: float) -> np.ndarray:
-    """ACT's temporal ensemble: the actions that overlapping chunks predicted for one time step, oldest
-    chunk first, averaged with weights exp(-decay * i) (i = 0 the oldest), so the plan changes gradually
-    instead of jumping at each new chunk."""
-    w = np.exp(-decay * np.arange(len(actions)))
-    return (w[:, None] * np.stack(actions)).sum(0) / w.sum()
 
 
 def check_dataset(model, dataset) -> None:

@@ -3,7 +3,8 @@
 Threads and their one job each (hand-over through latest-value slots and bounded queues):
   camera-<name>  newest frame per camera                          (camera.CameraStage)
   policy         engine at the policy rate on fresh frames -> chunk slot
-  setpoint-1khz  chunks -> interpolated, safety-filtered controller targets (setpoint.SetpointStage)
+  (robot proc.)  chunks -> interpolated, safety-filtered controller targets at 1 kHz, in the robot's
+                 process (setpoint.SetpointStage there, motion.RemoteSetpoint here)
   monitor        robot state, watchdogs, sim success, recording hand-off, telemetry PUB, sd_notify
   commands       ZMQ ROUTER: decode, validate, `handle`, reply      (server.CommandServer)
   recorder       DatasetWriter                                       (recorder.Recorder)
@@ -30,7 +31,7 @@ from edge_steer.runtime.protocol import Request, encode_telemetry
 from edge_steer.runtime.robot import RobotHandle, open_robot
 from edge_steer.runtime.safety import (JointLimits, SafetyFilter, SafetyViolation, check_joints, check_robot_errors,
                                        check_watchdogs)
-from edge_steer.runtime.setpoint import Chunk, SetpointStage, is_finite_chunk
+from edge_steer.runtime.setpoint import Chunk, is_finite_chunk
 
 log = logging.getLogger("edge_steer.serve")
 
@@ -81,9 +82,8 @@ class Daemon:
     def __init__(self, cfg: ServeConfig, engine=None, robot: RobotHandle | None = None, cameras=None):
         self._timing = _TimingCache()
         self.cfg = cfg
-        motion = (cfg.rates, cfg.safety) if cfg.realtime.motion == "process" else None
-        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=motion,
-                                         stage_priority=cfg.realtime.priority)
+        self.robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required,
+                                         motion=(cfg.rates, cfg.safety), stage_priority=cfg.realtime.priority)
         try:
             world = self.robot.sim.world if self.robot.sim is not None else None
             self.cameras = CameraStage(cameras if cameras is not None else [open_camera(c, world) for c in cfg.cameras],
@@ -94,11 +94,13 @@ class Daemon:
             raise
         self.engine_lock = threading.Lock()
         self.filter = SafetyFilter(cfg.safety, 1.0 / cfg.rates.control_hz)
-        # the stage runs here as a thread, or in the robot's process (realtime.motion, runtime/motion.py);
-        # in the latter case the filter here only checks the start pose, the stage's own filters setpoints
-        motion = getattr(self.robot.arm, "motion", None)
-        self.setpoint = motion if motion is not None else SetpointStage(cfg.rates, self.filter,
-                                                                        self.robot.gripper.command)
+        # the stage runs in the robot's process (runtime/motion.py): the filter here only checks the start
+        # pose, the stage's own filters setpoints
+        self.setpoint = getattr(self.robot.arm, "motion", None)
+        if self.setpoint is None:
+            self.robot.close()
+            raise ConfigError("the robot has no setpoint stage in its process: open it with "
+                              "open_robot(..., motion=(rates, safety))")
         self.setpoint.q_nullspace = np.asarray(self.robot.q_nullspace, dtype=float)
         self.joint_limits = JointLimits.panda()
         self._lock = threading.RLock()
@@ -527,7 +529,7 @@ class Daemon:
         self._drain_executed()
 
     def _observation(self, frames, r) -> dict[str, Any]:
-        from edge_steer.sim.env import tcp_state
+        from edge_steer.contract import tcp_state
         from edge_steer.geometry import quat_to_mat
         obs: dict[str, Any] = {f"observation.images.{n}": f.image for n, f in frames.items()}
         obs["observation.state"] = tcp_state(r.position, quat_to_mat(r.quat), r.gripper_width)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_steer.models.interface import ensemble_actions
+from edge_steer.contract import ensemble_actions
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.panda import ControlException
 from edge_steer.sim.tasks import Task, task_for_instruction
@@ -146,7 +146,7 @@ def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, confi
     `load_policy` is a picklable zero-argument callable that each worker calls once. `first` skips the
     first episodes of the seed's sequence, so a later call can extend an evaluation with new scenes.
     `instruction` replaces each task's own (see run_policy_episode)."""
-    from edge_steer.sim.demos import episode_seed, process_pool
+    from edge_steer.sim.pool import episode_seed, process_pool
 
     jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == first, ensemble,
              instruction) for t in tasks for i in range(first, first + episodes)]
