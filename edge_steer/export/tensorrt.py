@@ -29,6 +29,7 @@ import numpy as np
 
 from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP
 from edge_steer.export.metadata import EngineError, EngineMeta, base_path, steering_path
+from edge_steer.export.onnx_export import steerable_as_inputs
 from edge_steer.files import atomic_write_bytes, file_sha256
 
 PLUGIN_PACKAGE = "fused_attention"
@@ -164,11 +165,7 @@ def rewrite_for_tensorrt(proto, steerable_inputs: list[str]):
             n_fused += 1
     if n_fused == 0:
         raise EngineError("the ONNX graph has no fused attention node: export it with edge-steer export first")
-    drop = set(steerable_inputs)
-    keep = [t for t in g.initializer if t.name not in drop]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return out
+    return steerable_as_inputs(out, steerable_inputs)
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, config: TrtBuildConfig = TrtBuildConfig()) -> EngineMeta:

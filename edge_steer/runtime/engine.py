@@ -107,7 +107,7 @@ class _ExportedEngine:
         self._action_mean, self._action_std = norm["action_mean"], norm["action_std"]
         self._state_mean, self._state_std = torch.from_numpy(norm["state_mean"]), torch.from_numpy(norm["state_std"])
         self.encoder = InstructionEncoder(c.language, c.max_lang_tokens, c.lang_buckets)
-        self._specs = {s.name: s for s in meta.inputs if not s.name.startswith("steer.")}
+        self._specs = {s.name: s for s in meta.inputs}
         self.steer = SteerableWeights.from_file(meta.steerable, base_path(self.path), meta.base_fingerprint,
                                                 meta.fused_attention.get("steerable_projections", ""))
         self._open()
@@ -163,7 +163,7 @@ class _ExportedEngine:
                 "steering_hash": self.steer.steering_hash, "exported_steering_hash": self.meta.steering_hash,
                 "cameras": list(c.cameras), "image_size": c.image_size, "state_dim": c.state_dim, "chunk": c.chunk,
                 "action_dim": c.action_dim, "precision": self.meta.precision,
-                "inputs": [asdict(s) for s in self.meta.inputs if not s.name.startswith("steer.")],
+                "inputs": [asdict(s) for s in self.meta.inputs], "defaults": self.meta.defaults,
                 "outputs": [asdict(s) for s in self.meta.outputs], "steerable_inputs": len(self.meta.steerable),
                 "preprocessing": self.meta.preprocessing, "load_seconds": getattr(self, "load_seconds", None)}
 
@@ -179,8 +179,10 @@ class OnnxEngine(_ExportedEngine):
         super().__init__(path, steering)
 
     def _open(self) -> None:
+        import onnx
         import onnxruntime as ort
 
+        from edge_steer.export.onnx_export import steerable_as_inputs
         opts = dict(self.meta.session_options)
         if self._threads is not None:
             opts["intra_op_num_threads"] = self._threads
@@ -190,12 +192,15 @@ class OnnxEngine(_ExportedEngine):
         so.intra_op_num_threads = int(opts.get("intra_op_num_threads", 0))
         so.inter_op_num_threads = int(opts.get("inter_op_num_threads", 1))
         so.execution_mode = getattr(ort.ExecutionMode, opts.get("execution_mode", "ORT_SEQUENTIAL"))
-        so.log_severity_level = 3        # the steerable inputs' "initializer is also an input" notice is intended
         # idle intra-op threads spin by default, taking the cores from the daemon's other threads
         # (camera, control, and torch in a side-by-side benchmark) between frames
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("allow_spinning") else "0")
         self.session_options = opts
-        self.session = ort.InferenceSession(str(self.path), so, providers=self._providers or ["CPUExecutionProvider"])
+        # the file's steerable initializers become plain inputs of this session, fed from host arrays:
+        # a steering switch writes those arrays, no initializer is overridden (nothing to warn about)
+        proto = steerable_as_inputs(onnx.load(str(self.path)), [s.input for s in self.meta.steerable])
+        self.session = ort.InferenceSession(proto.SerializeToString(), so,
+                                            providers=self._providers or ["CPUExecutionProvider"])
         self._output = self.meta.outputs[0].name
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
