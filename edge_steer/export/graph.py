@@ -149,15 +149,15 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         raise NotImplementedError("attention logit soft-capping (Gemma 2) has no fused export")
     if kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention with a position bias or sinks has no fused export")
-    b, h, s, d = query.shape
-    h_kv, s_kv = key.shape[1], key.shape[2]
+    b, h, s, d = (int(n) for n in query.shape)       # ints: the tracer hands out sizes as tensors
+    h_kv, s_kv = int(key.shape[1]), int(key.shape[2])
     if h_kv != h:                          # grouped-query: repeat each kv head for its query group
         key, value = (z[:, :, None].expand(b, h_kv, h // h_kv, s_kv, d).reshape(b, h, s_kv, d) for z in (key, value))
-    q, k, v = (z.transpose(1, 2).reshape(b, z.shape[2], h * d) for z in (query, key, value))
+    q, k, v = (z.transpose(1, 2).reshape(b, n, h * d) for z, n in ((query, s), (key, s_kv), (value, s_kv)))
     scale = float(scaling) if scaling is not None else d ** -0.5
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    if attention_mask is None and causal and int(s) > 1:
-        attention_mask = torch.ones(int(s), int(s_kv), dtype=torch.bool, device=q.device).tril()[None, None]
+    if attention_mask is None and causal and s > 1:
+        attention_mask = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).tril()[None, None]
     if attention_mask is None:
         out = core(q, k, v, torch.ones(b, s_kv, dtype=torch.int32, device=q.device), h, scale)
     else:

@@ -152,7 +152,9 @@ def trace_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], output: 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice, tracer warnings
-        torch.onnx.export(ExportGraph(model, names), (*inputs.values(), *steerable.values()), buf, dynamo=False,
+        # the wrapper in the model's own mode: the exporter traces in eval mode, then restores the
+        # wrapper's mode recursively, which would otherwise leave the model in training mode
+        torch.onnx.export(ExportGraph(model, names).train(model.training), (*inputs.values(), *steerable.values()), buf, dynamo=False,
                           opset_version=config.opset, input_names=in_names, output_names=[output],
                           dynamic_axes=dynamic, custom_opsets={FUSED_DOMAIN: 1}, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
