@@ -16,6 +16,7 @@ Untested here: no GPU or TensorRT on the machines this was written on (see docs/
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -48,7 +49,7 @@ class TrtBuildConfig:
     workspace_mib: int = 1024
     max_batch: int = 8                  # for a dynamic-batch export: optimisation profile 1..max (opt 1)
     cache_dir: Path | None = None       # default ~/.cache/edge-steer/trt (EDGE_STEER_TRT_CACHE overrides)
-    plugin_dir: Path | None = None      # default engines/ of this checkout (EDGE_STEER_ENGINES overrides)
+    plugin_dir: Path | None = None      # default edge_steer/engines, installed with the package (EDGE_STEER_ENGINES overrides)
 
     def __post_init__(self):
         if self.precision not in TRT_PRECISIONS:
@@ -79,22 +80,26 @@ def gpu_identity() -> dict[str, str]:
 
 
 def plugin_dir(override: str | Path | None = None) -> Path:
+    """Where the plugin's sources are: `edge_steer/engines/` of the installed package (it ships in the
+    wheel), unless a folder is given or EDGE_STEER_ENGINES names one (a plugin under development)."""
     if override is not None:
         return Path(override)
     if os.environ.get("EDGE_STEER_ENGINES"):
         return Path(os.environ["EDGE_STEER_ENGINES"])
-    return Path(__file__).resolve().parents[2] / "engines"
+    return Path(str(importlib.resources.files("edge_steer.engines")))
 
 
 def load_plugin(directory: str | Path | None = None) -> ModuleType:
-    """Import engines/fused_attention (by path: engines/ is not an installed package) and register
-    the plugin with TensorRT. A missing or broken plugin is a PluginError that says where it looked."""
+    """Import the fused-attention plugin package and register the plugin with TensorRT: the installed
+    `edge_steer.engines.fused_attention`, or the one in an overriding folder (imported by path). A
+    missing or broken plugin is a PluginError that says where it looked."""
     pkg = plugin_dir(directory) / PLUGIN_PACKAGE
     init = pkg / "__init__.py"
     if not init.is_file():
-        raise PluginError(f"the fused-attention plugin is missing: {init} not found; set EDGE_STEER_ENGINES to "
-                          "the engines/ folder of an edge-steer checkout")
-    name = "edge_steer_engines_fused_attention"
+        raise PluginError(f"the fused-attention plugin is missing: {init} not found (a broken install, or "
+                          "EDGE_STEER_ENGINES names the wrong folder)")
+    default = directory is None and not os.environ.get("EDGE_STEER_ENGINES")
+    name = "edge_steer.engines.fused_attention" if default else "edge_steer_engines_fused_attention"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg)])
         module = importlib.util.module_from_spec(spec)
