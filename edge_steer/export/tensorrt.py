@@ -1,10 +1,13 @@
 """TensorRT: build a plan from the exported ONNX with our fused-attention plugin, cache it, serve it.
 
 The ONNX file's `com.microsoft::MultiHeadAttention` nodes are retyped to `fused_attention` with
-`plugin_namespace=edge_steer` (the same op contract, see engines/fused_attention/contract.py), which
-TensorRT's ONNX parser resolves to the plugin registered from `engines/`. The steerable weights stay
-network inputs (their ONNX defaults are dropped so the parser cannot fold them into constants): a
-steering switch is a host-to-device copy of the changed weights, not a rebuild.
+`plugin_namespace=edge_steer` (the same op contract, see edge_steer/engines/fused_attention/contract.py), which
+TensorRT's ONNX parser resolves to the plugin registered from `edge_steer/engines/`. The steerable weights stay
+network inputs (the ONNX file's initializers for them are turned into inputs, so the parser cannot fold
+them into constants): a steering switch is a host-to-device copy of the changed weights, not a rebuild.
+TensorRT network inputs have no default values, so a plan never runs alone: `TensorRTEngine` binds the
+values its sidecar names (`defaults`: the exported steering, uploaded at load) and refuses a plan
+without its sidecar.
 
 A plan only runs on the GPU model and TensorRT version it was built with, so the sidecar records
 both and `TrtSession` refuses a mismatch; the build cache is keyed by GPU, compute capability,

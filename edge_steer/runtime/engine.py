@@ -210,7 +210,7 @@ class OnnxEngine(_ExportedEngine):
 
 class TensorRTEngine(_ExportedEngine):
     """TensorRT backend: a serialized plan whose attention nodes run our fused-attention plugin
-    (`engines/`). Needs an NVIDIA GPU, the `tensorrt` package and a CUDA build of torch."""
+    (`edge_steer/engines/`). Needs an NVIDIA GPU, the `tensorrt` package and a CUDA build of torch."""
 
     backend = "tensorrt"
 
