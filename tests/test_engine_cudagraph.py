@@ -13,6 +13,7 @@ from edge_steer.export.metadata import EngineError
 from edge_steer.models import HeadRef
 from edge_steer.runtime.engine import CudaGraphEngine, Engine, load_engine
 from edge_steer.steering.delta import DeltaError
+from kernels import NO_TRITON, kernel_env
 from test_export import RTOL, observation, rel_err, steered_delta, tiny
 
 HAS_GPU = torch.cuda.is_available()
@@ -63,18 +64,18 @@ def test_cuda_graph_engine_on_gpu_matches_torch():
     assert rel_err(engine.predict(obs, text), d.tuned.predict(obs, text)) <= 1e-4
 
 
+@pytest.mark.skipif(kernel_env() is None, reason=NO_TRITON)
 def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
     """tools/gpu_check.sh --cpu-smoke: the GPU script's own code at toy sizes, the Triton kernel (alone
     and as the attention of a whole model) under the interpreter; TensorRT reported as skipped."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
     r = subprocess.run(["bash", str(root / "tools" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+                       capture_output=True, text=True, timeout=300, env={**kernel_env(), "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert res["ok"] and res["mode"] == "cpu-smoke"
