@@ -13,7 +13,7 @@ from edge_steer.export.metadata import EngineError
 from edge_steer.models import HeadRef
 from edge_steer.runtime.engine import CudaGraphEngine, Engine, load_engine
 from edge_steer.steering.delta import DeltaError
-from kernels import NO_TRITON, kernel_env
+from triton_subprocess import NO_TRITON, kernel_env
 from test_export import RTOL, observation, rel_err, steered_delta, tiny
 
 HAS_GPU = torch.cuda.is_available()

@@ -150,3 +150,13 @@ def test_trace_leaves_the_model_in_its_mode():
     tower.eval()
     trace_onnx(tower, inputs, "out", {})
     assert not any(m.training for m in tower.modules())
+
+
+def test_tensorrt_rewrite_refuses_causal_attention_clearly():
+    """The TensorRT plugin takes key-padding masks only: a causal LM's graph is refused, not mis-built."""
+    from edge_steer.export import EngineError
+    from edge_steer.export.tensorrt import rewrite_for_tensorrt
+    tower, inputs = _tiny("llama")
+    proto = trace_onnx(tower.eval(), inputs, "out", {})
+    with pytest.raises(EngineError, match="attention_bias: a causal or 4-D mask"):
+        rewrite_for_tensorrt(proto, [])

@@ -24,7 +24,7 @@ from edge_steer.export.tensorrt import (PluginError, TrtBuildConfig, cache_key, 
                                         plugin_dir, plugin_hash, rewrite_for_tensorrt)
 
 import edge_steer.engines.fused_attention as fa
-from kernels import NO_TRITON, kernel_env
+from triton_subprocess import NO_TRITON, kernel_env
 from test_export import RTOL, rel_err, tiny
 
 ENGINES = Path(fa.__file__).resolve().parents[1]

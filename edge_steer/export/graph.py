@@ -192,17 +192,15 @@ def _register_hf(core: Core) -> str:
 
 
 @contextmanager
-def _hf_fused(model: nn.Module, core: Core) -> Iterator[int]:
+def _hf_fused(model: nn.Module, core: Core) -> Iterator[None]:
+    """Within the block every transformers config of the model names our attention function."""
     configs = _hf_configs(model)
-    if not configs:
-        yield 0
-        return
-    name = _register_hf(core)
+    name = _register_hf(core) if configs else ""
     before = [c._attn_implementation_internal for c in configs]
     try:
         for c in configs:
             c._attn_implementation_internal = name
-        yield len(configs)
+        yield
     finally:
         for c, v in zip(configs, before):
             c._attn_implementation_internal = v

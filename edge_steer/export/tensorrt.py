@@ -159,9 +159,11 @@ def rewrite_for_tensorrt(proto, steerable_inputs: list[str]):
         if node.op_type == FUSED_OP and node.domain == FUSED_DOMAIN:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             unsupported = set(attrs) - {"num_heads", "scale"}
-            if unsupported or len(node.input) != 5 or node.input[3]:
-                raise EngineError(f"attention node {node.name} uses {sorted(unsupported) or 'a bias input'}, "
-                                  "which the fused-attention plugin does not implement")
+            if unsupported or len(node.input) != 5 or node.input[3] or not node.input[4]:
+                what = sorted(unsupported) or "inputs other than q, k, v and a key-padding mask (a bias, or an " \
+                                              "attention_bias: a causal or 4-D mask)"
+                raise EngineError(f"attention node {node.name} uses {what}, which the fused-attention plugin "
+                                  "does not implement")
             q, k, v, _, mask = node.input
             del node.input[:]
             node.input.extend([q, k, v, mask])
