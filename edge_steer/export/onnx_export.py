@@ -28,7 +28,8 @@ from typing import Any
 import onnx
 import torch
 
-from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, steerable_params
+from edge_steer.export.graph import (FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, n_attention_layers,
+                                     steerable_params)
 from edge_steer.export.metadata import EngineMeta, SteerableSpec, TensorSpec, base_path, steering_path
 from edge_steer.export.steerable import SteerableWeights
 from edge_steer.files import atomic_path, atomic_write_bytes, file_sha256
@@ -96,9 +97,11 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
     specs = [SteerableSpec(n, input_name(n), list(base[n].shape)) for n in names]
     defaults = SteerableWeights(specs, {n: t.numpy() for n, t in base.items()}, fingerprint, projections)
     defaults.set(delta)                          # the file's own values: base, or base + the delta
-    inputs = example_inputs(model.config)
+    # a model may say what its forward takes (`example_inputs()`, name -> tensor); EdgeVLA's come from its config
+    inputs = model.example_inputs() if hasattr(model, "example_inputs") else example_inputs(model.config)
     proto = trace_onnx(model, inputs, OUTPUT, {n: torch.from_numpy(defaults.live[n]) for n in names}, config)
-    counts = check_fused(proto, model.config.n_layers, other_softmax=int(model.config.keypoints > 0))
+    # one fused node per attention module the head locator finds; a keypoint stem's Softmax is not attention
+    counts = check_fused(proto, n_attention_layers(model), other_softmax=int(getattr(model.config, "keypoints", 0) > 0))
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
 
