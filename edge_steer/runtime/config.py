@@ -86,13 +86,13 @@ class CameraConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backend: str = "torch"               # torch | onnxruntime | tensorrt | expert (sim: the scripted expert)
+    backend: str = "torch"               # torch | onnxruntime | tensorrt | cuda-graph | expert (sim: the scripted expert)
     path: str = ""                       # model / engine path ("" = the embedded default model)
     steering_dir: str = ""               # set_steering{task} loads <steering_dir>/<task>
     threads: int = 1                     # intra-op threads: leave a core to the 1 kHz side
 
     def check(self) -> None:
-        _one_of("engine.backend", self.backend, ("torch", "onnxruntime", "tensorrt", "expert"))
+        _one_of("engine.backend", self.backend, ("torch", "onnxruntime", "tensorrt", "cuda-graph", "expert"))
         if self.threads < 1:
             raise ConfigError("engine.threads must be >= 1")
 
