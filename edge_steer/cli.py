@@ -47,13 +47,19 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
         print(json.dumps([{"name": t.name, "split": t.split, "factor": t.factor, "base": t.base,
                            "instruction": t.instruction, "env": t.env.__dict__} for t in tasks], indent=1))
         return
-    table = Table("split", "factor", "instruction", "environment")
-    table.add_column("name", no_wrap=True)
-    table.columns.insert(0, table.columns.pop())
-    for t in tasks:
-        env = f"{t.env.lighting} light, {t.env.table}, {t.env.distractors} distr., jitter {t.env.camera_jitter}"
-        table.add_row(t.name, t.split, t.factor or "-", t.instruction, env)
-    console.print(table)
+    header = ("name", "split", "factor", "instruction", "environment")
+    rows = [(t.name, t.split, t.factor or "-", t.instruction,
+             f"{t.env.lighting} light, {t.env.table}, {t.env.distractors} distr., jitter {t.env.camera_jitter}")
+            for t in tasks]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if console.is_terminal and console.width >= sum(widths) + 3 * len(widths) + 1:  # the table fits unclipped
+        table = Table(*header)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        return
+    for r in [header, *rows]:   # piped or narrow: whole values in aligned columns, wrapped by the terminal
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 @demos_app.command("generate")
@@ -171,15 +177,11 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
     from functools import partial
 
-    from edge_steer.data import Dataset, DatasetError
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
     from edge_steer.models.train import TrainConfig, fit
     from edge_steer.sim.tasks import tasks_by_split
 
-    try:
-        ds = Dataset(data)
-    except DatasetError as e:
-        _fail(str(e))
+    ds = _demos(data)
     from dataclasses import replace as _replace
 
     base = EdgeVLAConfig()
@@ -202,6 +204,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
     except ValueError as e:
         _fail(str(e))
     model = EdgeVLA(cfg)
+    _fits(model, ds)
     model.set_stats(ds.stats)  # a resumed run restores these from its checkpoint
     if start is not None:   # new parameters (e.g. the null state token) keep their fresh init
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
@@ -227,24 +230,35 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 
 
 def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
-                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None) -> list:
+                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
+                 instruction: str | None = None) -> list:
     from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
 
     t0 = time.perf_counter()
     with _progress() as prog:
         bar = prog.add_task("eval episodes", total=episodes * len(tasks))
         results = evaluate(load, tasks, episodes, seed, workers=workers, gif_first=gif is not None,
-                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble)
-    table = Table("task", "split", "success", "95 % CI", "mean steps")
+                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble,
+                           instruction=instruction)
+    told = ["instructed", "95 % CI"] if instruction is not None else []
+    table = Table("task", "split", "success" if not told else "own task", "95 % CI", *told, "mean steps")
     summary = []
     for t in tasks:
         rs = [r for r in results if r.task == t.name]
         k = sum(r.success for r in rs)
         lo, hi = wilson_interval(k, len(rs))
+        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
+               "ci95": [lo, hi]}
+        cells = []
+        if told:   # counted over the scenes where the instructed task can be done
+            doable = [r.instructed_success for r in rs if r.instructed_success is not None]
+            ki, (ilo, ihi) = sum(doable), wilson_interval(sum(doable), len(doable))
+            row.update(instructed_successes=ki, instructed_episodes=len(doable), instructed_ci95=[ilo, ihi])
+            cells = [f"{ki}/{len(doable)} ({100 * ki / len(doable):.0f} %)", f"{100 * ilo:.0f}-{100 * ihi:.0f} %"] \
+                if doable else ["not doable in these scenes", "-"]
         table.add_row(t.name, t.split, f"{k}/{len(rs)} ({100 * k / len(rs):.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
-                      f"{sum(r.steps for r in rs) / len(rs):.0f}")
-        summary.append({"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
-                        "ci95": [lo, hi]})
+                      *cells, f"{sum(r.steps for r in rs) / len(rs):.0f}")
+        summary.append(row)
     console.print(table)
     console.print(f"{len(results)} episodes in {time.perf_counter() - t0:.0f} s")
     if gif is not None:
@@ -254,8 +268,11 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
             console.print(f"GIF of one episode: {gif}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, "summary": summary, "episodes": [
-            {"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps} for r in results]}, indent=1))
+        told_json = {} if instruction is None else {"instruction": instruction}
+        log = [{"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
+                **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]
+        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **told_json, "summary": summary,
+                                        "episodes": log}, indent=1))
         console.print(f"per-episode log: {out_json}")
     return summary
 
@@ -267,7 +284,10 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
              gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
              execute: int = typer.Option(5, min=1, help="actions of each chunk executed before re-planning"),
-             ensemble: Optional[float] = typer.Option(None, min=0.0, help="ACT temporal-ensemble decay (off by default)")
+             ensemble: Optional[float] = typer.Option(None, min=0.0,
+                                                      help="ACT temporal-ensemble decay (off by default)"),
+             instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
+                                                       "reports the instructed task's success where it can be done")
              ) -> None:
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
@@ -281,7 +301,16 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         tasks = tasks_by_split(task) if task in ("base", "heldout") else [get_task(n) for n in task.split(",")]
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
-    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble)
+    if instruction is not None:
+        from edge_steer.sim.tasks import task_for_instruction
+        if not instruction.strip():
+            _fail("--instruction is empty")
+        named = task_for_instruction(instruction)
+        console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
+                      "both its objects are in the scene" if named else "no known task: only each scene's own "
+                      "task is reported"), markup=False)
+    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                 instruction)
 
 
 def _load(model: Optional[Path]):
@@ -292,12 +321,26 @@ def _load(model: Optional[Path]):
         _fail(str(e))
 
 
-def _demos(path: Path):
+def _demos(path: Path, model=None):
+    """The dataset at `path`, refused (one line, exit 2) where it cannot be read or, given the model,
+    does not fit it (models.interface.check_dataset): every command that takes demos comes here first."""
     from edge_steer.data import Dataset, DatasetError
     try:
-        return Dataset(path)
+        ds = Dataset(path)
     except (DatasetError, FileNotFoundError) as e:
         _fail(f"cannot read demos at {path}: {e}")
+    if model is not None:
+        _fits(model, ds)
+    return ds
+
+
+def _fits(model, ds) -> None:
+    from edge_steer.data import DatasetError
+    from edge_steer.models.interface import check_dataset
+    try:
+        check_dataset(model, ds)
+    except DatasetError as e:
+        _fail(f"demos do not fit the model: {e}")
 
 
 @app.command("identify")
@@ -313,22 +356,23 @@ def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint dir
                  exact: bool = typer.Option(True, help="also run exact ablation/patching and report agreement"),
                  seed: int = typer.Option(0)) -> None:
     """Score every attention head on the demos and select the ones that mediate the task."""
+    from edge_steer.data import DatasetError
     from edge_steer.sim.tasks import TASKS
     from edge_steer.steering.identify import IdentifyConfig, IdentifyError, identify, probe_set
 
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         cfg = IdentifyConfig(method=method, top_k=top_k, coverage=coverage, max_frames=max_frames, probe=probe,
                              exact=exact, seed=seed)
         others = sorted({t.instruction for t in TASKS.values()})
         ps = probe_set(m, ds, cfg.max_frames, seed, others)
-        base_ps = probe_set(m, _demos(baseline), cfg.max_frames, seed) if baseline else None
+        base_ps = probe_set(m, _demos(baseline, m), cfg.max_frames, seed) if baseline else None
         with _progress() as prog:
             bar = prog.add_task("identify", total=None)
             doc = identify(m, ps, cfg, base_ps, demos={"path": str(demos)},
                            progress=lambda msg: prog.update(bar, description=f"identify: {msg}"))
-    except IdentifyError as e:
+    except (IdentifyError, DatasetError) as e:   # DatasetError: a damaged frame past the first ones
         _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
@@ -358,11 +402,12 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
                  seed: int = typer.Option(0), deterministic: bool = typer.Option(False),
                  resume: bool = typer.Option(False, help="continue from a checkpoint in OUT")) -> None:
     """Fine-tune on few-shot demos: only the selected heads (steer), LoRA, or every weight (full)."""
+    from edge_steer.data import DatasetError
     from edge_steer.steering.finetune import FinetuneConfig, FinetuneError, finetune, save_result, with_train
     from edge_steer.steering.identify import IdentifyError, selected_heads
 
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         cfg = with_train(FinetuneConfig(method=method, slices=slices, whole=tuple(w for w in whole.split(",") if w),
                                         lora_rank=lora_rank), steps=steps,
@@ -374,7 +419,7 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
             doc = json.loads(heads.read_text())
             refs = selected_heads(doc, m)
         res = finetune(m, ds, cfg, out, heads=refs, heads_doc=doc, resume=resume)
-    except (FinetuneError, IdentifyError, FloatingPointError, json.JSONDecodeError) as e:
+    except (FinetuneError, IdentifyError, DatasetError, FloatingPointError, json.JSONDecodeError) as e:
         _fail(str(e))
     paths = save_result(res, out)
     console.print(f"{method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
@@ -696,6 +741,7 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
                out: Path = typer.Option(..., help="report directory: report.md, heatmap.png, attention_<head>.png"),
                frames: int = typer.Option(3, min=1, max=8, help="sample frames per attention map")) -> None:
     """Explain identified heads: effect heatmaps per factor, the top heads' attention on demo frames, a summary."""
+    from edge_steer.data import DatasetError
     from edge_steer.steering.identify import IdentifyError
     from edge_steer.steering.report import ReportError, write_report
 
@@ -704,11 +750,11 @@ def report_cmd(heads: Path = typer.Option(..., help="heads.json written by `edge
     except (OSError, json.JSONDecodeError) as e:
         _fail(f"cannot read heads file {heads}: {e}")
     m = _load(model)
-    ds = _demos(demos)
+    ds = _demos(demos, m)
     try:
         with console.status("drawing the report"):
             path = write_report(doc, m, ds, out, n_frames=frames)
-    except (IdentifyError, ReportError, KeyError) as e:
+    except (IdentifyError, ReportError, DatasetError, KeyError) as e:
         _fail(str(e))
     console.print(f"report: {path}")
 

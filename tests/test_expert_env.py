@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_steer.sim.env import MAX_STEP_TRANSLATION, MAX_TARGET_LEAD, EnvConfig, SimEnv
+from edge_steer.contract import MAX_STEP_TRANSLATION, MAX_TARGET_LEAD
+from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.expert import Perturbation, run_expert_episode
 from edge_steer.sim.tasks import TASKS, get_task
 

@@ -200,6 +200,37 @@ def test_steering_baked_at_export_and_k_delta(tmp_path):
     assert load_engine(tmp_path / "s.onnx", steering=None).metadata()["steering_hash"] is None
 
 
+def test_steered_file_alone_computes_the_steered_model_quietly(tmp_path, capfd):
+    """Issue 48: a steered .onnx run by a plain onnxruntime session (no sidecar, no engine) computes the
+    steered model; its declared inputs are the sidecar's; loading it prints nothing; the engine still
+    switches to other deltas and back to the base."""
+    import onnxruntime as ort
+    model = tiny(seed=6)
+    d = steered_delta(model)
+    base_meta = export_onnx(model, tmp_path / "base.onnx")
+    meta = export_onnx(model, tmp_path / "steer.onnx", steering=d)
+    assert (base_meta.defaults, meta.defaults, meta.steering_hash) == ("base", "steering", d.hash())
+    assert json.loads(sidecar_path(tmp_path / "steer.onnx").read_text())["defaults"] == "steering"
+    x = example_inputs(model.config, seed=2)
+    feeds = {k: v.numpy() for k, v in x.items()}
+    with torch.no_grad():
+        steered, base = d.tuned(**x).numpy(), model(**x).numpy()
+    assert rel_err(steered, base) > 100 * RTOL                     # the delta matters
+    capfd.readouterr()
+    for path, want in ((tmp_path / "steer.onnx", steered), (tmp_path / "base.onnx", base)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == [s.name for s in meta.inputs] == list(feeds)
+        assert rel_err(sess.run(None, feeds)[0], want) <= RTOL
+    engine = load_engine(tmp_path / "steer.onnx")
+    assert capfd.readouterr().err == ""                           # no "Initializer ... appears in graph inputs"
+    assert rel_err(engine.run(feeds), steered) <= RTOL
+    d2 = steered_delta(model, heads=(HeadRef(1, 2),), seed=4)
+    for delta, ref in ((None, model), (d2, d2.tuned), ("exported", d.tuned)):
+        engine.set_steering(tmp_path / meta.steering_file if delta == "exported" else delta)
+        with torch.no_grad():
+            assert rel_err(engine.run(feeds), ref(**x).numpy()) <= RTOL
+
+
 def test_bad_deltas_are_refused(exported):
     model, path, _ = exported
     engine = load_engine(path)

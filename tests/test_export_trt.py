@@ -23,11 +23,11 @@ from edge_steer.export.onnx_export import example_inputs
 from edge_steer.export.tensorrt import (PluginError, TrtBuildConfig, cache_key, check_plan_target, load_plugin,
                                         plugin_dir, plugin_hash, rewrite_for_tensorrt)
 
-ENGINES = Path(__file__).resolve().parents[1] / "engines"
-sys.path.insert(0, str(ENGINES))
-import fused_attention as fa  # noqa: E402  (engines/ is not an installed package)
+import edge_steer.engines.fused_attention as fa
+from triton_subprocess import NO_TRITON, kernel_env
+from test_export import RTOL, rel_err, tiny
 
-from test_export import RTOL, rel_err, tiny  # noqa: E402
+ENGINES = Path(fa.__file__).resolve().parents[1]
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = torch.cuda.is_available()
@@ -71,14 +71,13 @@ def test_plugin_contract_reference_matches_onnxruntime_and_torch(shape):
         fa.reference(q, k, v, mask, h + 1, 1.0)
 
 
+@pytest.mark.skipif(kernel_env() is None, reason=NO_TRITON)
 def test_triton_kernel_matches_reference_in_the_interpreter():
-    """engines/check_plugin.py --interpret: the kernel's own code, run by Triton's CPU interpreter (a
-    subprocess: TRITON_INTERPRET must be set before triton is first imported)."""
-    pytest.importorskip("triton")
-    import os
+    """check_plugin.py --interpret: the kernel's own code, run by Triton's CPU interpreter (a subprocess:
+    TRITON_INTERPRET must be set before triton is first imported, and triton stays out of this process)."""
     import subprocess
     r = subprocess.run([sys.executable, str(ENGINES / "check_plugin.py"), "--interpret"], capture_output=True, text=True,
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+                       env={**kernel_env(), "TRITON_INTERPRET": "1"}, timeout=120)
     assert r.returncode == 0 and "all checks passed" in r.stdout, r.stdout + r.stderr
 
 
@@ -201,3 +200,26 @@ def test_tensorrt_engine_parity_and_steering(onnx_engine, tmp_path, precision, t
     onnx_out.set_steering(d)
     assert rel_err(engine.predict(obs, "go"), onnx_out.predict(obs, "go")) < tol
     assert RTOL <= tol
+
+
+def test_the_plugin_ships_in_the_wheel_and_imports_nothing_of_edge_steer(tmp_path):
+    """Issue 48: an installed wheel has the plugin (it lived outside the package before), and the
+    plugin room stays independent of edge_steer (only its own relative imports)."""
+    import ast
+    import subprocess
+    import zipfile
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = tmp_path.glob("edge_steer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("__init__.py", "contract.py", "kernel.py", "plugin.py"):
+        assert f"edge_steer/engines/fused_attention/{f}" in names
+    assert "edge_steer/engines/check_plugin.py" in names
+    for f in (ENGINES / "fused_attention").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.startswith("edge_steer") for m in mods), f"{f.name} imports {mods}"
+    assert plugin_dir() == ENGINES

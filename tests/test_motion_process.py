@@ -12,7 +12,8 @@ from edge_steer.runtime.config import ConfigError, RatesConfig, SafetyConfig, Se
 from edge_steer.runtime.daemon import Daemon
 from edge_steer.runtime.launch import free_endpoint, wait_for
 from edge_steer.runtime.setpoint import Chunk
-from edge_steer.sim.panda_model import Q_START
+from edge_steer.runtime.messages import MotionSpec
+from edge_steer.franka.arm import Q_START
 from edge_steer.runtime.panda_process import PandaProcess
 from edge_steer.runtime.robot_process import RemoteCartesianImpedance
 from edge_steer.sim.panda_process import SimPandaProcess
@@ -21,16 +22,20 @@ from edge_steer.sim.tasks import get_task
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_the_motion_process_needs_the_sim_robot_in_its_own_process_at_1khz():
-    assert ServeConfig.sim().realtime.motion == "process"      # the default
-    assert ServeConfig.sim().with_(realtime={"motion": "thread"}, robot={"sim_loop": "thread"}).realtime.motion == "thread"
-    with pytest.raises(ConfigError, match="realtime.motion"):
+def test_the_retired_thread_modes_are_refused_and_process_is_deprecated():
+    assert ServeConfig.sim().realtime.motion == "" and ServeConfig.sim().robot.sim_loop == ""
+    with pytest.raises(ConfigError, match=r"realtime.motion = 'thread' is retired: .*506 ticks a minute against 24"):
+        ServeConfig.sim().with_(realtime={"motion": "thread"})
+    with pytest.raises(ConfigError, match=r"robot.sim_loop = 'thread' is retired: .*7.3 %"):
+        ServeConfig.sim().with_(robot={"sim_loop": "thread"})
+    with pytest.raises(ConfigError, match="realtime.motion is retired"):
         ServeConfig.sim().with_(realtime={"motion": "elsewhere"})
-    with pytest.raises(ConfigError, match="robot.sim_loop 'process'"):
-        ServeConfig.sim().with_(realtime={"motion": "process"}, robot={"sim_loop": "thread"})
+    with pytest.warns(FutureWarning, match="realtime.motion is deprecated"):
+        ServeConfig.sim().with_(realtime={"motion": "process"})
+    with pytest.warns(FutureWarning, match="robot.sim_loop is deprecated"):
+        ServeConfig.sim().with_(robot={"sim_loop": "process"})
     with pytest.raises(ConfigError, match="control_hz must be 1000"):
-        ServeConfig.sim().with_(realtime={"motion": "process"}, rates={"control_hz": 500})
-    assert ServeConfig.sim().with_(realtime={"motion": "process"}).realtime.motion == "process"
+        ServeConfig.sim().with_(rates={"control_hz": 500})
 
 
 TWIN = "edge_steer.sim.panda:connect_twin"
@@ -42,9 +47,10 @@ def arm(request):
     place taken by the twin: libfranka's loop is then SimPanda's thread in that child)."""
     if request.param == "sim":
         scene = get_task("red_cube_on_blue_plate").sample_scene(np.random.default_rng(0), 96)
-        a = SimPandaProcess(scene.spec, Q_START, rt_priority=0, motion=(RatesConfig(), SafetyConfig(), 40.0, Q_START))
+        a = SimPandaProcess(scene.spec, Q_START, rt_priority=0, motion=MotionSpec(RatesConfig(), SafetyConfig(), Q_START),
+                            grasp_force=40.0)
     else:
-        a = PandaProcess("172.16.0.2", rt_priority=0, motion=(RatesConfig(), SafetyConfig()), connect=TWIN)
+        a = PandaProcess("172.16.0.2", rt_priority=0, motion=MotionSpec(RatesConfig(), SafetyConfig()), connect=TWIN)
     yield a
     a.close()
 
@@ -113,7 +119,7 @@ def test_the_daemon_does_and_records_the_task_with_the_stage_in_the_robot_proces
     from edge_steer.data import Dataset
     cmd, tel = free_endpoint(), free_endpoint()
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, engine={"backend": "expert"},
-                                  realtime={"motion": "process"}, record={"dir": str(tmp_path / "rec")})
+                                  record={"dir": str(tmp_path / "rec")})
     d = Daemon(cfg).start()
     c = Client(cmd, tel, timeout_ms=5000)
     try:
@@ -148,7 +154,7 @@ def test_the_panda_backend_runs_the_stage_in_a_child_that_owns_the_arm(monkeypat
     import edge_steer.runtime.panda_process as pp
     from edge_steer.runtime.config import RobotConfig
     from edge_steer.runtime.robot import open_robot
-    cfg = ServeConfig.sim().with_(realtime={"motion": "process"})
+    cfg = ServeConfig.sim()
     monkeypatch.setattr(pp, "CONNECT", TWIN)
     h = open_robot(RobotConfig(backend="panda", host="172.16.0.2"), motion=(cfg.rates, cfg.safety))
     try:
@@ -175,7 +181,7 @@ def test_the_panda_child_says_why_it_could_not_connect(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", here + ":" + __import__("os").environ.get("PYTHONPATH", ""))
     with pytest.raises(RobotError, match=r"Panda at 192\.0\.2\.7: RuntimeError: no arm answers at 192\.0\.2\.7 "
                                          r"\(enforce_realtime=True\)"):
-        PandaProcess("192.0.2.7", enforce_realtime=True, motion=(RatesConfig(), SafetyConfig()),
+        PandaProcess("192.0.2.7", enforce_realtime=True, motion=MotionSpec(RatesConfig(), SafetyConfig()),
                      connect="fake_franka:refuse")
     with pytest.raises(RobotError, match="connect must be 'module:function'"):
         PandaProcess("192.0.2.7", connect="fake_franka")

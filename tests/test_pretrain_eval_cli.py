@@ -142,7 +142,7 @@ class _CountingPolicy:
 
 
 def test_rollout_executes_chunks_or_their_temporal_ensemble(monkeypatch):
-    from edge_steer.models.interface import ensemble_actions
+    from edge_steer.contract import ensemble_actions
     from edge_steer.sim import rollout
     from edge_steer.sim.tasks import get_task
     monkeypatch.setattr(rollout, "SimEnv", _FakeEnv)

@@ -102,26 +102,20 @@ def test_realtime_config_is_validated():
 
 @linux
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("motion", ["thread", "process"])
-def test_daemon_start_refuses_without_realtime_when_required(monkeypatch, motion):
+def test_daemon_start_refuses_without_realtime_when_required(monkeypatch):
     from edge_steer.runtime.daemon import Daemon
     from edge_steer.runtime.launch import free_endpoint
     from edge_steer.sim.panda_process import SimPandaProcess
 
-    if motion == "thread":   # the stage's own thread is refused SCHED_FIFO
-        from edge_steer.runtime.setpoint import SetpointStage
-        monkeypatch.setattr(SetpointStage, "start", lambda self, priority=0, cpu=-1: "SCHED_FIFO 10 refused (test)")
-        want = "realtime.required: SCHED_FIFO 10 refused"
-    else:                    # the robot process's loop, where the stage ticks, is refused it
-        real = SimPandaProcess._spawn
+    real = SimPandaProcess._spawn     # the robot process's loop, where the stage ticks, is refused SCHED_FIFO
 
-        def spawn(self, *a, **kw):
-            real(self, *a, **kw)
-            self.rt_refused = "SCHED_FIFO 20 refused (test)"
-        monkeypatch.setattr(SimPandaProcess, "_spawn", spawn)
-        want = "realtime.required: the robot process's 1 kHz loop: SCHED_FIFO 20 refused"
+    def spawn(self, *a, **kw):
+        real(self, *a, **kw)
+        self.rt_refused = "SCHED_FIFO 20 refused (test)"
+    monkeypatch.setattr(SimPandaProcess, "_spawn", spawn)
+    want = "realtime.required: the robot process's 1 kHz loop: SCHED_FIFO 20 refused"
     cfg = ServeConfig.sim().with_(zmq={"command": free_endpoint(), "telemetry": free_endpoint()},
-                                  engine={"backend": "expert"}, realtime={"required": True, "motion": motion})
+                                  engine={"backend": "expert"}, realtime={"required": True})
     d = Daemon(cfg)
     with pytest.raises(ConfigError, match=want):
         d.start()

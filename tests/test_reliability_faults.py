@@ -18,10 +18,10 @@ NEW_FAULTS = ["camera unplugged 0.15 s, re-plugged", "camera unplugged > camera_
               "ZMQ clients vanish mid-request / flood without reading"]
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
-def cell(tmp_path_factory, request):
-    """The setpoint stage as a daemon thread, then in the sim robot's process (realtime.motion)."""
-    c = start_cell(tmp_path_factory.mktemp("faults"), motion=request.param)
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory):
+    """The daemon with the setpoint stage in the sim robot's process."""
+    c = start_cell(tmp_path_factory.mktemp("faults"))
     yield c
     c.close()
 

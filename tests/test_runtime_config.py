@@ -223,8 +223,9 @@ def test_a_camera_that_drops_out_is_retried_at_once_then_with_backoff(out_s):
 def test_the_stage_runs_in_the_robot_process_on_either_backend(tmp_path):
     p = tmp_path / "serve.toml"
     p.write_text(GOOD + "[realtime]\nmotion = 'process'\n")
-    cfg = load_config(p)
-    assert cfg.robot.backend == "panda" and cfg.realtime.motion == "process"
-    p.write_text(GOOD.replace("policy_hz = 5", "policy_hz = 5\ncontrol_hz = 500") + "[realtime]\nmotion = 'process'\n")
+    with pytest.warns(FutureWarning, match="realtime.motion is deprecated"):
+        cfg = load_config(p)
+    assert cfg.robot.backend == "panda"
+    p.write_text(GOOD.replace("policy_hz = 5", "policy_hz = 5\ncontrol_hz = 500"))
     with pytest.raises(ConfigError, match="control_hz must be 1000"):
         load_config(p)

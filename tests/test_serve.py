@@ -47,10 +47,9 @@ class FakeEngine:
         self.steering = delta
 
 
-# every daemon test runs twice: the setpoint stage as a daemon thread (the default) and in the sim robot's
-# process (realtime.motion = "process", runtime/motion.py); both must serve the same commands the same way
-@pytest.fixture(scope="module", params=["thread", "process"], ids=["motion=thread", "motion=process"])
-def served(tmp_path_factory, request):
+# the setpoint stage runs in the sim robot's process (runtime/motion.py)
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
     cmd, tel = free_endpoint(), free_endpoint()
     steer = tmp_path_factory.mktemp("steering")
     (steer / "red_cube_in_front_of_blue_plate").mkdir()
@@ -60,7 +59,7 @@ def served(tmp_path_factory, request):
         safety={"stale_frame_ms": 300.0, "camera_fault_ms": 1200.0, "inference_deadline_ms": 400.0,
                 "inference_stop_ms": 1000.0},
         record={"dir": str(tmp_path_factory.mktemp("rec") / "ds")},
-        robot={"stop_on_success": False, "fresh_scene": False}, realtime={"motion": request.param})
+        robot={"stop_on_success": False, "fresh_scene": False})
     engine = FakeEngine()
     d = Daemon(cfg, engine=engine).start()
     c = Client(cmd, tel, timeout_ms=5000)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from edge_steer.franka.types import Errors, RobotMode
 from edge_steer.sim.panda import CartesianImpedance, ControlException, SimGripper
 from edge_steer.runtime.robot_process import RemoteCartesianImpedance, RemoteJointPosition
 from edge_steer.sim.panda_process import SimPandaProcess
@@ -29,7 +30,7 @@ def arm():
 
 def test_the_loop_moves_the_arm_on_its_own_and_the_mirror_world_follows(arm):
     st0 = arm.get_state()
-    assert st0.robot_mode == "kIdle" and st0.current_errors == []
+    assert st0.robot_mode == RobotMode.kIdle and st0.current_errors == Errors()
     ctrl = RemoteCartesianImpedance(nullspace_stiffness=2.0)
     arm.start_controller(ctrl)
     x0, quat = arm.get_position(), arm.get_orientation()
@@ -37,14 +38,14 @@ def test_the_loop_moves_the_arm_on_its_own_and_the_mirror_world_follows(arm):
     t0 = time.perf_counter()
     time.sleep(0.8)                                      # this process only sleeps
     st = arm.get_state()
-    assert st.robot_mode == "kMove"
+    assert st.robot_mode == RobotMode.kMove
     assert arm.get_position()[2] < x0[2] - 0.03          # the child's loop moved it
-    assert st.time - st0.time == pytest.approx(time.perf_counter() - t0, abs=0.25)   # at wall-clock pace
+    assert st.time.to_sec() - st0.time.to_sec() == pytest.approx(time.perf_counter() - t0, abs=0.25)   # at wall-clock pace
     with arm.world.lock:                                  # the mirror is posed from the newest state
         mirror_x = arm.world.tcp_pose()[0]
         mirror_t = arm.world.time
     now = arm.get_state()
-    assert abs(mirror_t - now.time) < 0.05
+    assert abs(mirror_t - now.time.to_sec()) < 0.05
     assert np.linalg.norm(mirror_x - arm.get_position()) < 2e-3
     timing = arm.loop_timing()
     assert timing["ticks"] > 500 and timing["scheduling"].endswith("(own process)")
@@ -56,15 +57,15 @@ def test_reflexes_and_recovery_cross_the_process_boundary(arm):
     arm.inject_fault("cartesian_reflex")
     time.sleep(0.05)
     st = arm.get_state()
-    assert st.current_errors == ["cartesian_reflex"] and st.robot_mode == "kReflex"
+    assert st.current_errors == Errors(["cartesian_reflex"]) and st.robot_mode == RobotMode.kReflex
     with pytest.raises(ControlException, match="cartesian_reflex"):
         arm.raise_error()
     with pytest.raises(ControlException, match="reflex"):
         arm.start_controller(RemoteCartesianImpedance())   # refused in reflex, as libfranka does
     arm.recover()
-    assert arm.get_state().current_errors == [] and arm.get_state().robot_mode == "kIdle"
+    assert arm.get_state().current_errors == Errors() and arm.get_state().robot_mode == RobotMode.kIdle
     arm.start_controller(RemoteJointPosition())
-    assert arm.get_state().robot_mode == "kMove"
+    assert arm.get_state().robot_mode == RobotMode.kMove
 
 
 def test_the_gripper_works_through_the_side_door(arm):
@@ -90,7 +91,7 @@ def test_arguments_are_checked_before_anything_crosses(arm):
     with pytest.raises(TypeError, match="Remote"):
         arm.start_controller(CartesianImpedance())        # an in-process controller cannot run there
     time.sleep(0.1)
-    assert arm.get_state().robot_mode == "kMove"          # none of that reached the loop
+    assert arm.get_state().robot_mode == RobotMode.kMove          # none of that reached the loop
     assert np.linalg.norm(arm.get_position() - x) < 2e-3
 
 
@@ -127,7 +128,6 @@ def test_the_daemon_runs_the_sim_robot_in_its_own_process_by_default():
     from edge_steer.runtime.config import ConfigError, RobotConfig, ServeConfig
     from edge_steer.runtime.robot import open_robot
 
-    assert ServeConfig.sim().robot.sim_loop == "process"
     with pytest.raises(ConfigError, match="robot.sim_loop"):
         ServeConfig.sim().with_(robot={"sim_loop": "fiber"})
     robot = open_robot(RobotConfig())
@@ -155,7 +155,7 @@ def test_a_late_reply_is_never_taken_for_the_next_request(arm, monkeypatch):
 def test_the_robot_process_outlives_ctrl_c_and_ends_with_its_owner(arm):
     os.kill(arm._proc.pid, signal.SIGINT)         # Ctrl-C reaches the whole foreground group
     time.sleep(0.1)
-    assert arm._proc.poll() is None and arm.get_state().robot_mode == "kIdle"
+    assert arm._proc.poll() is None and arm.get_state().robot_mode == RobotMode.kIdle
     arm._conn.close()                             # the owner goes away without a word
     assert arm._proc.wait(timeout=5) == 0
 

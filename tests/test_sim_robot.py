@@ -19,10 +19,10 @@ import pytest
 import edge_steer.sim.panda as sim_controllers
 from edge_steer.geometry import quat_to_mat, rot_z
 from edge_steer.sim.panda import (
-    CartesianImpedance, ControlException, JointPosition, SimGripper, SimGripperState, SimPanda,
-    SimPandaContext, SimRobotState,
+    CartesianImpedance, ControlException, JointPosition, SimGripper, SimPanda, SimPandaContext,
 )
-from edge_steer.sim.panda_model import HAND_YAW, Q_MAX, Q_MIN, Q_START, fk
+from edge_steer.franka.types import Errors, GripperState, RobotMode, RobotState
+from edge_steer.franka.arm import HAND_YAW, Q_MAX, Q_MIN, Q_START, fk
 from edge_steer.sim.scene import Entity, Placement, SceneSpec
 from edge_steer.sim.world import World
 
@@ -102,11 +102,11 @@ def test_mjcf_joint_limits_are_the_published_limits():
 ROLES = {
     "Panda": (SimPanda, "Panda"),
     "PandaContext": (SimPandaContext, "PandaContext"),
-    "RobotState": (SimRobotState, "libfranka.RobotState"),
+    "RobotState": (RobotState, "libfranka.RobotState"),
     "CartesianImpedance": (CartesianImpedance, "controllers.CartesianImpedance"),
     "JointPosition": (JointPosition, "controllers.JointPosition"),
     "Gripper": (SimGripper, "libfranka.Gripper"),
-    "GripperState": (SimGripperState, "libfranka.GripperState"),
+    "GripperState": (GripperState, "libfranka.GripperState"),
 }
 # Every member the control script touches, one line each: (role, member, role of what it returns).
 # A call added to the script must be added here (test_the_script_uses_exactly_the_api_table checks).
@@ -219,7 +219,7 @@ def control_script(robot, gripper, controllers, seconds: float = 1.0) -> dict:
     seen["grasp_empty"] = gripper.grasp(0.02, 0.1, 20.0)  # nothing between the fingers
     seen["is_grasped_empty"] = gripper.read_once().is_grasped
     state = robot.get_state()
-    seen["errors"], seen["mode"] = list(state.current_errors), state.robot_mode
+    seen["errors"], seen["mode"] = bool(state.current_errors), state.robot_mode
     return seen
 
 
@@ -246,7 +246,7 @@ def _check_script(seen: dict, cart_tol: float, joint_tol: float) -> None:
     assert seen["homing"] and seen["width_home"] == pytest.approx(0.08, abs=0.002)
     assert seen["half_open"] and seen["width_half"] == pytest.approx(0.04, abs=0.002)
     assert seen["grasp_empty"] is False and seen["is_grasped_empty"] is False
-    assert seen["errors"] == [] and seen["mode"] != "kReflex"
+    assert seen["errors"] is False and seen["mode"] != RobotMode.kReflex
 
 
 def test_control_script_stepped_reaches_its_targets(make_robot):
@@ -266,7 +266,7 @@ def test_control_script_runs_on_the_1khz_thread(make_robot):
     wall = time.perf_counter() - t0
     _check_script(seen, cart_tol=0.006, joint_tol=0.02)
     # the physics ran at (about) wall-clock pace, 1 ms per tick
-    assert robot.get_state().time == pytest.approx(wall, rel=0.35)
+    assert robot.get_state().time.to_sec() == pytest.approx(wall, rel=0.35)
     assert robot.loop.period_errors.percentiles(50)[0] < 0.0004       # the median tick is within 0.4 ms of 1 ms
 
 
@@ -275,7 +275,7 @@ def test_the_1khz_loop_moves_the_arm_while_the_caller_only_sleeps(make_robot):
     ctrl = CartesianImpedance()
     robot.start_controller(ctrl)
     x0, quat = robot.get_position(), robot.get_orientation()
-    t_sim0, ticks0 = robot.get_state().time, robot.loop.period_errors.n
+    t_sim0, ticks0 = robot.get_state().time.to_sec(), robot.loop.period_errors.n
     ctrl.set_control(x0 + np.array([0.0, 0.0, -0.04]), quat)
     heights = []
     for _ in range(6):  # the test thread only sleeps and samples
@@ -283,14 +283,14 @@ def test_the_1khz_loop_moves_the_arm_while_the_caller_only_sleeps(make_robot):
         heights.append(robot.get_position()[2])
     assert heights[-1] < x0[2] - 0.03                       # it moved toward the target...
     assert heights[0] < x0[2] - 0.002                       # ...already in the first 100 ms
-    assert robot.get_state().time - t_sim0 > 0.35           # sim time advanced on its own
+    assert robot.get_state().time.to_sec() - t_sim0 > 0.35           # sim time advanced on its own
     assert robot.loop.period_errors.n - ticks0 > 350
     thread = robot._thread
     robot.close()
     assert not thread.is_alive()
-    t_closed = robot.get_state().time
+    t_closed = robot.get_state().time.to_sec()
     time.sleep(0.02)
-    assert robot.get_state().time == t_closed               # and nothing ticks after close()
+    assert robot.get_state().time.to_sec() == t_closed               # and nothing ticks after close()
 
 
 # ================================================================================================
@@ -396,9 +396,17 @@ def test_panda_py_has_what_the_script_uses(role, member):
         assert our_is_field or isinstance(our_member, property), f"{ours.__name__}.{member} must be an attribute"
         return
     assert inspect.isfunction(our_member), f"{ours.__name__}.{member} must be a method"
-    our_params = [(p.name, p.default) for p in inspect.signature(our_member).parameters.values() if p.name != "self"]
     overloads = pybind_overloads(getattr(theirs, member), member)
     assert overloads, f"could not read the signature of panda_py.{their_path}.{member}"
+    if hasattr(our_member, "overloads"):   # overloaded as pybind's: every one of theirs is one of ours, and back
+        from edge_steer.sim.panda import _REQUIRED
+        ours_all = [[(n, inspect.Parameter.empty if d is _REQUIRED else d) for n, d in o] for o in our_member.overloads]
+        assert len(ours_all) == len(overloads)
+        for mine, their_params in zip(ours_all, overloads):
+            assert [n for n, _ in mine] == [n for n, _ in their_params], (mine, their_params)
+            assert all(_same_default(o, t) for (_, o), (_, t) in zip(mine, their_params)), (mine, their_params)
+        return
+    our_params = [(p.name, p.default) for p in inspect.signature(our_member).parameters.values() if p.name != "self"]
     # some overload has our parameters: same names, same order, equal defaults
     for their_params in overloads:
         if [n for n, _ in their_params] == [n for n, _ in our_params] and all(
@@ -447,7 +455,7 @@ def test_set_control_copies_its_arguments(make_robot):
     quat[:] = 0.0
     robot.step_until(robot.world.time + 0.5)
     np.testing.assert_allclose(robot.get_position(), x0 + [0, 0, -0.02], atol=0.003)
-    assert robot.get_state().current_errors == []
+    assert robot.get_state().current_errors == Errors()
 
 
 @pytest.mark.parametrize("positions", [
@@ -481,14 +489,14 @@ def test_injected_fault_stops_everything_until_recover(make_robot):
     gripper = SimGripper(robot)
     ctrl = CartesianImpedance()
     robot.start_controller(ctrl)
-    assert robot.get_state().robot_mode == "kMove"
+    assert robot.get_state().robot_mode == RobotMode.kMove
     robot.inject_fault("cartesian_reflex")
     ctx = robot.create_context(frequency=100)
     assert ctx.ok()  # the first ok() does not tick; the next one runs the faulting tick
     with pytest.raises(ControlException, match="cartesian_reflex"):
         ctx.ok()
     state = robot.get_state()
-    assert state.current_errors == ["cartesian_reflex"] and state.robot_mode == "kReflex"
+    assert state.current_errors == Errors(["cartesian_reflex"]) and state.robot_mode == RobotMode.kReflex
     with pytest.raises(ControlException):
         robot.raise_error()
     with pytest.raises(ControlException):
@@ -503,11 +511,11 @@ def test_injected_fault_stops_everything_until_recover(make_robot):
     assert gripper.move(0.04, 0.1)                       # the gripper is another device: it still works
     robot.recover()
     state = robot.get_state()
-    assert state.current_errors == [] and state.robot_mode == "kIdle"
+    assert state.current_errors == Errors() and state.robot_mode == RobotMode.kIdle
     robot.raise_error()
     assert robot.create_context(frequency=100).ok()
     robot.start_controller(CartesianImpedance())
-    assert robot.get_state().robot_mode == "kMove"
+    assert robot.get_state().robot_mode == RobotMode.kMove
 
 
 def test_fault_on_the_1khz_thread_reaches_the_caller(make_robot):
@@ -517,7 +525,7 @@ def test_fault_on_the_1khz_thread_reaches_the_caller(make_robot):
     assert ctx.ok()
     robot.inject_fault()
     time.sleep(0.02)
-    assert robot.get_state().robot_mode == "kReflex"
+    assert robot.get_state().robot_mode == RobotMode.kReflex
     with pytest.raises(ControlException, match="communication_constraints_violation"):
         ctx.ok()
 
@@ -537,9 +545,9 @@ def test_a_controller_crash_on_the_1khz_thread_is_a_fault_not_a_dead_loop(make_r
         while ctx.ok():
             pass
     assert robot._thread.is_alive()                      # the loop survived and holds the arm
-    t = robot.get_state().time
+    t = robot.get_state().time.to_sec()
     time.sleep(0.02)
-    assert robot.get_state().time > t
+    assert robot.get_state().time.to_sec() > t
     robot.recover()
     robot.start_controller(CartesianImpedance())
 
@@ -607,6 +615,6 @@ def test_simpanda_threads_are_independent_per_instance(make_robot):
     names = [t.name for t in threading.enumerate()]
     assert names.count("simpanda-1khz") >= 2
     a.close()
-    t = b.get_state().time
+    t = b.get_state().time.to_sec()
     time.sleep(0.02)
-    assert b.get_state().time > t
+    assert b.get_state().time.to_sec() > t

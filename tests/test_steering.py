@@ -93,7 +93,7 @@ def test_selection_by_coverage_and_no_zero_effect_heads():
 
 def test_identify_refuses_demos_of_another_robot(tmp_path, planted):
     m = tiny_model(state_dim=6)
-    with pytest.raises(IdentifyError, match="state/action dims"):
+    with pytest.raises(IdentifyError, match="state dim 8 .the model.s is 6."):
         probe_set(m, Dataset(write_demos(tmp_path / "d", episodes_per_task=1, length=10)))
     short = tmp_path / "short"
     with DatasetWriter(short, default_spec(image_size=32)) as w:

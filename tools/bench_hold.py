@@ -1,8 +1,8 @@
 """How far the arm travels after `pause` and after `estop` (docs/serve.md, "Pause and e-stop"): an
 in-process sim daemon whose engine pushes the TCP along +x at --speed, the TCP read from the robot every
-10 ms for 2 s after the command's reply, for the setpoint stage as a thread and in the robot's process.
+10 ms for 2 s after the command's reply.
 
-    .venv/bin/python tools/bench_hold.py [--speed 0.1] [--motion thread,process]
+    .venv/bin/python tools/bench_hold.py [--speed 0.1]
 """
 
 from __future__ import annotations
@@ -54,23 +54,21 @@ def travel(d: Daemon, c: Client, command: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--speed", type=float, default=0.1, help="m/s along +x")
-    ap.add_argument("--motion", default="thread,process")
     args = ap.parse_args()
     out: dict = {"speed_m_s": args.speed}
-    for motion in args.motion.split(","):
-        cmd, tel = free_endpoint(), free_endpoint()
-        cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, realtime={"motion": motion},
-                                      robot={"stop_on_success": False, "fresh_scene": False})
-        d = Daemon(cfg, engine=Push(args.speed)).start()
-        c = Client(cmd, tel, timeout_ms=20000)
-        try:
-            out[motion] = {"pause": travel(d, c, "pause")}
-            c.stop()
-            out[motion]["estop"] = travel(d, c, "estop")
-            c.recover()
-        finally:
-            c.close()
-            d.close()
+    cmd, tel = free_endpoint(), free_endpoint()
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
+                                  robot={"stop_on_success": False, "fresh_scene": False})
+    d = Daemon(cfg, engine=Push(args.speed)).start()
+    c = Client(cmd, tel, timeout_ms=20000)
+    try:
+        out["pause"] = travel(d, c, "pause")
+        c.stop()
+        out["estop"] = travel(d, c, "estop")
+        c.recover()
+    finally:
+        c.close()
+        d.close()
     print(json.dumps(out, indent=1))
 
 

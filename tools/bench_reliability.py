@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "bench_reliability.json"))
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from --json without running")
-    ap.add_argument("--motion", choices=("thread", "process"), default="thread",
-                    help="where the setpoint stage runs (realtime.motion): a daemon thread or the robot's process")
+    ap.add_argument("--motion", choices=("process",), default="process",
+                    help="where the setpoint stage runs: the robot's process (the daemon-thread mode is retired)")
     args = ap.parse_args()
     if args.report_only:
         r = json.loads(Path(args.json).read_text())
@@ -56,7 +56,7 @@ def main() -> None:
     head = {"commit": git_commit(), "machine": this_machine(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()}
     r = {**head, **run_all(Path(tempfile.mkdtemp(prefix="edge_steer_rel_")), run_cli, seconds=args.seconds,
                            clients=tuple(int(x) for x in args.clients.split(",")), fuzz=args.fuzz,
-                           atheris_runs=args.atheris_runs, estops=args.estops, motion=args.motion)}
+                           atheris_runs=args.atheris_runs, estops=args.estops)}
     r["bugs"] = BUGS
     r["loadavg_end"] = os.getloadavg()
     r["wall_s"] = time.perf_counter() - t_start

@@ -16,4 +16,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Triton runs our fused-attention kernel under its interpreter in the tests. It lives apart from the venv's
+# site-packages: on this CPU kind, a process that renders with Mesa's software EGL and then loads triton's LLVM
+# (torch._dynamo imports it) segfaults, so only the kernel tests' subprocesses put .venv/kernels on their path.
+[ -d .venv/kernels/triton ] || .venv/bin/python -m pip install -q --target .venv/kernels 'triton>=3.0'
 echo "setup: ok ($(.venv/bin/python -c 'import torch, mujoco; print("torch", torch.__version__, "| mujoco", mujoco.__version__)'))"

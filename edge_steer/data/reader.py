@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from edge_steer.data import layout, stats
+import edge_steer.data.layout as layout
+import edge_steer.data.stats as stats
 from edge_steer.data.schema import BOOKKEEPING, STATS_PATH, DatasetError, DatasetSpec, Feature
 
 KNOWN_EPISODE_COLUMNS = {*layout.REQUIRED_EPISODE_COLUMNS, "success"}
@@ -202,6 +203,13 @@ class Dataset:
         everything = np.arange(len(self))
         for images in self._images.values():
             images.get(everything)
+
+    def check_frames(self) -> None:
+        """Decode the first frame of every episode from each camera: raises DatasetError where a frame
+        does not decode to the shape info.json declares, before a command has spent any work on it."""
+        firsts = np.array([s for s, e in zip(self._starts, self.episodes) if e.length], dtype=np.int64)
+        for images in self._images.values():
+            images.get(firsts)
 
     def episode(self, index: int) -> dict[str, np.ndarray]:
         """A whole episode by its episode_index: every feature as (T, ...) arrays, images uint8 (T, H, W, 3)."""

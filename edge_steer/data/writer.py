@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from edge_steer.data import layout, stats
+import edge_steer.data.layout as layout
+import edge_steer.data.stats as stats
 from edge_steer.data.schema import (
     BOOKKEEPING,
     CHUNKS_SIZE,

@@ -4,7 +4,8 @@ An engine `policy.onnx` (or `policy.plan`) comes with:
 
     policy.onnx.json                 this sidecar: what the runtime checks before it loads anything
     policy.onnx.base.safetensors     base values of the steerable weights (what `set_steering(None)` restores)
-    policy.onnx.steering.safetensors the steering delta baked in at export (only with --steering)
+    policy.onnx.steering.safetensors the steering delta exported (only with --steering); the .onnx's own
+                                     steerable values already hold it (`defaults: "steering"`)
 
 The sidecar names the base model (fingerprint), the steering (delta hash), the graph's inputs and
 outputs with shapes, the preprocessing and action normalisation (so a backend needs no checkpoint),
@@ -21,7 +22,7 @@ from typing import Any
 
 from edge_steer.files import atomic_write_text, file_sha256
 
-SIDECAR_FORMAT = "edge-steer-engine/1"
+SIDECAR_FORMAT = "edge-steer-engine/2"     # 2: steerable weights are initializers holding `defaults`
 
 
 class EngineError(RuntimeError):
@@ -47,7 +48,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class SteerableSpec:
     param: str                      # model parameter, e.g. blocks.0.attn.q_proj.weight
-    input: str                      # graph input that carries it
+    input: str                      # its ONNX initializer (the file's value); an input of an engine's session / plan
     shape: list[int]
 
 
@@ -59,7 +60,7 @@ class EngineMeta:
     base_fingerprint: str
     model_config: dict[str, Any]                  # EdgeVLAConfig as a dict: cameras, image size, language...
     normalisation: dict[str, list[float]]         # state_mean, state_std, action_mean, action_std
-    inputs: list[TensorSpec]
+    inputs: list[TensorSpec]                      # the graph's declared inputs (onnxruntime's get_inputs())
     outputs: list[TensorSpec]
     steerable: list[SteerableSpec]
     base_file: str                                # base values of the steerable weights
@@ -70,6 +71,7 @@ class EngineMeta:
     fused_attention: dict[str, Any] = field(default_factory=dict)   # op, domain, nodes
     steering_hash: str | None = None
     steering_file: str | None = None
+    defaults: str = "base"                        # what the file's steerable values hold: "base" | "steering" (steering_hash)
     language_fingerprint: str | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     session_options: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +98,8 @@ class EngineMeta:
         except json.JSONDecodeError as e:
             raise EngineError(f"{p} is not valid JSON: {e}") from None
         if d.get("format") != SIDECAR_FORMAT:
-            raise EngineError(f"{p} has format {d.get('format')!r}, this edge-steer reads {SIDECAR_FORMAT!r}")
+            raise EngineError(f"{p} has format {d.get('format')!r}, this edge-steer reads {SIDECAR_FORMAT!r}: "
+                              "re-export the engine with `edge-steer export`")
         known = {f.name for f in fields(cls)}
         if set(d) - known:
             raise EngineError(f"{p} has unknown fields {sorted(set(d) - known)} (written by a newer edge-steer?)")

@@ -1,4 +1,5 @@
-"""Export a (steered) EdgeVLA to ONNX for onnxruntime, with one fused attention node per layer.
+"""Export a (steered) EdgeVLA (and, through `trace_onnx`, any model whose heads the locator finds) to ONNX
+for onnxruntime, with one fused attention node per layer.
 
 How the fusion is done: `graph.fused_attention` swaps each attention layer's forward, for the trace
 only, for one whose core is an autograd Function with an ONNX `symbolic` that emits
@@ -6,10 +7,13 @@ only, for one whose core is an autograd Function with an ONNX `symbolic` that em
 package). `check_fused` then counts the nodes: exactly one per layer, and no attention Softmax left
 (the one Softmax a keypoint stem has is over its feature maps, not attention).
 
-Steering: the q/o projections (or those named by `steerable`) of every layer are graph inputs whose
-default values (ONNX initialisers of the same names) are the base weights, so the file runs alone,
-and an engine overrides them per delta. The delta given at export is stored beside the engine and
-applied at load; the base values are kept too, so the engine can also switch back to the base.
+Steering: the q/o weights (or those named by `steerable`) of every layer are ONNX initializers named
+`steer.<parameter>` holding the exported model's values: the base weights, or the steered ones when a
+delta is given, so the file alone computes what was exported (the sidecar's `defaults` says which).
+They are not declared graph inputs (a plain onnxruntime session sees the data inputs only and loads
+quietly); an engine that switches deltas at run time makes them inputs of its own session
+(`steerable_as_inputs`) and feeds them from host arrays. The delta is stored beside the engine and the
+base values too, so an engine can switch to other deltas and back to the base.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
-from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, steerable_params
+from edge_steer.export.graph import (FUSED_DOMAIN, FUSED_OP, PROJECTIONS, ExportGraph, input_name, n_attention_layers,
+                                     steerable_params)
 from edge_steer.export.metadata import EngineMeta, SteerableSpec, TensorSpec, base_path, steering_path
+from edge_steer.export.steerable import SteerableWeights
 from edge_steer.files import atomic_path, atomic_write_bytes, file_sha256
 from edge_steer.steering.delta import SteeringDelta
 
@@ -69,9 +76,9 @@ def example_inputs(config, batch: int = 1, seed: int = 0) -> dict[str, torch.Ten
 
 def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | None = None,
                 config: OnnxExportConfig = OnnxExportConfig()) -> EngineMeta:
-    """Write `out` (.onnx), its sidecar and the steerable base weights; returns the sidecar."""
-    import onnx
-
+    """Write `out` (.onnx), its sidecar and the steerable base weights; returns the sidecar.
+    The file's steerable weights hold the steered values when `steering` is given: run alone (a plain
+    onnxruntime session) it computes the steered model."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -87,26 +94,14 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
     names = steerable_params(model, projections)
     params = dict(model.named_parameters())
     base = {n: params[n].detach().float().contiguous() for n in names}
-    inputs = example_inputs(model.config)
-    graph = ExportGraph(model, names)
-    in_names = list(INPUTS) + [input_name(n) for n in names]
-    dynamic = {k: {0: "batch"} for k in (*INPUTS, OUTPUT)} if config.dynamic_batch else None
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice
-        torch.onnx.export(graph, (*inputs.values(), *base.values()), buf, dynamo=False,
-                          opset_version=config.opset, input_names=in_names, output_names=[OUTPUT],
-                          dynamic_axes=dynamic, custom_opsets={FUSED_DOMAIN: 1}, do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    # base weights as defaults of the steerable inputs: the file runs alone; engines override them
-    for n in names:
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(base[n].numpy(), input_name(n)))
-    proto.producer_name, proto.producer_version = "edge-steer", _version()
-    if config.precision == "fp16":
-        proto = _to_fp16(proto, [input_name(n) for n in names])
-    counts = check_fused(proto, model.config.n_layers, other_softmax=int(model.config.keypoints > 0))
-    onnx.checker.check_model(proto)
+    specs = [SteerableSpec(n, input_name(n), list(base[n].shape)) for n in names]
+    defaults = SteerableWeights(specs, {n: t.numpy() for n, t in base.items()}, fingerprint, projections)
+    defaults.set(delta)                          # the file's own values: base, or base + the delta
+    # a model may say what its forward takes (`example_inputs()`, name -> tensor); EdgeVLA's come from its config
+    inputs = model.example_inputs() if hasattr(model, "example_inputs") else example_inputs(model.config)
+    proto = trace_onnx(model, inputs, OUTPUT, {n: torch.from_numpy(defaults.live[n]) for n in names}, config)
+    # one fused node per attention module the head locator finds; a keypoint stem's Softmax is not attention
+    counts = check_fused(proto, n_attention_layers(model), other_softmax=int(getattr(model.config, "keypoints", 0) > 0))
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
 
@@ -123,16 +118,15 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
         backend="onnxruntime", engine_file=out.name, engine_sha256=file_sha256(out),
         base_fingerprint=fingerprint, model_config=asdict(model.config),
         normalisation={k: getattr(model, k).tolist() for k in ("state_mean", "state_std", "action_mean", "action_std")},
-        inputs=_specs(inputs, config.dynamic_batch) + [TensorSpec(input_name(n), list(base[n].shape), "float32")
-                                                      for n in names],
+        inputs=_specs(inputs, config.dynamic_batch),
         outputs=[TensorSpec(OUTPUT, ["batch" if config.dynamic_batch else 1, model.config.chunk,
                                      model.config.action_dim], "float32")],
-        steerable=[SteerableSpec(n, input_name(n), list(base[n].shape)) for n in names],
-        base_file=base_path(out).name, base_sha256=file_sha256(base_path(out)),
+        steerable=specs, base_file=base_path(out).name, base_sha256=file_sha256(base_path(out)),
         precision=config.precision, opset=config.opset, dynamic_batch=config.dynamic_batch,
         fused_attention={"op": FUSED_OP, "domain": FUSED_DOMAIN, "nodes": counts[FUSED_OP],
                          "steerable_projections": projections},
         steering_hash=delta.hash() if delta is not None else None, steering_file=steering_file,
+        defaults="steering" if delta is not None else "base",
         language_fingerprint=_language_fingerprint(model.config),
         preprocessing={"images": "uint8 HWC -> float /255, bilinear antialiased resize to image_size, (x - 0.5) / 0.25, "
                                  "cameras stacked in model_config.cameras order",
@@ -146,6 +140,58 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
         versions=_versions())
     meta.save(out)
     return meta
+
+
+def trace_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], output: str,
+               steerable: dict[str, torch.Tensor], config: OnnxExportConfig = OnnxExportConfig()):
+    """Any module whose attention `graph.fused_attention` swaps -> ModelProto with one fused attention
+    node per attention layer. `inputs` (name -> example tensor, in forward() order) are the graph's
+    inputs; `steerable` (parameter name -> value) become initializers named `input_name(param)` that
+    hold those values: not graph inputs, so a plain session runs the file alone, constant-folds them
+    and warns of nothing. An engine that switches steering makes them inputs (`steerable_as_inputs`)."""
+    names = list(steerable)
+    in_names = list(inputs) + [input_name(n) for n in names]
+    dynamic = {k: {0: "batch"} for k in (*inputs, output)} if config.dynamic_batch else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice, tracer warnings
+        # the wrapper in the model's own mode: the exporter traces in eval mode, then restores the
+        # wrapper's mode recursively, which would otherwise leave the model in training mode
+        torch.onnx.export(ExportGraph(model, names).train(model.training), (*inputs.values(), *steerable.values()), buf, dynamo=False,
+                          opset_version=config.opset, input_names=in_names, output_names=[output],
+                          dynamic_axes=dynamic, custom_opsets={FUSED_DOMAIN: 1}, do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name, proto.producer_version = "edge-steer", _version()
+    if config.precision == "fp16":       # while the steerable weights are inputs: they stay float32
+        proto = _to_fp16(proto)
+    used = {i for node in proto.graph.node for i in node.input}
+    unused = [n for n in names if input_name(n) not in used]
+    if unused:
+        raise ExportError(f"steerable parameters {unused[:3]} do not reach the graph (not used by forward?)")
+    keep = [i for i in proto.graph.input if i.name not in {input_name(n) for n in names}]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    for n, t in steerable.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(t.detach().float().cpu().numpy(), input_name(n)))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def steerable_as_inputs(proto, names: list[str]):
+    """A copy of `proto` whose initializers `names` are graph inputs without defaults (what an engine
+    that feeds the steerable weights on every run, or TensorRT, needs)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    found = {t.name: t for t in g.initializer if t.name in set(names)}
+    missing = set(names) - set(found)
+    if missing:
+        raise ExportError(f"the graph has no steerable weights named {sorted(missing)[:3]}: re-export it")
+    keep = [t for t in g.initializer if t.name not in found]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    g.input.extend(onnx.helper.make_tensor_value_info(n, found[n].data_type, list(found[n].dims)) for n in names)
+    return out
 
 
 def check_fused(proto, n_layers: int, other_softmax: int = 0) -> Counter:
@@ -169,7 +215,7 @@ def _specs(inputs: dict[str, torch.Tensor], dynamic: bool) -> list[TensorSpec]:
     return out
 
 
-def _to_fp16(proto, keep_float: list[str]):
+def _to_fp16(proto):
     """Half-precision weights and compute; graph inputs/outputs stay float32 (casts at the edges)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     with warnings.catch_warnings():
@@ -228,8 +274,9 @@ def describe(meta: EngineMeta) -> dict[str, Any]:
     return {"engine": meta.engine_file, "backend": meta.backend, "precision": meta.precision,
             "base": meta.base_fingerprint[:12], "steering": (meta.steering_hash or "none")[:12],
             "fused_attention_nodes": meta.fused_attention.get("nodes"),
-            "inputs": {s.name: s.shape for s in meta.inputs if not s.name.startswith("steer.")},
+            "inputs": {s.name: s.shape for s in meta.inputs}, "defaults": meta.defaults,
             "steerable_inputs": len(meta.steerable)}
 
 
-__all__ = ["ExportError", "OnnxExportConfig", "check_fused", "describe", "example_inputs", "export_onnx"]
+__all__ = ["ExportError", "OnnxExportConfig", "check_fused", "describe", "example_inputs", "export_onnx",
+           "steerable_as_inputs", "trace_onnx"]

@@ -1,10 +1,13 @@
 """TensorRT: build a plan from the exported ONNX with our fused-attention plugin, cache it, serve it.
 
 The ONNX file's `com.microsoft::MultiHeadAttention` nodes are retyped to `fused_attention` with
-`plugin_namespace=edge_steer` (the same op contract, see engines/fused_attention/contract.py), which
-TensorRT's ONNX parser resolves to the plugin registered from `engines/`. The steerable weights stay
-network inputs (their ONNX defaults are dropped so the parser cannot fold them into constants): a
-steering switch is a host-to-device copy of the changed weights, not a rebuild.
+`plugin_namespace=edge_steer` (the same op contract, see edge_steer/engines/fused_attention/contract.py), which
+TensorRT's ONNX parser resolves to the plugin registered from `edge_steer/engines/`. The steerable weights stay
+network inputs (the ONNX file's initializers for them are turned into inputs, so the parser cannot fold
+them into constants): a steering switch is a host-to-device copy of the changed weights, not a rebuild.
+TensorRT network inputs have no default values, so a plan never runs alone: `TensorRTEngine` binds the
+values its sidecar names (`defaults`: the exported steering, uploaded at load) and refuses a plan
+without its sidecar.
 
 A plan only runs on the GPU model and TensorRT version it was built with, so the sidecar records
 both and `TrtSession` refuses a mismatch; the build cache is keyed by GPU, compute capability,
@@ -16,6 +19,7 @@ Untested here: no GPU or TensorRT on the machines this was written on (see docs/
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -29,6 +33,7 @@ import numpy as np
 
 from edge_steer.export.graph import FUSED_DOMAIN, FUSED_OP
 from edge_steer.export.metadata import EngineError, EngineMeta, base_path, steering_path
+from edge_steer.export.onnx_export import steerable_as_inputs
 from edge_steer.files import atomic_write_bytes, file_sha256
 
 PLUGIN_PACKAGE = "fused_attention"
@@ -47,7 +52,7 @@ class TrtBuildConfig:
     workspace_mib: int = 1024
     max_batch: int = 8                  # for a dynamic-batch export: optimisation profile 1..max (opt 1)
     cache_dir: Path | None = None       # default ~/.cache/edge-steer/trt (EDGE_STEER_TRT_CACHE overrides)
-    plugin_dir: Path | None = None      # default engines/ of this checkout (EDGE_STEER_ENGINES overrides)
+    plugin_dir: Path | None = None      # default edge_steer/engines, installed with the package (EDGE_STEER_ENGINES overrides)
 
     def __post_init__(self):
         if self.precision not in TRT_PRECISIONS:
@@ -78,22 +83,26 @@ def gpu_identity() -> dict[str, str]:
 
 
 def plugin_dir(override: str | Path | None = None) -> Path:
+    """Where the plugin's sources are: `edge_steer/engines/` of the installed package (it ships in the
+    wheel), unless a folder is given or EDGE_STEER_ENGINES names one (a plugin under development)."""
     if override is not None:
         return Path(override)
     if os.environ.get("EDGE_STEER_ENGINES"):
         return Path(os.environ["EDGE_STEER_ENGINES"])
-    return Path(__file__).resolve().parents[2] / "engines"
+    return Path(str(importlib.resources.files("edge_steer.engines")))
 
 
 def load_plugin(directory: str | Path | None = None) -> ModuleType:
-    """Import engines/fused_attention (by path: engines/ is not an installed package) and register
-    the plugin with TensorRT. A missing or broken plugin is a PluginError that says where it looked."""
+    """Import the fused-attention plugin package and register the plugin with TensorRT: the installed
+    `edge_steer.engines.fused_attention`, or the one in an overriding folder (imported by path). A
+    missing or broken plugin is a PluginError that says where it looked."""
     pkg = plugin_dir(directory) / PLUGIN_PACKAGE
     init = pkg / "__init__.py"
     if not init.is_file():
-        raise PluginError(f"the fused-attention plugin is missing: {init} not found; set EDGE_STEER_ENGINES to "
-                          "the engines/ folder of an edge-steer checkout")
-    name = "edge_steer_engines_fused_attention"
+        raise PluginError(f"the fused-attention plugin is missing: {init} not found (a broken install, or "
+                          "EDGE_STEER_ENGINES names the wrong folder)")
+    default = directory is None and not os.environ.get("EDGE_STEER_ENGINES")
+    name = "edge_steer.engines.fused_attention" if default else "edge_steer_engines_fused_attention"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg)])
         module = importlib.util.module_from_spec(spec)
@@ -150,9 +159,11 @@ def rewrite_for_tensorrt(proto, steerable_inputs: list[str]):
         if node.op_type == FUSED_OP and node.domain == FUSED_DOMAIN:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             unsupported = set(attrs) - {"num_heads", "scale"}
-            if unsupported or len(node.input) != 5 or node.input[3]:
-                raise EngineError(f"attention node {node.name} uses {sorted(unsupported) or 'a bias input'}, "
-                                  "which the fused-attention plugin does not implement")
+            if unsupported or len(node.input) != 5 or node.input[3] or not node.input[4]:
+                what = sorted(unsupported) or "inputs other than q, k, v and a key-padding mask (a bias, or an " \
+                                              "attention_bias: a causal or 4-D mask)"
+                raise EngineError(f"attention node {node.name} uses {what}, which the fused-attention plugin "
+                                  "does not implement")
             q, k, v, _, mask = node.input
             del node.input[:]
             node.input.extend([q, k, v, mask])
@@ -164,11 +175,7 @@ def rewrite_for_tensorrt(proto, steerable_inputs: list[str]):
             n_fused += 1
     if n_fused == 0:
         raise EngineError("the ONNX graph has no fused attention node: export it with edge-steer export first")
-    drop = set(steerable_inputs)
-    keep = [t for t in g.initializer if t.name not in drop]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return out
+    return steerable_as_inputs(out, steerable_inputs)
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, config: TrtBuildConfig = TrtBuildConfig()) -> EngineMeta:

@@ -2,7 +2,7 @@
 
 Observations are dicts of numpy arrays keyed as in the dataset (`observation.images.<camera>` uint8
 HxWx3, `observation.state`), instructions are strings, actions are chunks (chunk, action_dim) in
-robot units (see `edge_steer.sim.env` for the action contract).
+robot units (see `edge_steer.contract` for the action contract).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from edge_steer.data.schema import DatasetError
 from edge_steer.models.heads import HeadSlices
 
 
@@ -37,9 +38,21 @@ class VLAPolicy(Protocol):
     def save_pretrained(self, directory: str | Path) -> Path: ...
 
 
-def ensemble_actions(actions: list[np.ndarray], decay: float) -> np.ndarray:
-    """ACT's temporal ensemble: the actions that overlapping chunks predicted for one time step, oldest
-    chunk first, averaged with weights exp(-decay * i) (i = 0 the oldest), so the plan changes gradually
-    instead of jumping at each new chunk."""
-    w = np.exp(-decay * np.arange(len(actions)))
-    return (w[:, None] * np.stack(actions)).sum(0) / w.sum()
+def check_dataset(model, dataset) -> None:
+    """Refuse demos the model cannot train or be scored on, before any work: the cameras it reads, the
+    state and action dims against its config, and each camera's first frame of every episode against
+    the image size info.json declares. Raises DatasetError with one line naming the mismatch."""
+    c = model.config
+    feats = dataset.spec.features
+    need = [f"observation.images.{cam}" for cam in c.cameras] + ["observation.state", "action"]
+    if missing := [k for k in need if k not in feats]:
+        raise DatasetError(f"{dataset.root}: the demos lack {missing}, which the model reads")
+    dims = {"state": (feats["observation.state"].shape[-1], c.state_dim),
+            "action": (feats["action"].shape[-1], c.action_dim)}
+    if bad := [f"{k} dim {have} (the model's is {want})" for k, (have, want) in dims.items() if have != want]:
+        raise DatasetError(f"{dataset.root}: the demos have {' and '.join(bad)}; they were recorded for another "
+                           "robot or model")
+    try:
+        dataset.check_frames()
+    except DatasetError as e:
+        raise DatasetError(f"{dataset.root}: {e}") from e

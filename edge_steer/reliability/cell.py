@@ -1,8 +1,8 @@
 """The reliability harness's cell: an in-process sim daemon whose engine, cameras, robot link and
 controllers can be made to fail, with every setpoint the controller receives recorded and checked.
 
-The setpoint recording and the fault handles of the sim robot (`SetpointRecorder`, `RecordedController`,
-`record_setpoints`/`take_setpoints`, `fail_setter`, `inject_fault`) come from `edge_steer.sim.panda_process`.
+The setpoint recording and the failing setter plug into the robot's process as a harness hook
+(`edge_steer.testing.setpoint_probe`); reflexes come from the sim robot's `inject_fault`.
 """
 
 from __future__ import annotations
@@ -25,33 +25,20 @@ def pct(a, q: float) -> float | None:
 
 # ---- safety invariant: every setpoint the controller receives, recorded and checked -----------------
 class SetpointLog:
-    """Wraps each controller the daemon creates so every `set_control` is recorded (preallocated, on the
-    1 kHz thread: a row copy per tick). `gen` counts controllers: a recover restarts from the measured
+    """Every `set_control` the setpoint stage makes, recorded in the robot's process (preallocated, on the
+    1 kHz loop: a row copy per tick) and pulled here. `gen` counts controllers: a recover restarts from the measured
     pose, so speed and acceleration are checked within one controller's run, the box everywhere."""
 
     def __init__(self, capacity: int = 1 << 20):
-        from edge_steer.sim.panda_process import SetpointRecorder
+        from edge_steer.testing.setpoint_probe import SetpointRecorder
         self.rec = SetpointRecorder(capacity)
 
-    def attach(self, robot) -> None:
-        from types import SimpleNamespace
-
-        from edge_steer.sim.panda_process import RecordedController
-        make = robot.make_controller
-
-        def make_recorded():
-            # the controller keeps its type (start_controller checks it); only its setter is wrapped
-            ctrl = make()
-            ctrl.set_control = RecordedController(SimpleNamespace(set_control=ctrl.set_control), self.rec).set_control
-            return ctrl
-
-        robot.make_controller = make_recorded
-
     def attach_remote(self, arm, every_s: float = 0.5) -> None:
-        """The stage runs in the sim robot's process (`realtime.motion = "process"`): the child records what
-        it sets (SimPandaProcess.record_setpoints), and a thread here pulls the rows every `every_s`, so no
-        single reply grows large enough to hold up the child's 1 kHz loop."""
-        arm.record_setpoints(len(self.rec.buf))
+        """The stage runs in the sim robot's process: the child records what it sets
+        (edge_steer.testing.setpoint_probe, installed at open_robot), and a thread here pulls the rows every
+        `every_s`, so no single reply grows large enough to hold up the child's 1 kHz loop."""
+        from edge_steer.testing import setpoint_probe
+        setpoint_probe.record_setpoints(arm, len(self.rec.buf))
         self.remote, self._lock = arm, threading.Lock()
 
         def pull_forever():
@@ -69,7 +56,8 @@ class SetpointLog:
         if self.remote is None:
             return
         with self._lock:
-            self.rec.extend(*self.remote.take_setpoints())
+            from edge_steer.testing.setpoint_probe import take_setpoints
+            self.rec.extend(*take_setpoints(self.remote))
 
     def rows(self) -> np.ndarray:
         try:
@@ -203,11 +191,10 @@ class Cell:
         self.daemon.close()
 
 
-def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None = None, motion: str = "thread",
-               **safety: float) -> Cell:
+def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None = None, **safety: float) -> Cell:
     """The sim daemon in this process, its engine the scripted expert behind FaultyEngine, every
     camera behind FlakyCamera, every controller's setpoints recorded, and e-stop times logged.
-    `motion`: where the setpoint stage runs (realtime.motion): a daemon thread, or the robot's process."""
+    The setpoint stage runs in the robot's process (realtime.motion "thread" is retired)."""
     from edge_steer.client import Client
     from edge_steer.runtime.camera import open_camera
     from edge_steer.runtime.config import ServeConfig
@@ -220,13 +207,11 @@ def start_cell(tmp: Path, *, stop_on_success: bool = False, curve: dict | None =
           "inference_stop_ms": 1200.0, **safety}
     cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel, **(curve or {})}, safety=sf,
                                   engine={"backend": "expert"}, record={"dir": str(tmp / "rec")},
-                                  robot={"stop_on_success": stop_on_success}, realtime={"motion": motion})
-    robot = open_robot(cfg.robot, motion=(cfg.rates, cfg.safety) if motion == "process" else None)
+                                  robot={"stop_on_success": stop_on_success})
+    from edge_steer.testing.setpoint_probe import HOOK
+    robot = open_robot(cfg.robot, motion=(cfg.rates, cfg.safety), hooks=(HOOK,))
     log = SetpointLog()
-    if motion == "process":
-        log.attach_remote(robot.arm)
-    else:
-        log.attach(robot)
+    log.attach_remote(robot.arm)
     link = RobotLink(robot.arm)
     world = robot.sim.world
     cams = [FlakyCamera(open_camera(c, world)) for c in cfg.cameras]

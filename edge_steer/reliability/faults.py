@@ -163,7 +163,8 @@ def f_controller_lost(cell: Cell) -> Verdict:
     c = cell.client
     _running(cell)
     if cell.daemon.robot.arm.motion is not None:      # the stage and its controller live in the robot's process
-        cell.daemon.robot.arm.fail_setter("libfranka: controller not running")
+        from edge_steer.testing.setpoint_probe import fail_setter
+        fail_setter(cell.daemon.robot.arm, "libfranka: controller not running")
     else:
         ctrl = cell.daemon.setpoint.controller
 

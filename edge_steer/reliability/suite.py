@@ -16,7 +16,7 @@ from edge_steer.reliability.security import RunCli, curve_checks
 
 
 def run_all(tmp: Path, cli: RunCli, *, seconds: float = 10.0, clients: tuple[int, ...] = (0, 1, 8, 32),
-            fuzz: int = 3000, atheris_runs: int = 30000, estops: int = 30, motion: str = "thread") -> dict[str, Any]:
+            fuzz: int = 3000, atheris_runs: int = 30000, estops: int = 30) -> dict[str, Any]:
     def say(what: str) -> None:
         print(what, file=sys.stderr)
 
@@ -25,8 +25,8 @@ def run_all(tmp: Path, cli: RunCli, *, seconds: float = 10.0, clients: tuple[int
     r["fuzz_decoder"] = fuzz_decoder(fuzz).__dict__
     say("atheris")
     r["atheris"] = run_atheris(atheris_runs)
-    r["motion"] = motion
-    cell = start_cell(tmp, motion=motion)
+    r["motion"] = "process"
+    cell = start_cell(tmp)
     try:
         say("fuzzing the live handler and socket")
         r["fuzz_handler"] = fuzz_handler(cell, fuzz).__dict__

@@ -1,14 +1,17 @@
 """Cameras behind one narrow protocol, and the camera stage that keeps the latest frame of each.
 
-Backends: `realsense` (pyrealsense2, imported only when used) and `sim` (SimCamera over the sim
-robot's world). The stage runs one thread per camera; a read error (timeout, unplugged cable) is
-counted and the camera is reopened, while the stale-frame watchdog decides what the arm does.
+Backends: `realsense` (pyrealsense2, imported only when used), `sim` (SimCamera over the sim
+robot's world) and `replay` (recorded frames delivered at the camera's rate by a process of their
+own). The stage runs one thread per camera; a read error (timeout, unplugged cable) is counted and
+the camera is reopened, while the stale-frame watchdog decides what the arm does.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -127,7 +130,99 @@ class RealSenseCamera:
                 self._pipe = None
 
 
+REPLAY_MAX_FRAMES = 1800   # a minute at 30 Hz; they loop
+_REPLAY_MSG = struct.Struct("<qd")   # frame number, wall-clock delivery time
+
+
+def _replay_clock(conn, fps: int) -> None:
+    """The replay camera's own process: announce frame k at t0 + k / fps, as a RealSense's frames arrive
+    from librealsense's threads whatever the daemon is doing. A frame whose time has passed by more than
+    a period is dropped, as a camera drops frames nobody collected in time. Ends when the reader goes."""
+    period, t0, k = 1.0 / fps, time.monotonic(), 0
+    try:
+        while True:
+            k += 1
+            wait = t0 + k * period - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            elif wait < -period:
+                k += int(-wait / period)
+                continue
+            conn.send_bytes(_REPLAY_MSG.pack(k, time.time()))
+    except (BrokenPipeError, EOFError, OSError, KeyboardInterrupt):
+        pass
+
+
+class ReplayCamera:
+    """Frames recorded earlier (from the sim or a robot: any dataset or `record` directory with
+    `observation.images.<name>`), delivered again at `fps` by a process of their own.
+
+    The delivering process only keeps time and announces each frame over a pipe; the pixels are
+    loaded once into this process's memory, as a RealSense's frames land in it by DMA. So the daemon
+    sees what it would see with a real camera: frames arriving on time no matter how loaded the
+    daemon's own threads are, and none of the sim cameras' software rendering on its cores."""
+
+    def __init__(self, cfg: CameraConfig):
+        self.name, self._cfg = cfg.name, cfg
+        self._frames: np.ndarray | None = None
+        self._conn = None
+        self._proc = None
+
+    def _load(self) -> np.ndarray:
+        from edge_steer.data import Dataset, DatasetError
+        key = f"observation.images.{self.name}"
+        try:
+            ds = Dataset(self._cfg.replay_path)
+            frames = ds.sample(np.arange(min(len(ds), REPLAY_MAX_FRAMES)), chunk=1, keys=[key])[key]
+        except DatasetError as e:
+            raise CameraError(f"replay camera {self.name!r}: {e}") from e
+        if len(frames) == 0:
+            raise CameraError(f"replay camera {self.name!r}: {self._cfg.replay_path} holds no frames")
+        if frames.shape[1:3] != (self._cfg.height, self._cfg.width):
+            raise CameraError(f"replay camera {self.name!r}: the recorded frames are {frames.shape[2]}x"
+                              f"{frames.shape[1]}, the camera is configured {self._cfg.width}x{self._cfg.height}")
+        return frames
+
+    def start(self) -> None:
+        if self._proc is not None:
+            return
+        if self._frames is None:
+            self._frames = self._load()
+        ctx = mp.get_context("spawn")   # a fresh interpreter: none of the daemon's threads or locks
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_replay_clock, args=(writer, self._cfg.fps), name=f"replay-{self.name}",
+                           daemon=True)
+        proc.start()
+        writer.close()
+        self._conn, self._proc = reader, proc
+
+    def read(self, timeout_ms: int) -> Frame:
+        conn, frames = self._conn, self._frames
+        if conn is None or frames is None:
+            raise CameraError(f"camera {self.name!r} is not started")
+        try:
+            if not conn.poll(timeout_ms / 1000.0):
+                raise CameraError(f"camera {self.name!r}: Frame didn't arrive within {timeout_ms}")
+            msg = conn.recv_bytes()
+            while conn.poll(0):   # the newest announced frame, as the stage keeps only the latest
+                msg = conn.recv_bytes()
+        except (EOFError, OSError) as e:
+            raise CameraError(f"replay camera {self.name!r}: its delivering process ended ({e!r})") from e
+        number, stamp = _REPLAY_MSG.unpack(msg)
+        return Frame(frames[number % len(frames)].copy(), stamp, number)
+
+    def stop(self) -> None:
+        conn, proc, self._conn, self._proc = self._conn, self._proc, None, None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.terminate()
+            proc.join(timeout=2.0)
+
+
 def open_camera(cfg: CameraConfig, world=None) -> Camera:
+    if cfg.backend == "replay":
+        return ReplayCamera(cfg)
     if cfg.backend == "sim":
         if world is None:
             raise CameraError(f"sim camera {cfg.name!r} needs the sim robot's world")

@@ -1,19 +1,14 @@
 """The arm in its own process: a child that owns `panda_py.Panda`, with the setpoint stage beside it.
 
-With `realtime.motion = "process"` on the panda backend the daemon does not connect to the arm itself.
-This child holds the one FCI connection libfranka allows, and the gripper's. Its loop runs the setpoint
-stage at 1 kHz (SCHED_FIFO, its own GIL), sets the CartesianImpedance controller's targets, and
-publishes the arm's state to the daemon. libfranka's own 1 kHz control loop is the C++ thread panda-py
-starts beside it. It is the same child as the sim twin's (runtime/robot_process.py); only the backend
-differs:
+The daemon does not connect to the arm itself. This child holds the one FCI connection libfranka allows,
+and the gripper's. Its loop (runtime/robot_child.py) runs the setpoint stage at 1 kHz (SCHED_FIFO, its
+own GIL), sets the CartesianImpedance controller's targets, and publishes the arm's state to the daemon.
+libfranka's own 1 kHz control loop is the C++ thread panda-py starts beside it; the loop here reads
+`get_state()` (the latest state libfranka's thread cached) and hands on the targets.
 
-* sim:   the loop steps MuJoCo and the controller itself (sim/panda_process.py);
-* panda: libfranka steps the arm; the loop reads `get_state()` (the latest state libfranka's thread
-  cached) and hands on the targets.
-
-How the child connects is a `module:function` (default `connect_panda_py`); `sim.panda:connect_twin`
-answers with the sim twin (SimPanda, its CartesianImpedance, SimGripper), which is how the tests run
-this path without an arm.
+How the child connects is a `module:function` (default `connect_panda_py`); `edge_steer.sim.panda:connect_twin`
+answers with the sim twin (SimPanda, its controllers, SimGripper), which is how the tests run this path
+without an arm. numpy only until it connects: no torch, no MuJoCo (tests/test_lean_imports.py).
 """
 
 from __future__ import annotations
@@ -21,21 +16,26 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
+from edge_steer.franka.gripper import GripperDriver
+from edge_steer.franka.types import Duration, RobotError, error_list, robot_mode
 from edge_steer.realtime import LIBFRANKA_PRIORITY
-from edge_steer.runtime.robot_process import Reading, RobotChild, RobotProcess, StateLayout, error_list, mode_code
+from edge_steer.runtime import messages as m
+from edge_steer.runtime.robot_child import Reading, RobotChild
+from edge_steer.runtime.robot_process import RobotProcess
+from edge_steer.runtime.shm import ROBOT, RobotLayout
 
 log = logging.getLogger("edge_steer.serve.robot")
 
-CONNECT = "edge_steer.runtime.panda_process:connect_panda_py"
+CONNECT = m.PandaBackend.connect
 
 
 def connect_panda_py(host: str, enforce_realtime: bool):
     """(arm, gripper, controllers module) on the real robot; RobotError saying why not. libfranka refuses
     to run its control loop without SCHED_FIFO when `enforce_realtime` (panda-py's default only tries)."""
-    from edge_steer.runtime.robot import RobotError
     try:
         import panda_py
         from panda_py import controllers, libfranka
@@ -55,23 +55,16 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _seconds(t) -> float:
-    to_sec = getattr(t, "to_sec", None)       # libfranka's Duration
-    return float(to_sec()) if to_sec is not None else float(t)
-
-
 # ----------------------------------------------------------------------------------------------
 # Child
 # ----------------------------------------------------------------------------------------------
 class PandaChild(RobotChild):
-    def connect(self, hello: tuple) -> StateLayout:
-        from edge_steer.runtime.robot import GripperDriver
-        host, enforce_realtime, grasp_force, connect = hello
-        self.arm, gripper, self.controllers = _resolve(connect)(host, enforce_realtime)
+    def connect(self, backend: m.PandaBackend) -> RobotLayout:
+        self.arm, gripper, self.controllers = _resolve(backend.connect)(backend.host, backend.enforce_realtime)
         # libfranka's gripper calls block for the whole motion: the driver runs them on its own thread
         # (panda-py releases the GIL inside them, so the 1 kHz loop runs on meanwhile)
-        self.gripper = GripperDriver(gripper, grasp_force, asynchronous=False)
-        return StateLayout()
+        self.gripper = GripperDriver(gripper, backend.grasp_force, asynchronous=False)
+        return RobotLayout()
 
     def start_controller(self, kind: str, params: dict):
         c = self.controllers
@@ -87,19 +80,15 @@ class PandaChild(RobotChild):
 
     def read(self) -> Reading:
         st = self.arm.get_state()
-        return Reading(_seconds(st.time), mode_code(st.robot_mode), np.asarray(st.O_T_EE, dtype=float),
+        return Reading(st.time.to_sec(), robot_mode(st.robot_mode).value, np.asarray(st.O_T_EE, dtype=float),
                        np.asarray(st.tau_J, dtype=float), np.asarray(st.q, dtype=float),
                        np.asarray(st.dq, dtype=float), float(self.gripper.width), error_list(st.current_errors))
 
-    def request(self, op: str, args: tuple):
-        if op == "gripper":            # the daemon's own open/close, when the stage runs there
-            self.gripper.command(bool(args[0]))
-            return None
-        return super().request(op, args)
+    def gripper_command(self):
+        return self.gripper.command
 
-    def motion_side(self, lay, mem, rates, safety, q_nullspace):
-        q_null = self.arm.q if q_nullspace is None else q_nullspace
-        return super().motion_side(lay, mem, rates, safety, self.gripper.command, q_null)
+    def default_nullspace(self) -> np.ndarray:
+        return np.asarray(self.arm.q, dtype=float)
 
     def shutdown(self) -> None:
         # the loop ended (closed, or the daemon died): leave the arm under libfranka's brakes, not a stale target
@@ -121,35 +110,53 @@ class _PublishedGripper:
         self._robot = robot
 
     def read_once(self):
-        from types import SimpleNamespace
-        s, lay = self._robot._snapshot()[1], self._robot._lay
-        return SimpleNamespace(width=float(s[lay.gripper]), time=float(s[lay.time]))
+        s = self._robot.snapshot()[1]
+        return SimpleNamespace(width=float(s[ROBOT.gripper]), time=Duration.from_sec(float(s[ROBOT.time])))
 
     def grasp_async(self, width: float, speed: float, force: float, *_) -> None:
-        self._robot._rpc("gripper", True)
+        self._robot.request(m.Gripper(True))
 
     def move_async(self, width: float, speed: float) -> None:
-        self._robot._rpc("gripper", False)
+        self._robot.request(m.Gripper(False))
 
 
 class PandaProcess(RobotProcess):
-    """panda_py.Panda in a child process (the daemon's side). `motion`: (RatesConfig, SafetyConfig) to run
-    the setpoint stage in the child; `self.motion` is then the daemon's handle on it (runtime/motion.py)."""
+    """panda_py.Panda in a child process (the daemon's side). `motion`: run the setpoint stage in the
+    child; `self.motion` is then the daemon's handle on it (runtime/motion.py)."""
 
-    what = "the robot process"
+    Error = RobotError
 
     def __init__(self, host: str, enforce_realtime: bool = False, grasp_force: float = 20.0,
-                 rt_priority: int = LIBFRANKA_PRIORITY, cpu: int = -1, motion: tuple | None = None,
-                 connect: str | None = None):
-        from edge_steer.runtime.robot import RobotError
-        self.Error = RobotError
+                 rt_priority: int = LIBFRANKA_PRIORITY, cpu: int = -1, motion: m.MotionSpec | None = None,
+                 connect: str | None = None, hooks: tuple[str, ...] = ()):
         self.what = f"the robot process for the Panda at {host}"
         self.start_hint = " (is the arm reachable there, with FCI activated in Desk?)"
         self.host = host
-        self._spawn("edge_steer.runtime.panda_process", StateLayout(), (host, bool(enforce_realtime),
-                    float(grasp_force), connect or CONNECT), rt_priority, cpu, None if motion is None else (*motion, None))
+        backend = m.PandaBackend(host, bool(enforce_realtime), float(grasp_force), connect or CONNECT)
+        self._spawn("edge_steer.runtime.panda_process", RobotLayout(),
+                    m.Hello(backend, rt_priority, cpu, motion=motion, hooks=tuple(hooks)))
         self.gripper = _PublishedGripper(self)
 
 
-if __name__ == "__main__":
-    PandaChild().serve(int(sys.argv[1]), int(sys.argv[2]))
+def open_panda(cfg, impedance: np.ndarray, *, enforce_realtime: bool = False, sim_rt_priority=None,
+               motion: m.MotionSpec | None = None, stage_priority: int = 10, hooks: tuple[str, ...] = ()):
+    """The panda backend (runtime/robot.py's BACKENDS). With `motion`, the arm is owned by a child process
+    with the setpoint stage beside it; the daemon reads the state the child publishes and drives the
+    gripper through it. Without, the daemon holds panda_py.Panda itself."""
+    from edge_steer.runtime.robot import RobotHandle
+    from edge_steer.runtime.robot_process import RemoteCartesianImpedance
+    if motion is not None:
+        arm = PandaProcess(cfg.host, enforce_realtime, cfg.grasp_force, rt_priority=stage_priority, motion=motion,
+                           hooks=hooks)
+        return RobotHandle(arm, GripperDriver(arm.gripper, cfg.grasp_force, asynchronous=True),
+                           lambda: RemoteCartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness),
+                           np.asarray(arm.q, dtype=float))
+    arm, gripper, controllers = connect_panda_py(cfg.host, enforce_realtime)
+    return RobotHandle(arm, GripperDriver(gripper, cfg.grasp_force, asynchronous=False),
+                       lambda: controllers.CartesianImpedance(impedance, 1.0, cfg.nullspace_stiffness),
+                       np.asarray(arm.q, dtype=float))
+
+
+if __name__ == "__main__":   # by its importable name: the messages it handles are pickled under that name
+    from edge_steer.runtime.panda_process import PandaChild as _Child
+    _Child().serve(int(sys.argv[1]), int(sys.argv[2]))

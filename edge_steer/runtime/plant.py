@@ -1,9 +1,8 @@
 """The plant: what the daemon drives — the robot, its cameras and the setpoint port — opened, started
 and closed together, so a sim scene can be swapped for a fresh one as a whole.
 
-The setpoint port is the daemon's narrow view of the 1 kHz setpoint stage (`SetpointPort`): a
-`SetpointStage` thread in the daemon (runtime/setpoint.py) or the stage in the robot's own process
-(`RemoteSetpoint`, runtime/motion.py) answer it alike.
+The setpoint port is the daemon's narrow view of the 1 kHz setpoint stage (`SetpointPort`), which runs in
+the robot's own process; `RemoteSetpoint` (runtime/motion.py) answers it.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from edge_steer.runtime.camera import CameraStage, open_camera
 from edge_steer.runtime.config import ConfigError, ServeConfig
 from edge_steer.runtime.robot import RobotHandle, RobotReading, open_robot
 from edge_steer.runtime.safety import SafetyFilter, SafetyViolation, check_robot_errors
-from edge_steer.runtime.setpoint import Chunk, SetpointStage
+from edge_steer.runtime.setpoint import Chunk
 
 log = logging.getLogger("edge_steer.serve")
 
@@ -55,7 +54,7 @@ class Plant:
     robot: RobotHandle
     cameras: CameraStage
     setpoint: SetpointPort
-    filter: SafetyFilter          # the start pose's check (and the setpoints' too when the stage is a thread here)
+    filter: SafetyFilter          # the start pose's check (the stage filters the setpoints where it runs)
     owned: bool                   # opened by `open_plant` from the config (so a fresh scene can be opened alike)
     seed: int | None = None       # sim: the scene's seed
 
@@ -130,8 +129,7 @@ def open_plant(cfg: ServeConfig, robot: RobotHandle | None = None, cameras=None,
     owned = robot is None and cameras is None
     if seed is not None and seed != cfg.robot.seed:
         cfg = replace(cfg, robot=replace(cfg.robot, seed=seed))
-    motion = (cfg.rates, cfg.safety) if cfg.realtime.motion == "process" else None
-    robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=motion,
+    robot = robot or open_robot(cfg.robot, enforce_realtime=cfg.realtime.required, motion=(cfg.rates, cfg.safety),
                                 stage_priority=cfg.realtime.priority)
     try:
         world = robot.sim.world if robot.sim is not None else None
@@ -141,7 +139,11 @@ def open_plant(cfg: ServeConfig, robot: RobotHandle | None = None, cameras=None,
         robot.close()
         raise
     filt = SafetyFilter(cfg.safety, 1.0 / cfg.rates.control_hz)
-    # in the robot's process the stage has its own filter; the one here then only checks the start pose
-    setpoint = getattr(robot.arm, "motion", None) or SetpointStage(cfg.rates, filt, robot.gripper.command)
+    # the stage runs in the robot's process with its own filter; the one here only checks the start pose
+    setpoint = getattr(robot.arm, "motion", None)
+    if setpoint is None:
+        robot.close()
+        raise ConfigError("the robot has no setpoint stage in its process: open it with "
+                          "open_robot(..., motion=(rates, safety))")
     setpoint.q_nullspace = np.asarray(robot.q_nullspace, dtype=float)
     return Plant(robot, stage, setpoint, filt, owned, cfg.robot.seed if robot.sim is not None else None)

@@ -35,8 +35,8 @@ class Episode:
 def observation(frames, r, anchor, episode: int) -> dict[str, Any]:
     """The model's input from the frames and a robot reading (plus the commanded target, for engines
     that plan from it, as the sim's expert does; models ignore runtime.*)."""
+    from edge_steer.contract import tcp_state
     from edge_steer.geometry import quat_to_mat
-    from edge_steer.sim.env import tcp_state
     obs: dict[str, Any] = {f"observation.images.{n}": f.image for n, f in frames.items()}
     obs["observation.state"] = tcp_state(r.position, quat_to_mat(r.quat), r.gripper_width)
     obs["observation.joints"] = r.q.astype(np.float32)

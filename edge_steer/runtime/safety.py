@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_steer.franka.arm import DQ_MAX, Q_MAX, Q_MIN   # Franka's published limits
 from edge_steer.runtime.config import SafetyConfig
 
 
@@ -198,7 +199,6 @@ class JointLimits:
 
     @classmethod
     def panda(cls) -> "JointLimits":
-        from edge_steer.sim.panda_model import DQ_MAX, Q_MAX, Q_MIN  # Franka's published limits (constants only)
         return cls(np.asarray(Q_MIN, float), np.asarray(Q_MAX, float), np.asarray(DQ_MAX, float))
 
 

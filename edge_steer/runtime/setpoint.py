@@ -2,7 +2,7 @@
 
 Time is counted in *segments* of 1/action_hz (one chunk action each) split into control ticks.
 A chunk is anchored at the segment during which its frames were captured: its action i belongs to
-segment anchor + i and, per the action contract (`edge_steer.sim.env`), moves the commanded target
+segment anchor + i and, per the action contract (`edge_steer.contract`), moves the commanded target
 from where segment anchor + i starts. So a chunk can take effect the tick after it arrives — it
 re-aims the current segment's end and the raw target glides there over the segment's remaining
 ticks — and hand-over needs no blending: deltas apply to the target actually commanded, so the raw
@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_steer.geometry import mat_to_quat, quat_to_mat
-from edge_steer.models.interface import ensemble_actions
-from edge_steer.realtime import DurationHistogram, LoopStats, make_realtime, run_periodic, scheduling
+from edge_steer.contract import advance_target, ensemble_actions
+from edge_steer.realtime import DurationHistogram, LoopStats, scheduling
 from edge_steer.runtime.config import RatesConfig
 from edge_steer.runtime.safety import SafetyFilter, qconj, qexp, qlog, qmul
-from edge_steer.sim.env import advance_target
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,6 @@ class SetpointStage:
         self.ticks = 0
         self.rejected = 0
         self._reset_request: tuple | None = None
-        self._running = False
-        self._thread: threading.Thread | None = None
         self._driver: threading.Thread | None = None
 
     # ---- control from other threads --------------------------------------------------------
@@ -93,34 +90,17 @@ class SetpointStage:
         """Re-anchor at a measured pose (start, recover). Applied by the loop at its next tick."""
         self._reset_request = (list(map(float, p)), tuple(map(float, q)))
 
-    def start(self, priority: int = 0, cpu: int = -1) -> str | None:
-        """Start the 1 kHz thread, SCHED_FIFO `priority` if > 0 (pinned to `cpu` if >= 0). Returns None,
-        or why real-time scheduling was refused (the loop then runs SCHED_OTHER)."""
-        self._running = True
-        self._thread = threading.Thread(target=self._loop, name="setpoint-1khz", daemon=True)
-        self._thread.start()
-        return make_realtime(self._thread, priority, cpu)
-
     def attach(self, thread, stats: LoopStats) -> None:
-        """Tick from another loop instead of starting one (the robot process's, runtime/motion.py):
-        its thread's scheduling and its statistics are then this stage's."""
+        """Be ticked by `thread`'s loop, the stage's one owner (the robot process's, runtime/robot_child.py):
+        that thread's scheduling and its statistics are then this stage's."""
         self._driver, self.loop = thread, stats
 
     def scheduling(self) -> str:
-        return scheduling(self._thread or self._driver)
-
-    def stop(self) -> None:
-        self._running = False
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        return scheduling(self._driver)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        run_periodic(self.tick, self.dt, lambda: self._running, self.loop)
-
     def tick(self) -> None:
-        """One control tick (public so tests can drive it without a thread)."""
+        """One control tick: called by the robot process's 1 kHz loop (and by tests directly)."""
         self.ticks += 1
         req = self._reset_request
         if req is not None:

@@ -6,33 +6,19 @@ by this process alone, so the dataset writer stays single-writer and crash-safe.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from edge_steer.sim.env import ACTION_NAMES, EnvConfig, SimEnv
+from edge_steer.contract import ACTION_NAMES
+from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.expert import Perturbation, ScriptedExpert, run_expert_episode
 from edge_steer.sim.panda import ControlException
+from edge_steer.sim.pool import episode_seed, process_pool  # noqa: F401  (tools and tests import them from here)
 from edge_steer.sim.tasks import get_task
-
-
-def process_pool(workers: int, initializer=None, initargs=()) -> ProcessPoolExecutor:
-    """Worker processes for sim episodes. They are spawned, never forked: a child forked from a
-    process that already holds an EGL context hangs when it makes its own renderer."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
-
-
-def episode_seed(seed: int, attempt: int, task_name: str) -> int:
-    """Distinct, reproducible scene seed for each (run seed, attempt, task): tasks generated with the
-    same run seed must not share object layouts."""
-    return int(np.random.SeedSequence([seed, attempt, zlib.crc32(task_name.encode())]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)

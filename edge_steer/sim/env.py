@@ -1,16 +1,6 @@
-"""One episode of a task in the sim: observations in, actions out.
-
-The action is the policy's contract with the robot, defined here once:
-`[dx, dy, dz, drx, dry, drz, gripper]` — the end-effector (TCP) target for the next control step,
-as a translation (m) and a rotation vector (rad, base frame, left-multiplied) relative to the
-current *commanded* TCP target, and a gripper command (>= 0.5 close/grasp, < 0.5 open). Deltas are
-taken from the target rather than the measured pose because an impedance controller lags its target:
-from the measured pose, the same action would move the arm by an amount that depends on its speed.
-The target is kept within MAX_TARGET_LEAD of the measured TCP, so a blocked arm cannot wind up the
-impedance spring. Between control steps the target moves linearly at 1 kHz.
-
-The state is `[x, y, z, qx, qy, qz, qw, gripper_width]`. The quaternion's sign is fixed by
-`qx >= 0`, which keeps it continuous around the gripper-down orientation the tasks use.
+"""One episode of a task in the sim: observations in, actions out. The action and state it speaks are
+the policy's contract with the robot (edge_steer/contract.py, with why deltas are taken from the
+commanded target rather than the measured pose).
 """
 
 from __future__ import annotations
@@ -19,19 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_steer.contract import ACTION_NAMES, advance_target, tcp_state
 from edge_steer.geometry import mat_to_quat, orientation_error, rotvec_to_mat
 from edge_steer.sim.camera import SceneRenderer
 from edge_steer.sim.panda import CartesianImpedance, SimGripper, SimPanda
-from edge_steer.sim.panda_model import Q_START
+from edge_steer.franka.arm import Q_START
 from edge_steer.sim.tasks import SceneInstance, Task
 from edge_steer.sim.world import World
 
-ACTION_NAMES = ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"]
-STATE_NAMES = ["x", "y", "z", "qx", "qy", "qz", "qw", "gripper_width"]
 CAMERAS = ("front", "wrist")
-MAX_STEP_TRANSLATION = 0.05   # m per control step (0.5 m/s at 10 Hz)
-MAX_STEP_ROTATION = 0.3       # rad per control step
-MAX_TARGET_LEAD = 0.04        # m the commanded target may lead the measured TCP
 
 
 @dataclass(frozen=True)
@@ -47,32 +33,6 @@ class EnvConfig:
 
 def observation_keys() -> tuple[str, ...]:
     return tuple(f"observation.images.{c}" for c in CAMERAS) + ("observation.state", "observation.joints")
-
-
-def tcp_state(pos: np.ndarray, rot: np.ndarray, width: float) -> np.ndarray:
-    quat = mat_to_quat(rot)
-    if quat[0] < 0:
-        quat = -quat
-    return np.concatenate([pos, quat, [width]]).astype(np.float32)
-
-
-def advance_target(target_p: np.ndarray, target_r: np.ndarray, action: np.ndarray,
-                   measured_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The action contract, in one place: the next commanded TCP target (position, rotation) from
-    the current one and a finite 7-D action. Used by `SimEnv.step` and by the serve daemon."""
-    dp = action[:3]
-    n = np.linalg.norm(dp)
-    if n > MAX_STEP_TRANSLATION:
-        dp = dp * (MAX_STEP_TRANSLATION / n)
-    dr = action[3:6]
-    n = np.linalg.norm(dr)
-    if n > MAX_STEP_ROTATION:
-        dr = dr * (MAX_STEP_ROTATION / n)
-    p1 = target_p + dp
-    lead = p1 - measured_p
-    if np.linalg.norm(lead) > MAX_TARGET_LEAD:
-        p1 = measured_p + lead * (MAX_TARGET_LEAD / np.linalg.norm(lead))
-    return p1, rotvec_to_mat(dr) @ target_r
 
 
 class SimEnv:

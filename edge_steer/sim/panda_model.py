@@ -1,10 +1,8 @@
-"""The Franka Emika Panda from its published parameters.
+"""The simulated Franka Emika Panda's body, built from its published parameters (edge_steer/franka/arm.py).
 
-Kinematics are Franka's modified Denavit-Hartenberg table (Craig's convention), as published in the
-Franka Control Interface documentation; limits are the published joint position, velocity and torque
-limits. The MJCF arm is generated from the same table, so the simulated kinematics and `fk()` below
-cannot drift apart. Link shapes are capsules along the DH offsets (no meshes), masses are the
-published per-link values, inertias are approximations.
+The MJCF arm is generated from Franka's modified Denavit-Hartenberg table, the same one `fk()` uses,
+so the simulated kinematics and `fk()` cannot drift apart. Link shapes are capsules along the DH
+offsets (no meshes), masses are the published per-link values, inertias are approximations.
 """
 
 from __future__ import annotations
@@ -13,53 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_steer.geometry import rot_x, rot_z
+# the arm's parameters live in the Franka room (numpy only: the robot's process imports them too)
+from edge_steer.franka.arm import DH, FLANGE_D, HAND_TCP_D, HAND_YAW, Q_MAX, Q_MIN
 
-# (a_{i-1}, d_i, alpha_{i-1}) for joints 1..7, then the flange (theta = 0).
-DH = np.array([
-    [0.0, 0.333, 0.0],
-    [0.0, 0.0, -np.pi / 2],
-    [0.0, 0.316, np.pi / 2],
-    [0.0825, 0.0, np.pi / 2],
-    [-0.0825, 0.384, -np.pi / 2],
-    [0.0, 0.0, np.pi / 2],
-    [0.088, 0.0, np.pi / 2],
-])
-FLANGE_D = 0.107
-# Franka Hand: the end-effector frame sits 0.1034 m past the flange, rotated -45 deg about z
-# (libfranka's default F_T_EE for the hand).
-HAND_TCP_D = 0.1034
-HAND_YAW = -np.pi / 4
-
-Q_MIN = np.array([-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973])
-Q_MAX = np.array([2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973])
-DQ_MAX = np.array([2.1750, 2.1750, 2.1750, 2.1750, 2.6100, 2.6100, 2.6100])
-TAU_MAX = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
 LINK_MASS = np.array([4.970684, 0.646926, 3.228604, 3.587895, 1.225946, 1.666555, 7.35522e-01])
 HAND_MASS = 0.73
-GRIPPER_MAX_WIDTH = 0.08
-Q_START = np.array([0.0, -np.pi / 4, 0.0, -3 * np.pi / 4, 0.0, np.pi / 2, np.pi / 4])
-
-
-def _dh_transform(a: float, d: float, alpha: float, theta: float) -> np.ndarray:
-    t = np.eye(4)
-    t[:3, :3] = rot_x(alpha) @ rot_z(theta)
-    t[:3, 3] = [a, -np.sin(alpha) * d, np.cos(alpha) * d]
-    return t
-
-
-def fk(q: np.ndarray, tcp: bool = True) -> np.ndarray:
-    """Base-frame pose (4x4) of the end effector (hand TCP) or, with tcp=False, of the flange."""
-    q = np.asarray(q, dtype=float)
-    if q.shape != (7,):
-        raise ValueError(f"fk expects 7 joint angles, got shape {q.shape}")
-    t = np.eye(4)
-    for (a, d, alpha), th in zip(DH, q):
-        t = t @ _dh_transform(a, d, alpha, th)
-    t = t @ _dh_transform(0.0, FLANGE_D, 0.0, 0.0)
-    if tcp:
-        t = t @ _dh_transform(0.0, HAND_TCP_D, 0.0, HAND_YAW)
-    return t
 
 
 @dataclass(frozen=True)

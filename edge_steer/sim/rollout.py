@@ -7,15 +7,16 @@ not know what is behind it (torch, onnxruntime, TensorRT).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from edge_steer.models.interface import ensemble_actions
+from edge_steer.contract import ensemble_actions
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.panda import ControlException
-from edge_steer.sim.tasks import Task
+from edge_steer.sim.tasks import Task, task_for_instruction
 
 
 class ChunkPolicy(Protocol):
@@ -30,33 +31,56 @@ class EpisodeResult:
     steps: int
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
     error: str | None = None      # why the episode ended early (a robot reflex), if it did
+    # with another instruction than the task's own (`instruction=`): `success` is the scene's own task
+    # done at any step, this the instructed task's (None where it names no task doable in the scene)
+    instructed_success: bool | None = None
 
 
 def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvConfig = EnvConfig(),
                        execute: int = 5, max_steps: int | None = None, keep_frames: bool = False,
-                       ensemble: float | None = None) -> EpisodeResult:
+                       ensemble: float | None = None, instruction: str | None = None) -> EpisodeResult:
     """Run until the success predicate holds or max_steps; re-plan every `execute` actions.
     `ensemble` (a decay): each step's action is ACT's temporal ensemble of every chunk that covers it.
-    A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode."""
+    A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode.
+
+    `instruction` replaces the task's own in `task`'s scene. Where it names a task doable there
+    (`task_for_instruction`, both its objects in the scene), the episode runs until that task is done
+    and `success` says whether the scene's own task was done at any step; otherwise it ends as usual."""
     frames: list[np.ndarray] = []
     with SimEnv(task, seed, config) as env:
+        told = task_for_instruction(instruction) if instruction is not None else None
+        where = told.find_in(env.scene.spec) if told is not None else None
+        own = [False]   # the scene's own task done at some step
+
+        def done() -> bool:
+            own[0] = own[0] or env.success()
+            return own[0] if where is None else told.success(env.world, *where)
+
         try:
             ok = drive_policy(env, policy, max_steps or config.max_steps, execute, ensemble,
-                              frames if keep_frames else None)
+                              frames if keep_frames else None, instruction, done)
         except ControlException as e:
-            return EpisodeResult(task.name, seed, False, env.steps, frames, error=str(e))
-        return EpisodeResult(task.name, seed, ok, env.steps, frames)
+            ok, error = False, str(e)
+        else:
+            error = None
+        return EpisodeResult(task.name, seed, own[0], env.steps, frames, error=error,
+                             instructed_success=None if where is None else ok)
 
 
 def drive_policy(env: SimEnv, policy: ChunkPolicy, until: int, execute: int = 5, ensemble: float | None = None,
-                 frames: list[np.ndarray] | None = None) -> bool:
-    """Let the policy drive `env` until the task succeeds (True) or env.steps reaches `until` (False)."""
+                 frames: list[np.ndarray] | None = None, instruction: str | None = None,
+                 done: Callable[[], bool] | None = None) -> bool:
+    """Let the policy drive `env` until the task succeeds (True) or env.steps reaches `until` (False).
+    `instruction` (default: the task's own) is what the policy is told; `done` (default: env.success)
+    is the goal checked after each step."""
+    instruction = env.task.instruction if instruction is None else instruction
+    done = env.success if done is None else done
     chunks: list[tuple[int, np.ndarray]] = []     # (step it was predicted at, chunk), oldest first
     while env.steps < until:
         obs = env.observe()
         if frames is not None:
             frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
-        chunk = policy.predict(obs, env.task.instruction)
+        chunk = policy.predict(obs, instruction)
         if ensemble is None:
             plan = chunk[:execute]
         else:
@@ -66,7 +90,7 @@ def drive_policy(env: SimEnv, policy: ChunkPolicy, until: int, execute: int = 5,
                     for k in range(min(execute, len(chunk)))]
         for action in plan:
             env.step(action)
-            if env.success():
+            if done():
                 return True
             if env.steps >= until:
                 break
@@ -109,21 +133,23 @@ def worker_policy() -> ChunkPolicy:
 
 
 def _run_one(args) -> EpisodeResult:
-    task, seed, config, execute, keep, ensemble = args
-    return run_policy_episode(worker_policy(), task, seed, config, execute, keep_frames=keep, ensemble=ensemble)
+    task, seed, config, execute, keep, ensemble, instruction = args
+    return run_policy_episode(worker_policy(), task, seed, config, execute, keep_frames=keep, ensemble=ensemble,
+                              instruction=instruction)
 
 
 def evaluate(load_policy, tasks: list[Task], episodes: int, seed: int = 0, config: EnvConfig = EnvConfig(),
              execute: int = 5, workers: int = 2, on_result=None, gif_first: bool = False,
-             ensemble: float | None = None, first: int = 0) -> list[EpisodeResult]:
+             ensemble: float | None = None, first: int = 0, instruction: str | None = None) -> list[EpisodeResult]:
     """Closed-loop evaluation of `episodes` per task in `workers` spawned processes.
 
     `load_policy` is a picklable zero-argument callable that each worker calls once. `first` skips the
-    first episodes of the seed's sequence, so a later call can extend an evaluation with new scenes."""
-    from edge_steer.sim.demos import episode_seed, process_pool
+    first episodes of the seed's sequence, so a later call can extend an evaluation with new scenes.
+    `instruction` replaces each task's own (see run_policy_episode)."""
+    from edge_steer.sim.pool import episode_seed, process_pool
 
-    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == first, ensemble)
-            for t in tasks for i in range(first, first + episodes)]
+    jobs = [(t, episode_seed(seed + EVAL_SEED_OFFSET, i, t.name), config, execute, gif_first and i == first, ensemble,
+             instruction) for t in tasks for i in range(first, first + episodes)]
     results = []
     if workers <= 1:
         init_policy_worker(load_policy)

@@ -14,6 +14,7 @@ Relations are from the robot's point of view (robot at the origin facing +x): "l
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -130,12 +131,21 @@ class Task:
             return SceneInstance(spec=spec, goal_xy=tuple(goal))
         raise TaskError(f"could not lay out task {self.name!r} in {max_tries} tries (too many distractors?)")
 
+    def find_in(self, spec: SceneSpec) -> tuple[int, int] | None:
+        """Where this task's object and target stand in another task's scene (first match of each, as
+        scene object indices), or None where the scene lacks either: then the task cannot be done there."""
+        kinds = [(p.entity.shape, p.entity.color) for p in spec.objects]
+        obj, target = (self.obj.shape, self.obj.color), (self.target.shape, self.target.color)
+        if obj not in kinds or target not in kinds:
+            return None
+        return kinds.index(obj), kinds.index(target)
+
     # --- success -----------------------------------------------------------------------------------
-    def success(self, world: World) -> bool:
-        """Object 0 rests, released, in the instructed relation to object 1."""
-        if world.object_speed(0) > 0.05 or world.fingers_touch(0):
+    def success(self, world: World, obj: int = 0, target: int = 1) -> bool:
+        """Object `obj` (0: the scene's own) rests, released, in the instructed relation to object `target`."""
+        if world.object_speed(obj) > 0.05 or world.fingers_touch(obj):
             return False
-        o, t = world.object_pos(0), world.object_pos(1)
+        o, t = world.object_pos(obj), world.object_pos(target)
         d = o[:2] - t[:2]
         if self.relation in ("on", "in"):
             return bool(np.linalg.norm(d) < self.target.inner_radius and t[2] < o[2] < t[2] + 0.08)
@@ -211,6 +221,25 @@ def get_task(name: str) -> Task:
         close = difflib.get_close_matches(name, TASKS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " Run `edge-steer tasks list`."
         raise TaskError(f"unknown task {name!r}.{hint}") from None
+
+
+def task_for_instruction(text: str) -> Task | None:
+    """The task an instruction names: a registered task with that instruction (the first, so a base task
+    before its environment variants, which share it), else one read from the instruction template
+    ("put the [size] COLOUR SHAPE RELATION the [size] COLOUR SHAPE"); None if it names no valid task."""
+    said = " ".join(text.lower().strip().rstrip(".").split())
+    if known := next((t for t in TASKS.values() if t.instruction == said), None):
+        return known
+    entity = r"(?:(?:small|large) )?(\w+) (\w+)"   # sizes are not told apart: find_in matches colour and shape
+    phrases = "|".join(re.escape(p) for p in RELATIONS.values())
+    m = re.fullmatch(f"put the {entity} ({phrases}) the {entity}", said)
+    if m is None:
+        return None
+    relation = next(k for k, v in RELATIONS.items() if v == m[3])
+    try:
+        return Task(f"instructed: {said}", Entity(m[2], m[1]), relation, Entity(m[5], m[4]))
+    except (TaskError, ValueError):
+        return None
 
 
 def tasks_by_split(split: str) -> list[Task]:

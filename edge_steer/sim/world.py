@@ -11,7 +11,7 @@ import threading
 import mujoco
 import numpy as np
 
-from edge_steer.sim.panda_model import Q_START
+from edge_steer.franka.arm import Q_START
 from edge_steer.sim.scene import SceneSpec, build_mjcf
 
 

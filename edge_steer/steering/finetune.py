@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
+from edge_steer.models.interface import check_dataset
 from edge_steer.models.train import TrainConfig, TrainResult, batches, fit
 from edge_steer.steering.delta import SteeringDelta
 
@@ -179,7 +180,9 @@ class FinetuneResult:
 def finetune(base: nn.Module, dataset, cfg: FinetuneConfig, out_dir: str | Path,
              heads: list[HeadRef] | None = None, heads_doc: dict[str, Any] | None = None,
              resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune a copy of `base` on `dataset`; `base` itself is left untouched."""
+    """Fine-tune a copy of `base` on `dataset`; `base` itself is left untouched (and `out_dir` too
+    where the demos do not fit the model: DatasetError before any work)."""
+    check_dataset(base, dataset)
     if len(dataset) < cfg.train.batch_size // 4 or len(dataset) < 8:
         raise FinetuneError(f"the demos hold {len(dataset)} frames: too few to fine-tune on")
     base_fp = base.fingerprint()

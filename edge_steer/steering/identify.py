@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_steer.data import DatasetError
 from edge_steer.models.heads import HeadRef
+from edge_steer.models.interface import check_dataset
 from edge_steer.models.vla import masked_l1
 from edge_steer.steering.hooks import edit_head_inputs, record_head_inputs
 
@@ -118,16 +120,10 @@ def probe_set(model, dataset, max_frames: int = 256, seed: int = 0,
 
 
 def _check_demos(model, dataset) -> None:
-    c = model.config
-    feats = dataset.spec.features
-    need = [f"observation.images.{cam}" for cam in c.cameras] + ["observation.state", "action"]
-    missing = [k for k in need if k not in feats]
-    if missing:
-        raise IdentifyError(f"the demos lack {missing}: they do not match the model's observation/action spaces")
-    state_dim, action_dim = feats["observation.state"].shape[-1], feats["action"].shape[-1]
-    if (state_dim, action_dim) != (c.state_dim, c.action_dim):
-        raise IdentifyError(f"the demos have state/action dims ({state_dim}, {action_dim}), the model expects "
-                            f"({c.state_dim}, {c.action_dim})")
+    try:
+        check_dataset(model, dataset)
+    except DatasetError as e:
+        raise IdentifyError(str(e)) from e
 
 
 def _partners(episodes: np.ndarray, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:

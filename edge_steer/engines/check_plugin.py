@@ -1,8 +1,8 @@
 """Build/test script for the fused-attention plugin. Exit status 0 when every check passes.
 
-    TRITON_INTERPRET=1 python engines/check_plugin.py --interpret   # CPU: the Triton kernel, interpreted
-    python engines/check_plugin.py --gpu                             # GPU: the compiled kernel, fp32/fp16/bf16
-    python engines/check_plugin.py --trt [--bench]                   # GPU + TensorRT: a plan with the plugin
+    TRITON_INTERPRET=1 python -m edge_steer.engines.check_plugin --interpret   # CPU: the Triton kernel, interpreted
+    python -m edge_steer.engines.check_plugin --gpu                  # GPU: the compiled kernel, fp32 (ieee, tf32)/fp16/bf16
+    python -m edge_steer.engines.check_plugin --trt [--bench]        # GPU + TensorRT: a plan with the plugin
 
 Every check compares against `fused_attention.contract.reference`. `--bench` times the plugin against
 TensorRT's own attention (the same op written as MatMul-Softmax-MatMul, which TensorRT fuses itself).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script or as a module: the same package
 
 from fused_attention import NAME, NAMESPACE, reference  # noqa: E402
 
@@ -40,22 +40,25 @@ def _err(a, b) -> float:
 def check_kernel(device: str) -> bool:
     import torch
 
-    from fused_attention.kernel import launch
+    from fused_attention.kernel import TOLERANCE, launch
     ok = True
-    dtypes = [(torch.float32, 1e-5 if device == "cpu" else 1e-4)]
+    # (dtype, tl.dot precision for fp32, tolerance); the interpreter computes in numpy fp32 whatever is asked
+    dtypes = [(torch.float32, "ieee", 1e-5 if device == "cpu" else TOLERANCE["ieee"])]
     if device == "cuda":
-        dtypes += [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)]
+        dtypes += [(torch.float32, "tf32", TOLERANCE["tf32"]), (torch.float16, "ieee", 5e-3),
+                   (torch.bfloat16, "ieee", 3e-2)]
     cases = CASES if device == "cuda" else CASES[:2]       # the interpreter runs programs one by one
     for i, (b, s, h, d) in enumerate(cases):
         q, k, v, mask = _case(b, s, h, d, i)
         ref = reference(q, k, v, mask, h, d ** -0.5)
-        for dtype, tol in dtypes:
+        for dtype, precision, tol in dtypes:
             t = [torch.from_numpy(x).to(device=device, dtype=dtype) for x in (q, k, v)]
             out = torch.empty_like(t[0])
-            launch(*t, torch.from_numpy(mask).to(device), out, h, d ** -0.5, 16, 16)
+            launch(*t, torch.from_numpy(mask).to(device), out, h, d ** -0.5, 16, 16, precision=precision)
             e = _err(out.float().cpu().numpy(), ref)
             ok &= e < tol
-            print(f"kernel {device} {str(dtype):15s} B={b} S={s} H={h} D={d}: rel err {e:.2e} (tol {tol:.0e})")
+            print(f"kernel {device} {str(dtype):15s} {precision:4s} B={b} S={s} H={h} D={d}: rel err {e:.2e} "
+                  f"(tol {tol:.0e})")
     return ok
 
 

@@ -1,0 +1,1 @@
+"""Test instrumentation that plugs into the runtime from outside (never imported by production code)."""
