@@ -19,7 +19,8 @@ from typing import Any
 
 import zmq
 
-from edge_steer.runtime.protocol import TELEMETRY_TOPIC, decode_reply, decode_telemetry, encode_request
+from edge_steer.runtime.protocol import (SLOW_COMMANDS, SLOW_REPLY_MS, TELEMETRY_TOPIC, decode_reply, decode_telemetry,
+                                        encode_request)
 
 DEFAULT_COMMAND = "tcp://127.0.0.1:5555"
 DEFAULT_TELEMETRY = "tcp://127.0.0.1:5556"
@@ -83,7 +84,8 @@ class Client:
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         """One command; returns its result map or raises ClientError with the daemon's reason."""
         rid = next(self._ids)
-        reply = self.request_raw(encode_request(cmd, id=rid, **args))
+        timeout = max(self.timeout_ms, SLOW_REPLY_MS) if cmd in SLOW_COMMANDS else self.timeout_ms
+        reply = self.request_raw(encode_request(cmd, id=rid, **args), timeout)
         if reply.get("id") not in (rid, None):
             raise ClientError("protocol", f"reply id {reply.get('id')} does not match request {rid}")
         if not reply["ok"]:
@@ -108,6 +110,10 @@ class Client:
 
     def recover(self) -> dict:
         return self.request("recover")
+
+    def reset(self) -> dict:
+        """Sim: a fresh scene (IDLE only); its result says which: {"state", "task", "seed", "scene"}."""
+        return self.request("reset")
 
     def status(self) -> dict:
         return self.request("status")

@@ -5,14 +5,11 @@ e-stop latency — and every setpoint sent during this module checked against th
 
 from __future__ import annotations
 
-import signal
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import bench_reliability as rel  # noqa: E402
+from edge_steer.reliability.cell import start_cell
+from edge_steer.reliability.faults import run_faults
+from edge_steer.reliability.load import estop_latency, load_level
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,20 +21,20 @@ NEW_FAULTS = ["camera unplugged 0.15 s, re-plugged", "camera unplugged > camera_
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
     """The daemon with the setpoint stage in the sim robot's process."""
-    c = rel.start_cell(tmp_path_factory.mktemp("faults"))
+    c = start_cell(tmp_path_factory.mktemp("faults"))
     yield c
     c.close()
 
 
 @pytest.mark.parametrize("name", NEW_FAULTS)
 def test_fault_has_its_safe_outcome_and_the_daemon_goes_back_to_work(cell, name):
-    (res,) = rel.run_faults(cell, [name])
+    (res,) = run_faults(cell, [name])
     assert res.survived, res
 
 
 def test_load_8_clients_every_request_answered_while_the_arm_works(cell):
     cell.client.instruct(cell.daemon.robot.sim.task.instruction)
-    lv = rel.load_level(cell, 8, 3.0)
+    lv = load_level(cell, 8, 3.0)
     cell.client.stop()
     ld = lv["load"]
     assert ld["sent"] == ld["answered"] > 100 and ld["timeouts"] == 0 and ld["mismatched_ids"] == 0, ld
@@ -47,7 +44,7 @@ def test_load_8_clients_every_request_answered_while_the_arm_works(cell):
 
 
 def test_estop_stops_the_controller_every_time(cell):
-    e = rel.estop_latency(cell, 4, background_clients=4)
+    e = estop_latency(cell, 4, background_clients=4)
     assert e["stopped"] == 4 and e["to_controller_stopped_ms"]["max"] < 1000, e
 
 

@@ -3,22 +3,19 @@ Sizes are small here; tools/bench_reliability.py runs the same functions longer 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import msgpack
 import pytest
 
 from edge_steer.runtime.protocol import ProtocolError, decode_request, encode_request
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import bench_reliability as rel  # noqa: E402
+from edge_steer.reliability.cell import start_cell
+from edge_steer.reliability.fuzz import fuzz_decoder, fuzz_handler, fuzz_socket
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_decoder_fuzz_only_documented_errors():
-    rep = rel.fuzz_decoder(300)
+    rep = fuzz_decoder(300)
     assert rep.tried == 300 and not rep.failures, rep.failures
     assert {"malformed", "bad_version", "bad_field", "too_large"} <= set(rep.codes)  # the generator reaches them
 
@@ -41,20 +38,20 @@ def test_version_must_be_the_integer_1(v):
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
-    c = rel.start_cell(tmp_path_factory.mktemp("fuzz"))
+    c = start_cell(tmp_path_factory.mktemp("fuzz"))
     yield c
     c.close()
 
 
 def test_live_handler_fuzz_never_crashes_moves_or_changes_state_on_rejection(cell):
-    rep = rel.fuzz_handler(cell, 150)
+    rep = fuzz_handler(cell, 150)
     assert rep.tried == 150 and not rep.failures, rep.failures
     assert rep.codes["max_setpoint_drift_m"] < 1e-3
     assert cell.client.status()["state"] == "IDLE"
 
 
 def test_socket_fuzz_every_message_gets_one_reply_and_over_cap_drops_only_that_peer(cell):
-    out = rel.fuzz_socket(cell.endpoint, 80)
+    out = fuzz_socket(cell.endpoint, 80)
     assert out["answered"] == out["messages"] == 80 and out["bad_replies"] == 0, out
     assert out["over_cap_replied"] is False and out["served_after_over_cap"] is True
     assert cell.daemon.server._thread.is_alive()

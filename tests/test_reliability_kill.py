@@ -6,19 +6,16 @@ daemon under test."""
 from __future__ import annotations
 
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import bench_reliability as rel  # noqa: E402
+from edge_steer.reliability.faults import kill_while_recording
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_sigkill_while_recording_keeps_completed_episodes_only_and_restart_appends(tmp_path):
-    res = rel.kill_while_recording(tmp_path, signal.SIGKILL, episode_s=0.8)
+    res = kill_while_recording(tmp_path, signal.SIGKILL, episode_s=0.8)
     a, b = res["after_kill"], res["after_restart"]
     assert a["exit_code"] == -signal.SIGKILL
     assert a["episodes"] == 1 and a["tasks"] == ["first episode"] and a["frames"] == sum(a["lengths"]) > 0, a

@@ -4,7 +4,6 @@ out of the logs, the config's refusals, and the systemd unit's privileges."""
 from __future__ import annotations
 
 import configparser
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,16 @@ from edge_steer.cli import app
 from edge_steer.runtime.config import ConfigError, ServeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_reliability as rel  # noqa: E402
+from edge_steer.reliability.cell import _try, start_cell
+from edge_steer.reliability.security import curve_checks, make_keys
+from edge_steer.runtime.launch import wait_for
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    r = CliRunner().invoke(app, args)
+    return r.exit_code, r.output
 
 
 def test_keys_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path):
@@ -33,12 +38,12 @@ def test_keys_generate_writes_a_private_secret_and_refuses_to_overwrite(tmp_path
 
 
 def test_curve_only_the_allowed_client_gets_an_effect_and_secrets_are_never_logged(tmp_path):
-    res = rel.curve_checks(tmp_path)
+    res = curve_checks(tmp_path, run_cli)
     assert all(v is True for v in res.values()), res
 
 
 def test_config_binds_remote_only_with_curve_and_refuses_a_readable_secret(tmp_path):
-    keys = rel.make_keys(tmp_path / "k", "server")
+    keys = make_keys(tmp_path / "k", "server", cli=run_cli)
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     with pytest.raises(ConfigError, match="CURVE"):
@@ -68,14 +73,14 @@ def test_only_operators_move_the_arm_but_anyone_allowed_can_stop_it(tmp_path):
     import zmq.auth
 
     from edge_steer.client import Client, ClientError
-    keys = rel.make_keys(tmp_path / "keys", "server", "operator", "observer")
+    keys = make_keys(tmp_path / "keys", "server", "operator", "observer", cli=run_cli)
     allowed, operators = tmp_path / "allowed", tmp_path / "operators"
     allowed.mkdir()
     operators.mkdir()
     for name in ("operator", "observer"):
         (allowed / f"{name}.key").write_bytes(keys[name][0].read_bytes())
     (operators / "operator.key").write_bytes(keys["operator"][0].read_bytes())
-    cell = rel.start_cell(tmp_path, curve={"curve_secret_key": str(keys["server"][1]),
+    cell = start_cell(tmp_path, curve={"curve_secret_key": str(keys["server"][1]),
                                            "curve_authorized_keys": str(allowed),
                                            "curve_operator_keys": str(operators)})
     d, z = cell.daemon, cell.daemon.cfg.zmq
@@ -94,7 +99,7 @@ def test_only_operators_move_the_arm_but_anyone_allowed_can_stop_it(tmp_path):
         assert op.status()["state"] == "FAULT"
         with pytest.raises(ClientError, match="forbidden"):
             obs.recover()
-        rel.wait_for(lambda: rel._try(op.recover), timeout=10, step=0.2)
+        wait_for(lambda: _try(op.recover), timeout=10, step=0.2)
         assert obs.status()["state"] == "IDLE"
     finally:
         for c in clients.values():

@@ -59,7 +59,7 @@ def served(tmp_path_factory):
         safety={"stale_frame_ms": 300.0, "camera_fault_ms": 1200.0, "inference_deadline_ms": 400.0,
                 "inference_stop_ms": 1000.0},
         record={"dir": str(tmp_path_factory.mktemp("rec") / "ds")},
-        robot={"stop_on_success": False})
+        robot={"stop_on_success": False, "fresh_scene": False})
     engine = FakeEngine()
     d = Daemon(cfg, engine=engine).start()
     c = Client(cmd, tel, timeout_ms=5000)
@@ -133,7 +133,7 @@ def test_fast_joints_fault_before_the_robot_reflex(daemon, monkeypatch):
     """The monitor checks joint speeds against `joint_velocity_share` of their limits; with a share so
     small that an ordinary 2 cm/s push exceeds it, the daemon faults and names the joint."""
     d, c, e = daemon
-    monkeypatch.setattr(d, "cfg", d.cfg.with_(safety={"joint_velocity_share": 0.005}))
+    monkeypatch.setattr(d.monitor, "cfg", d.cfg.with_(safety={"joint_velocity_share": 0.005}))
     c.instruct("push forward")
     wait_for(lambda: c.status()["state"] == "FAULT")
     assert c.status()["fault"].startswith("joint_velocity_margin: joint ")
@@ -292,7 +292,7 @@ def test_chunk_takes_effect_next_tick_and_hand_over_is_jump_free():
 
 
 def test_sim_success_counts_only_once_it_has_held_without_a_break():
-    from edge_steer.runtime.daemon import SuccessLatch
+    from edge_steer.runtime.monitor import SuccessLatch
     latch = SuccessLatch(0.3)
     # an instant of "resting" (t = 0), a break, then held from t = 0.2: done at t = 0.5, not before
     seen = [latch.update(ok, t) for ok, t in [(True, 0.0), (False, 0.1), (True, 0.2), (True, 0.4), (True, 0.5)]]
@@ -380,3 +380,128 @@ def test_an_estop_waiting_behind_other_requests_is_answered_first():
     # an instruction whose text is "estop" is only moved up, never mistaken for one
     assert d.order == ["status", "instruct estop", "estop", "status", "pause"]
     assert ids == [0, 2, 3, 1, None, 4]       # every request answered, the malformed one with an error
+
+
+def test_pause_holds_the_pose_it_was_paused_at(daemon):
+    """Pause re-anchors the hold at the measured pose: the arm stops where it is instead of going on to
+    the last commanded target, which the impedance controller trails by millimetres (docs/serve.md,
+    "Pause and e-stop"). Before, the held target was that commanded one, ahead of the arm."""
+    d, c, e = daemon
+    e.dx = 0.004                                       # 4 cm/s
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 8)
+    time.sleep(0.3)
+    before = np.array(d.robot.read().position)
+    c.pause()
+    after = np.array(d.robot.read().position)
+    time.sleep(0.1)                                    # the stage takes the new anchor on its next tick
+    held = np.array(d.setpoint.commanded[0])
+    # the held target lies where the arm was while the pause was handled: on the way from `before` to `after`
+    seg = after - before
+    k = float(np.clip(np.dot(held - before, seg) / max(float(np.dot(seg, seg)), 1e-12), 0.0, 1.0))
+    assert np.linalg.norm(held - (before + k * seg)) < 1.5e-3, (before, after, held)
+    time.sleep(0.5)
+    p1 = np.array(d.robot.read().position)
+    time.sleep(1.0)
+    assert np.linalg.norm(np.array(d.robot.read().position) - p1) < 1e-3       # and stays there
+    c.stop()
+
+
+def test_reset_opens_a_fresh_scene_and_a_new_instruction_starts_in_one(daemon, monkeypatch):
+    """Sim: `reset` reopens the cell on the next seed, the arm back at its start; with robot.fresh_scene
+    an instruction from IDLE after an episode does the same before it starts (docs/protocol.md, Sim)."""
+    import dataclasses
+    d, c, e = daemon
+    seed0, start = c.status()["sim"]["seed"], None
+    c.instruct("push forward")
+    wait_for(lambda: c.status()["chunks"] > 3)
+    c.stop()
+    r = c.reset()
+    assert r == {"state": "IDLE", "task": d.cfg.robot.task, "seed": seed0 + 1, "scene": r["scene"]}, r
+    start = np.array(c.status()["tcp"][:3])
+    monkeypatch.setattr(d, "machine", dataclasses.replace(d.machine, fresh_scene=True))
+    c.instruct("push forward")
+    wait_for(lambda: np.linalg.norm(np.array(c.status()["tcp"][:3]) - start) > 5e-3)
+    c.stop()
+    assert c.instruct("push forward")["state"] == "RUNNING"      # a fresh scene first, then running
+    s = c.status()
+    assert s["sim"]["seed"] == seed0 + 2 and s["sim"]["scene"] == r["scene"] + 1
+    assert np.linalg.norm(np.array(s["tcp"][:3]) - start) < 0.1   # back near the start, not where it was pushed
+    c.stop()
+    with pytest.raises(ClientError, match="bad_state"):
+        c.instruct("push forward")
+        c.reset()                                                  # not under a running episode
+    c.stop()
+    monkeypatch.setattr(d, "machine", dataclasses.replace(d.machine, fresh_scene=False))
+
+
+def test_a_client_from_the_doc_alone(daemon):
+    """docs/protocol.md's words, pyzmq and msgpack only: DEALER and REQ framing, ids echoed in results
+    and errors, each command's result shape, telemetry keys."""
+    import zmq
+    d, c, e = daemon
+    endpoint, telemetry = d.cfg.zmq.command, d.cfg.zmq.telemetry
+    ctx = zmq.Context()
+    dealer, req, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.REQ), ctx.socket(zmq.SUB)
+    for s in (dealer, req, sub):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 20_000)
+    dealer.connect(endpoint)
+    req.connect(endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"telemetry")
+    sub.connect(telemetry)
+
+    def call(cmd, rid, **fields):
+        dealer.send_multipart([b"", msgpack.packb({"v": 1, "cmd": cmd, "id": rid, **fields})])
+        frames = dealer.recv_multipart()
+        assert len(frames) == 2 and frames[0] == b""
+        reply = msgpack.unpackb(frames[1])
+        assert reply["v"] == 1 and reply["id"] == rid
+        return reply
+
+    try:
+        req.send(msgpack.packb({"v": 1, "cmd": "status", "id": "via-req"}))
+        r = msgpack.unpackb(req.recv())
+        assert r["ok"] and r["id"] == "via-req" and r["result"]["state"] == "IDLE"
+        assert call("instruct", 1, text="push forward")["result"] == {"state": "RUNNING", "instruction": "push forward"}
+        assert call("pause", 2)["result"] == {"state": "PAUSED"}
+        assert call("start", 3)["result"] == {"state": "RUNNING"}
+        assert call("stop", 4)["result"] == {"state": "IDLE"}
+        assert call("estop", 5)["result"] == {"state": "FAULT", "controller": "stopped"}
+        assert call("recover", 6)["result"] == {"state": "IDLE"}
+        assert call("set_steering", 7, task="")["result"] == {"steering": None}
+        assert call("record", 8, on=False)["result"] == {"recording": False, "dir": d.cfg.record.dir}
+        for rid, msg, code in [(9, {"cmd": "fly"}, "unknown_command"), (10, {"cmd": "start", "v": 2}, "bad_version"),
+                               ("eleven", {"cmd": "instruct", "text": "a\x7fb"}, "bad_field"),
+                               (12, {"cmd": "instruct", "text": "x" * 70000}, "too_large")]:
+            dealer.send_multipart([b"", msgpack.packb({"v": 1, "id": rid, **msg})])
+            reply = msgpack.unpackb(dealer.recv_multipart()[-1])
+            assert reply["ok"] is False and reply["error"] == code and reply["id"] == rid and reply["reason"], reply
+        t = msgpack.unpackb(sub.recv_multipart()[-1])
+        assert {"v", "seq", "t", "state", "hold", "segment", "tcp", "q", "gripper_width", "setpoint", "chunk",
+                "chunks", "inference_ms", "missed_ticks"} == set(t)
+    finally:
+        for s in (dealer, req, sub):
+            s.close()
+        ctx.term()
+
+
+def test_serve_sim_ships_a_steering_delta_the_default_engine_loads():
+    """`serve --sim` points engine.steering_dir at the delta shipped with the embedded model, so
+    `set_steering` can be tried in sim; a run directory named by its task resolves to its delta."""
+    from edge_steer.runtime.commands import CommandHandlers
+    from edge_steer.runtime.engine import TorchEngine
+
+    cfg = ServeConfig.sim()
+    engine = TorchEngine.load()
+    loaded = []
+
+    class Host:
+        def set_steering(self, path, name):
+            engine.set_steering(path)
+            loaded.append(path)
+
+    handlers = CommandHandlers(Host(), cfg.engine.steering_dir)
+    assert handlers.cmd_set_steering("red_cube_in_front_of_blue_plate") == {"steering": "red_cube_in_front_of_blue_plate"}
+    assert loaded[-1].name == "steering.safetensors" and engine.metadata()["steering_hash"]
+    assert handlers.cmd_set_steering("") == {"steering": None} and engine.metadata()["steering_hash"] is None

@@ -43,6 +43,14 @@ def test_daemon_completes_the_task_records_it_and_stops_on_sigterm(tmp_path):
         r = CliRunner().invoke(app, ["send", "--pause", "--endpoint", endpoint])
         assert r.exit_code == 2 and "bad_state" in r.output
         wait_for(lambda: c.status()["recorder"]["saved_episodes"] == 1)
+        # a second instruction starts in a fresh scene (seed robot.seed + 1), not in the solved one,
+        # where it used to end in task_success within 0.35 s
+        assert c.record(False)["recording"] is False
+        assert c.instruct("put the red cube on the blue plate")["state"] == "RUNNING"
+        time.sleep(1.5)
+        s = c.status()
+        assert s["state"] == "RUNNING" and s["sim"]["seed"] == 1 and s["sim"]["success"] is False, s
+        assert c.stop()["state"] == "IDLE"
     finally:
         code, out = _terminate(proc)
     assert code == 0, out

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+# a steering delta of the embedded model, shipped so `serve --sim` can try `set_steering`: one run directory
+# per task (docs/serve.md, "Steering in sim")
+SIM_STEERING_DIR = Path(__file__).resolve().parent.parent / "assets" / "steering"
+
+
 class ConfigError(ValueError):
     """A configuration the daemon refuses to start with; the message names the key."""
 
@@ -34,6 +39,9 @@ class RobotConfig:
     seed: int = 0
     stop_on_success: bool = True         # sim: RUNNING -> IDLE once the task's success predicate holds
     success_hold_s: float = 0.3          # ... without a break for this long (it is an instantaneous test)
+    # sim: every episode started from IDLE after the first begins in a fresh scene, the n-th with seed
+    # robot.seed + n (the `reset` command makes one at once); false: the cell stays as the last episode left it
+    fresh_scene: bool = True
     # retired: SimPanda's 1 kHz loop always runs in its own process (docs/serve.md); "process" is accepted
     # with a deprecation warning, "thread" refused
     sim_loop: str = ""
@@ -263,8 +271,9 @@ class ServeConfig:
 
     @classmethod
     def sim(cls, **overrides: Any) -> "ServeConfig":
-        """`serve --sim`: the simulated cell, two sim cameras, the default model, localhost sockets."""
-        return replace(cls(), **overrides).check()
+        """`serve --sim`: the simulated cell, two sim cameras, the default model and the steering delta
+        shipped for it (SIM_STEERING_DIR, so `set_steering` can be tried), localhost sockets."""
+        return replace(cls(engine=EngineConfig(steering_dir=str(SIM_STEERING_DIR))), **overrides).check()
 
     def with_(self, **sections: Any) -> "ServeConfig":
         """A copy with some sections' fields replaced: cfg.with_(zmq={"command": ...})."""

@@ -142,7 +142,7 @@ class CommandServer:
             return ok_reply(rid, result)
         except ProtocolError as e:
             self.errors += 1
-            return error_reply(rid, e.code, e.reason)
+            return error_reply(rid if rid is not None else e.id, e.code, e.reason)
         except Exception as e:  # noqa: BLE001 - CommandError and anything unexpected still get an answer
             self.errors += 1
             code = getattr(e, "code", "internal")
