@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge_steer.sim.scene import COLORS, GRASPABLE, RECEPTACLES, Entity, EnvSpec, Placement, SceneSpec
+from edge_steer.sim.scene import COLORS, GRASPABLE, RECEPTACLES, SHAPES, Entity, EnvSpec, Placement, SceneSpec
 from edge_steer.sim.world import World
 
 RELATIONS = {"on": "on", "in": "in", "left_of": "to the left of", "right_of": "to the right of",
@@ -134,6 +134,11 @@ class Task:
 
     # --- wording (one template in this suite; see V2Task) -------------------------------------------
     suite: ClassVar[str] = "v1"
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """Every wording the task is given."""
+        return (self.instruction,)
 
     def instruction_for(self, seed: int) -> str:
         """The wording an episode with this scene seed is given (demos record it, evaluation uses it)."""
@@ -333,7 +338,10 @@ class V2Task(Task):
                 goals = {job: where[job[2]] + _goal_offset(*job) for job in cast.jobs}
                 if not all(_inside(g, REACH) for g in goals.values()):
                     continue
-                placed += [(g, o.radius) for (o, r, _), g in goals.items() if r not in ("on", "in")]
+                beside = [(g, o.radius) for (o, r, _), g in goals.items() if r not in ("on", "in")]
+                if not all(_clear(g, r, placed + beside[:k]) for k, (g, r) in enumerate(beside)):
+                    continue   # a spot beside a receptacle must be clear of the other one and of the other spots
+                placed += beside
                 for e in (*cast.candidates, *clutter):
                     xy = _spot(rng, ((0.33, 0.68), (-0.26, 0.26)) if e in clutter else region, e.radius, placed)
                     if xy is None:
@@ -447,12 +455,16 @@ def get_task(name: str) -> Task:
         raise TaskError(f"unknown task {name!r}.{hint}") from None
 
 
+def suite_tasks(suite: str) -> list[Task]:
+    if suite not in SUITES:
+        raise TaskError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    return list(SUITES[suite].values())
+
+
 def tasks_by_split(split: str, suite: str = "v1") -> list[Task]:
     if split not in ("base", "heldout"):
         raise TaskError("split must be 'base' or 'heldout'")
-    if suite not in SUITES:
-        raise TaskError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    return [t for t in SUITES[suite].values() if t.split == split]
+    return [t for t in suite_tasks(suite) if t.split == split]
 
 
 def resolve_tasks(spec: str) -> list[Task]:
