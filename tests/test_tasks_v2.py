@@ -287,9 +287,11 @@ def test_demos_record_their_wording_and_a_resumed_run_records_only_what_is_missi
     again = generate_demos(name, 2, 3, out, small, **record)
     assert again["saved"] == 1 and again["already"] == 1
     assert generate_demos(name, 2, 3, out, small, **record)["saved"] == 0
+    other_run = generate_demos(name, 1, 4, out, small, **record)   # another seed's run in the same dataset
+    assert other_run["saved"] == 1 and other_run["already"] == 0
     ds = Dataset(out)
     task = V2_TASKS[name]
-    assert ds.num_episodes == 2 and len(recorded_seeds(out, name)) == 2 and not recorded_seeds(out, "other")
+    assert ds.num_episodes == 3 and len(recorded_seeds(out, name)) == 3 and not recorded_seeds(out, "other")
     for ep in ds.episodes:
         seed = ep.extra["seed"]
         assert ep.task == task.instruction_for(seed) and ep.extra["template"] == task.template_index(seed)

@@ -116,8 +116,9 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
                    takeover: Takeover | None = None, resume: bool = False) -> dict:
     """Record `episodes` expert demos of a task into the dataset at `out` (appending).
 
-    `resume`: count the task's episodes already in `out` towards `episodes` and skip their scene seeds, so
-    a run killed part-way and started again with the same arguments records what the whole run would have."""
+    `resume`: count the episodes of this task and seed already in `out` (those whose scene seed this run would
+    draw) towards `episodes` and skip their scenes, so a run killed part-way and started again with the same
+    arguments records what the whole run would have; runs with other seeds in the same dataset do not count."""
     from edge_steer.data import DatasetWriter, default_spec
 
     get_task(task_name)  # fail fast on an unknown name
@@ -125,13 +126,14 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
         raise ValueError("episodes must be >= 1")
     workers = workers or min(2, os.cpu_count() or 1)
     spec = default_spec(image_size=config.image_size, fps=config.fps)
-    done = recorded_seeds(out, task_name) if resume else set()
+    # a policy that often finishes before the handover leaves many tries with nothing to record
+    max_attempts = (2 if takeover is None else 5) * episodes + 10
+    mine = {episode_seed(seed, i, task_name) for i in range(max_attempts)}
+    done = recorded_seeds(out, task_name) & mine if resume else set()
     saved, failed, skipped, faults, attempts = 0, 0, 0, 0, 0
     if len(done) >= episodes:
         return {"task": task_name, "saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0, "attempts": 0,
                 "out": str(out), "already": len(done)}
-    # a policy that often finishes before the handover leaves many tries with nothing to record
-    max_attempts = (2 if takeover is None else 5) * episodes + 10
     with DatasetWriter(out, spec) as writer:
         for ep in _episodes(task_name, seed, config, workers, episodes - len(done), max_attempts, perturb, takeover,
                             done):
