@@ -38,10 +38,10 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
                suite: str = typer.Option("v1", help="v1 (the v1 checkpoint's tasks) | v2 (the instruction decides the task)"),
                as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List every task: base tasks for pretraining and held-out variants for few-shot steering."""
-    from edge_steer.sim.tasks import TaskError, suite_tasks, tasks_by_split
+    from edge_steer.sim.tasks import TaskError, suite_tasks
 
     try:
-        tasks = tasks_by_split(split, suite) if split else suite_tasks(suite)
+        tasks = suite_tasks(suite, split)
     except TaskError as e:
         _fail(str(e))
     if as_json:

@@ -8,11 +8,11 @@ from edge_steer.sim.expert import run_expert_episode
 from edge_steer.sim.scene import GRASPABLE, RECEPTACLES, Entity, EnvSpec, Placement, SceneSpec
 from edge_steer.sim.tasks import (HELDOUT_TEMPLATES, REACH, RELATIONS, SUITES, TASKS, TRAIN_TEMPLATES, V2_FACTORS,
                                   V2_TASKS, TaskError, V2Task, get_task, instructed_task, resolve_tasks,
-                                  tasks_by_split)
+                                  suite_tasks, tasks_by_split)
 from edge_steer.sim.world import World
 
-V2_BASE = tasks_by_split("base", "v2")
-V2_HELD = tasks_by_split("heldout", "v2")
+V2_BASE = suite_tasks("v2", "base")
+V2_HELD = suite_tasks("v2", "heldout")
 
 # --- v1 stays as it was (values computed from the code before suite v2 was added) ------------------------
 
@@ -80,7 +80,10 @@ def test_v2_registry_names_splits_and_factors():
     with pytest.raises(TaskError, match="v2-red_cube_on_blue_plate"):
         get_task("v2-red_cube_on_blue_plat")
     with pytest.raises(TaskError, match="suite"):
-        tasks_by_split("base", "v9")
+        suite_tasks("v9")
+    with pytest.raises(TaskError, match="split"):
+        suite_tasks("v2", "train")
+    assert suite_tasks("v1", "base") == tasks_by_split("base") and suite_tasks("v2") == list(V2_TASKS.values())
     every = {r for t in V2_BASE for r in [t.relation]}
     assert every == set(RELATIONS)   # every relation is trained
 
@@ -269,7 +272,10 @@ def test_instructed_task_on_a_v1_scene():
 
 @pytest.mark.parametrize("name", [t.name for t in V2_BASE])
 def test_expert_solves_every_v2_base_task(name):
-    for seed in (21, 22):
+    from edge_steer.sim.demos import episode_seed
+
+    # the first two of the scenes docs/model.md measures the expert's rate on (10 a task)
+    for seed in (episode_seed(100, i, name) for i in (0, 1)):
         with SimEnv(V2_TASKS[name], seed) as env:
             assert run_expert_episode(env), f"{name} seed {seed}"
 
@@ -297,22 +303,6 @@ def test_demos_record_their_wording_and_a_resumed_run_records_only_what_is_missi
         assert ep.task == task.instruction_for(seed) and ep.extra["template"] == task.template_index(seed)
     v1 = record_episode("red_cube_on_blue_plate", 0, EnvConfig(image_size=32, max_steps=1))
     assert "template" not in v1.extra and v1.instruction == TASKS["red_cube_on_blue_plate"].instruction
-
-
-def test_evaluation_gives_the_policy_the_episode_wording():
-    from edge_steer.sim.rollout import run_policy_episode
-
-    seen = []
-
-    class Still:
-        def predict(self, observation, instruction):
-            seen.append(instruction)
-            return np.zeros((5, 7), dtype=np.float32)
-
-    task = V2_TASKS["v2-yellow_cube_behind_yellow_plate"]
-    seed = next(s for s in range(20) if task.template_index(s) != 0)
-    run_policy_episode(Still(), task, seed, EnvConfig(image_size=32), max_steps=1)
-    assert seen == [task.instruction_for(seed)] and seen[0] != task.instruction
 
 
 def test_cli_names_v2_tasks_by_suite_and_split():

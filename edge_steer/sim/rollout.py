@@ -56,7 +56,7 @@ def drive_policy(env: SimEnv, policy: ChunkPolicy, until: int, execute: int = 5,
         obs = env.observe()
         if frames is not None:
             frames.append(np.concatenate([obs["observation.images.front"], obs["observation.images.wrist"]], 1))
-        chunk = policy.predict(obs, env.task.instruction_for(env.seed))   # a v2 task's wording varies by scene
+        chunk = policy.predict(obs, env.task.instruction)
         if ensemble is None:
             plan = chunk[:execute]
         else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 
 import numpy as np
 
@@ -70,6 +69,23 @@ class Task:
     @property
     def instruction(self) -> str:
         return f"put the {self.obj.name} {RELATIONS[self.relation]} the {self.target.name}"
+
+    @property
+    def suite(self) -> str:
+        return "v1"
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """Every wording the task is given (one in suite v1; see V2Task)."""
+        return (self.instruction,)
+
+    def instruction_for(self, seed: int) -> str:
+        """The wording an episode with this scene seed is given (demos record it)."""
+        return self.instruction
+
+    def template_index(self, seed: int) -> int | None:
+        """Which of the task's templates `instruction_for(seed)` used; None for a one-wording task."""
+        return None
 
     def vary(self, **changes) -> "Task":
         """A copy with environment fields (lighting, table, distractors, camera_jitter, spawn_margin) or entity
@@ -127,26 +143,30 @@ class Task:
             return SceneInstance(spec=spec, goal_xy=tuple(goal))
         raise TaskError(f"could not lay out task {self.name!r} in {max_tries} tries (too many distractors?)")
 
+    def find_in(self, spec: SceneSpec) -> tuple[int, int] | None:
+        """Where this task's object and target stand in another task's scene (first match of each, as
+        scene object indices), or None where the scene lacks either: then the task cannot be done there."""
+        kinds = [(p.entity.shape, p.entity.color) for p in spec.objects]
+        obj, target = (self.obj.shape, self.obj.color), (self.target.shape, self.target.color)
+        if obj not in kinds or target not in kinds:
+            return None
+        return kinds.index(obj), kinds.index(target)
+
     # --- success -----------------------------------------------------------------------------------
-    def success(self, world: World) -> bool:
-        """Object 0 rests, released, in the instructed relation to object 1."""
-        return relation_holds(world, 0, self.obj, self.relation, 1, self.target)
-
-    # --- wording (one template in this suite; see V2Task) -------------------------------------------
-    suite: ClassVar[str] = "v1"
-
-    @property
-    def instructions(self) -> tuple[str, ...]:
-        """Every wording the task is given."""
-        return (self.instruction,)
-
-    def instruction_for(self, seed: int) -> str:
-        """The wording an episode with this scene seed is given (demos record it, evaluation uses it)."""
-        return self.instruction
-
-    def template_index(self, seed: int) -> int | None:
-        """Which of the task's templates `instruction_for(seed)` used; None for a one-wording task."""
-        return None
+    def success(self, world: World, obj: int = 0, target: int = 1) -> bool:
+        """Object `obj` (0: the scene's own) rests, released, in the instructed relation to object `target`."""
+        if world.object_speed(obj) > 0.05 or world.fingers_touch(obj):
+            return False
+        o, t = world.object_pos(obj), world.object_pos(target)
+        d = o[:2] - t[:2]
+        if self.relation in ("on", "in"):
+            return bool(np.linalg.norm(d) < self.target.inner_radius and t[2] < o[2] < t[2] + 0.08)
+        if o[2] > self.obj.half_height + 0.02:  # must stand on the table, not be held or stacked
+            return False
+        axis, sign = _AXIS[self.relation]
+        along, across = sign * d[axis], abs(d[1 - axis])
+        near = self.target.radius + self.obj.radius * 0.5
+        return bool(near <= along <= near + 0.12 and across < 0.06)
 
 
 def _goal_offset(obj: Entity, relation: str, target: Entity) -> np.ndarray:
@@ -157,25 +177,6 @@ def _goal_offset(obj: Entity, relation: str, target: Entity) -> np.ndarray:
     off = np.zeros(2)
     off[axis] = sign * (target.radius + obj.radius + 0.035)
     return off
-
-
-def relation_holds(world: World, i: int, obj: Entity, relation: str, j: int, target: Entity) -> bool:
-    """The success predicate of every relation: object i (an `obj`) rests, released, in `relation`
-    to object j (a `target`). 'on'/'in': inside the receptacle's usable radius and just above it;
-    the side relations: standing on the table beside the target, at most 12 cm past touching, within
-    6 cm of the line through its centre."""
-    if world.object_speed(i) > 0.05 or world.fingers_touch(i):
-        return False
-    o, t = world.object_pos(i), world.object_pos(j)
-    d = o[:2] - t[:2]
-    if relation in ("on", "in"):
-        return bool(np.linalg.norm(d) < target.inner_radius and t[2] < o[2] < t[2] + 0.08)
-    if o[2] > obj.half_height + 0.02:  # must stand on the table, not be held or stacked
-        return False
-    axis, sign = _AXIS[relation]
-    along, across = sign * d[axis], abs(d[1 - axis])
-    near = target.radius + obj.radius * 0.5
-    return bool(near <= along <= near + 0.12 and across < 0.06)
 
 
 def _uniform(rng, region) -> np.ndarray:
@@ -232,7 +233,25 @@ def _registry() -> dict[str, Task]:
     return {**t, **{x.name: x for x in held}}
 
 
-TASKS: dict[str, Task] = _registry()   # the v1 suite: what the v1 checkpoint was trained and measured on
+TASKS: dict[str, Task] = _registry()
+
+
+def get_task(name: str) -> Task:
+    try:
+        return ALL_TASKS[name]   # every suite's (v2 names start with `v2-`)
+    except KeyError:
+        close = difflib.get_close_matches(name, ALL_TASKS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " Run `edge-steer tasks list`."
+        raise TaskError(f"unknown task {name!r}.{hint}") from None
+
+
+def tasks_by_split(split: str) -> list[Task]:
+    if split not in ("base", "heldout"):
+        raise TaskError("split must be 'base' or 'heldout'")
+    return [t for t in TASKS.values() if t.split == split]
+
+
+assert set(COLORS) >= set(BASE_COLORS)
 
 
 # --- suite v2: scenes of several candidates, where the instruction decides the task --------------------------
@@ -291,7 +310,9 @@ class V2Task(Task):
     cast: Cast | None = None
     templates: tuple[str, ...] = TRAIN_TEMPLATES
 
-    suite: ClassVar[str] = "v2"
+    @property
+    def suite(self) -> str:
+        return "v2"
 
     def __post_init__(self):
         super().__post_init__()
@@ -362,11 +383,15 @@ class V2Task(Task):
                          camera_offset=jitter, image_size=image_size)
         return SceneInstance(spec=spec, goal_xy=tuple(goals[(self.obj, self.relation, self.target)]))
 
-    def success(self, world: World) -> bool:
-        """The object rests, released, in the relation to the target, wherever the scene lists them
-        (a task read from an instruction is checked on another task's scene)."""
-        objs = [p.entity for p in world.spec.objects]
-        return relation_holds(world, objs.index(self.obj), self.obj, self.relation, objs.index(self.target), self.target)
+    def success(self, world: World, obj: int | None = None, target: int | None = None) -> bool:
+        """As `Task.success`, with the object and target found in the world's scene by default: a v2 task
+        (or one read from an instruction) can be checked on another task's scene."""
+        if obj is None or target is None:
+            where = self.find_in(world.spec)
+            if where is None:
+                raise TaskError(f"{self.name}: the scene lacks {self.obj.name} or {self.target.name}")
+            obj, target = where
+        return super().success(world, obj, target)
 
 
 def _spot(rng, region, r: float, placed, tries: int = 50) -> np.ndarray | None:
@@ -438,41 +463,24 @@ def _v2_registry() -> dict[str, V2Task]:
 
 V2_TASKS: dict[str, V2Task] = _v2_registry()
 SUITES: dict[str, dict[str, Task]] = {"v1": TASKS, "v2": V2_TASKS}
+ALL_TASKS: dict[str, Task] = {name: t for suite in SUITES.values() for name, t in suite.items()}
 
 
-def _all_tasks() -> dict[str, Task]:
-    return {name: t for suite in SUITES.values() for name, t in suite.items()}
-
-
-def get_task(name: str) -> Task:
-    """A task of any suite by name (v2 names start with `v2-`)."""
-    every = _all_tasks()
-    try:
-        return every[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, every, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else " Run `edge-steer tasks list`."
-        raise TaskError(f"unknown task {name!r}.{hint}") from None
-
-
-def suite_tasks(suite: str) -> list[Task]:
+def suite_tasks(suite: str, split: str | None = None) -> list[Task]:
+    """A suite's tasks (`tasks_by_split` is suite v1's), all or one split's."""
     if suite not in SUITES:
         raise TaskError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    return list(SUITES[suite].values())
-
-
-def tasks_by_split(split: str, suite: str = "v1") -> list[Task]:
-    if split not in ("base", "heldout"):
+    if split not in (None, "base", "heldout"):
         raise TaskError("split must be 'base' or 'heldout'")
-    return [t for t in suite_tasks(suite) if t.split == split]
+    return [t for t in SUITES[suite].values() if split is None or t.split == split]
 
 
 def resolve_tasks(spec: str) -> list[Task]:
     """Tasks by what a command line names: `base` / `heldout` (suite v1), `v2-base` / `v2-heldout`,
     or comma-separated task names of any suite."""
-    suite, _, split = spec.rpartition("-") if spec.startswith("v2-") else ("v1", "", spec)
+    suite, _, split = spec.partition("-") if spec in ("v2-base", "v2-heldout") else ("v1", "", spec)
     if split in ("base", "heldout"):
-        return tasks_by_split(split, suite)
+        return suite_tasks(suite, split)
     return [get_task(n.strip()) for n in spec.split(",")]
 
 
@@ -523,7 +531,7 @@ def instructed_task(scene: SceneSpec | SceneInstance, instruction: str) -> Task 
     if len(objs) != 1 or len(targets) != 1:
         return None
     job = (objs[0], rels.pop(), targets[0])
-    known = [t for t in _all_tasks().values() if (t.obj, t.relation, t.target, t.env) == (*job, spec.env)]
+    known = [t for t in ALL_TASKS.values() if (t.obj, t.relation, t.target, t.env) == (*job, spec.env)]
     for t in sorted(known, key=lambda t: t.split != "base"):
         if t.suite == "v2" or present[:2] == [job[0], job[2]]:   # a v1 task reads objects 0 and 1
             return t
@@ -532,6 +540,3 @@ def instructed_task(scene: SceneSpec | SceneInstance, instruction: str) -> Task 
                       *job, env=spec.env, split="instructed")
     except TaskError:
         return None
-
-
-assert set(COLORS) >= set(BASE_COLORS)
