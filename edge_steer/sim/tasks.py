@@ -342,40 +342,42 @@ class V2Task(Task):
     def sample_scene(self, rng: np.random.Generator, image_size: int = 128, max_tries: int = 500) -> SceneInstance:
         if self.cast is None:
             raise TaskError(f"{self.name} has no cast to lay out (a task read from an instruction)")
-        cast, env = self.cast, self.env
-        clutter = [_distractor(rng, cast.entities) for _ in range(env.distractors)]
-        m = env.spawn_margin
+        clutter = [_distractor(rng, self.cast.entities) for _ in range(self.env.distractors)]
+        m = self.env.spawn_margin
         region = tuple((lo - m, hi + m) for lo, hi in OBJ_REGION)
         for _ in range(max_tries):
-            placed: list[tuple[np.ndarray, float]] = []
-            where: dict[Entity, np.ndarray] = {}
-            for e in cast.receptacles:
-                xy = _spot(rng, region, e.radius, placed)
-                if xy is None:
-                    break
-                where[e] = xy
-                placed.append((xy, e.radius))
-            else:
-                goals = {job: where[job[2]] + _goal_offset(*job) for job in cast.jobs}
-                if not all(_inside(g, REACH) for g in goals.values()):
-                    continue
-                beside = [(g, o.radius) for (o, r, _), g in goals.items() if r not in ("on", "in")]
-                if not all(_clear(g, r, placed + beside[:k]) for k, (g, r) in enumerate(beside)):
-                    continue   # a spot beside a receptacle must be clear of the other one and of the other spots
-                placed += beside
-                for e in (*cast.candidates, *clutter):
-                    xy = _spot(rng, ((0.33, 0.68), (-0.26, 0.26)) if e in clutter else region, e.radius, placed)
-                    if xy is None:
-                        break
-                    where[e] = xy
-                    placed.append((xy, e.radius))
-                else:
-                    return self._scene(rng, cast, clutter, where, goals, image_size)
+            if (laid := self._lay_out(rng, region, clutter)) is not None:
+                return self._scene(rng, clutter, *laid, image_size)
         raise TaskError(f"could not lay out task {self.name!r} in {max_tries} tries")
 
-    def _scene(self, rng, cast, clutter, where, goals, image_size) -> SceneInstance:
+    def _lay_out(self, rng, region, clutter):
+        """One try: the receptacles, then the spots beside them that the cast's jobs need, then the candidates
+        and the clutter, each clear of what is already placed; (positions, goals), or None."""
+        cast = self.cast
+        placed: list[tuple[np.ndarray, float]] = []
+        where: dict[Entity, np.ndarray] = {}
+        for e in cast.receptacles:
+            if (xy := _spot(rng, region, e.radius, placed)) is None:
+                return None
+            where[e] = xy
+            placed.append((xy, e.radius))
+        goals = {job: where[job[2]] + _goal_offset(*job) for job in cast.jobs}
+        if not all(_inside(g, REACH) for g in goals.values()):
+            return None
+        beside = [(g, o.radius) for (o, r, _), g in goals.items() if r not in ("on", "in")]
+        if not all(_clear(g, r, placed + beside[:k]) for k, (g, r) in enumerate(beside)):
+            return None   # a spot beside a receptacle must be clear of the other one and of the other spots
+        placed += beside
+        for e in (*cast.candidates, *clutter):
+            if (xy := _spot(rng, ((0.33, 0.68), (-0.26, 0.26)) if e in clutter else region, e.radius, placed)) is None:
+                return None
+            where[e] = xy
+            placed.append((xy, e.radius))
+        return where, goals
+
+    def _scene(self, rng, clutter, where, goals, image_size) -> SceneInstance:
         # yaws and the rest are drawn in cast order, so every task of the cast draws the same scene
-        laid = [Placement(e, tuple(where[e]), float(rng.uniform(-np.pi, np.pi))) for e in (*cast.entities, *clutter)]
+        laid = [Placement(e, tuple(where[e]), float(rng.uniform(-np.pi, np.pi))) for e in (*self.cast.entities, *clutter)]
         first = {self.obj: 0, self.target: 1}
         objects = tuple(sorted(laid, key=lambda p: first.get(p.entity, 2)))   # stable: the rest keep cast order
         jitter = tuple(rng.normal(0.0, self.env.camera_jitter, 3)) if self.env.camera_jitter else (0.0, 0.0, 0.0)
