@@ -35,7 +35,7 @@ def _progress() -> Progress:
 
 @tasks_app.command("list")
 def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
-               suite: str = typer.Option("v1", help="v1 (the v1 checkpoint's tasks) | v2 (the instruction decides the task)"),
+               suite: str = typer.Option("v1", help="v1 (the v1 checkpoint's tasks) | v2 (the instruction decides)"),
                as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List every task: base tasks for pretraining and held-out variants for few-shot steering."""
     from edge_steer.sim.tasks import TaskError, suite_tasks
@@ -59,7 +59,7 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
 
 
 @demos_app.command("generate")
-def demos_generate(task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout / v2-base / v2-heldout"),
+def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separated, or base / heldout / v2-base / v2-heldout"),
                    episodes: int = typer.Option(10, min=1, help="successful episodes to record per task"),
                    seed: int = typer.Option(0, help="generation seed (scene layouts derive from it)"),
                    out: Path = typer.Option(..., help="dataset directory (created or appended to)"),

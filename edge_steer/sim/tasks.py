@@ -291,7 +291,8 @@ class Cast:
         ents = self.entities
         if len(set(ents)) != len(ents):
             raise TaskError(f"cast {self.name}: an entity appears twice (an instruction could not name it)")
-        if any(e.shape not in GRASPABLE for e in self.candidates) or any(e.shape not in RECEPTACLES for e in self.receptacles):
+        if (any(e.shape not in GRASPABLE for e in self.candidates)
+                or any(e.shape not in RECEPTACLES for e in self.receptacles)):
             raise TaskError(f"cast {self.name}: candidates must be graspable and receptacles bowls or plates")
         for o, _, t in self.jobs:
             if o not in self.candidates or t not in self.receptacles:
@@ -377,7 +378,8 @@ class V2Task(Task):
 
     def _scene(self, rng, clutter, where, goals, image_size) -> SceneInstance:
         # yaws and the rest are drawn in cast order, so every task of the cast draws the same scene
-        laid = [Placement(e, tuple(where[e]), float(rng.uniform(-np.pi, np.pi))) for e in (*self.cast.entities, *clutter)]
+        laid = [Placement(e, tuple(where[e]), float(rng.uniform(-np.pi, np.pi)))
+                for e in (*self.cast.entities, *clutter)]
         first = {self.obj: 0, self.target: 1}
         objects = tuple(sorted(laid, key=lambda p: first.get(p.entity, 2)))   # stable: the rest keep cast order
         jitter = tuple(rng.normal(0.0, self.env.camera_jitter, 3)) if self.env.camera_jitter else (0.0, 0.0, 0.0)
@@ -421,15 +423,20 @@ def _v2_registry() -> dict[str, V2Task]:
              ((blue_cube, "right_of", bowl["green"]), (blue_sph, "on", plate["yellow"]),
               (yellow_cube, "behind", plate["yellow"]))),
         Cast("k3", (green_cyl, yellow_cyl, green_cube), (plate["red"], bowl["white"]),
-             ((green_cyl, "in", bowl["white"]), (yellow_cyl, "front_of", plate["red"]), (green_cube, "left_of", bowl["white"]))),
+             ((green_cyl, "in", bowl["white"]), (yellow_cyl, "front_of", plate["red"]),
+              (green_cube, "left_of", bowl["white"]))),
         Cast("k4", (red_sph, yellow_sph, red_cube), (plate["blue"], bowl["yellow"]),
-             ((red_sph, "in", bowl["yellow"]), (yellow_sph, "behind", plate["blue"]), (red_cube, "right_of", bowl["yellow"]))),
+             ((red_sph, "in", bowl["yellow"]), (yellow_sph, "behind", plate["blue"]),
+              (red_cube, "right_of", bowl["yellow"]))),
         Cast("k5", (blue_cyl, red_cyl, blue_cube), (plate["green"], bowl["white"]),
-             ((blue_cyl, "on", plate["green"]), (red_cyl, "right_of", bowl["white"]), (blue_cube, "front_of", plate["green"]))),
+             ((blue_cyl, "on", plate["green"]), (red_cyl, "right_of", bowl["white"]),
+              (blue_cube, "front_of", plate["green"]))),
         Cast("k6", (yellow_cube, green_cyl, yellow_cyl), (plate["red"], bowl["blue"]),
-             ((yellow_cube, "behind", plate["red"]), (green_cyl, "left_of", bowl["blue"]), (yellow_cyl, "front_of", bowl["blue"]))),
+             ((yellow_cube, "behind", plate["red"]), (green_cyl, "left_of", bowl["blue"]),
+              (yellow_cyl, "front_of", bowl["blue"]))),
         # held out only: the green sphere beside a green cube and a blue sphere (attribute-object composition)
-        Cast("kc", (green_sph, green_cube, blue_sph), (bowl["white"], plate["yellow"]), ((green_sph, "in", bowl["white"]),)),
+        Cast("kc", (green_sph, green_cube, blue_sph), (bowl["white"], plate["yellow"]),
+             ((green_sph, "in", bowl["white"]),)),
     ]
     by_name = {c.name: c for c in casts}
     no_clutter = EnvSpec(distractors=0)
@@ -454,7 +461,8 @@ def _v2_registry() -> dict[str, V2Task]:
              base="v2-green_cube_in_white_bowl"),
         task((red_cyl, "behind", plate["blue"]), "k1", split="heldout", factor="composition",
              base="v2-red_cylinder_left_of_blue_plate"),
-        variant("v2-red_cube_on_blue_plate", "_dim_wood", "environment", env=EnvSpec(lighting="dim", table="wood", distractors=0)),
+        variant("v2-red_cube_on_blue_plate", "_dim_wood", "environment",
+                env=EnvSpec(lighting="dim", table="wood", distractors=0)),
         variant("v2-green_cylinder_in_white_bowl", "_clutter", "environment",
                 env=EnvSpec(table="checker", distractors=2, camera_jitter=0.03)),
         variant("v2-blue_sphere_on_yellow_plate", "_reworded", "wording", templates=HELDOUT_TEMPLATES[:1]),
