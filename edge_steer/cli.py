@@ -83,8 +83,9 @@ def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separ
                    takeover: Optional[Path] = typer.Option(None, help="checkpoint that drives each episode first; "
                                                            "the expert takes over and only its part is recorded"),
                    takeover_steps: str = typer.Option("5:100", help="FIRST:LAST, the range of handover steps"),
-                   resume: bool = typer.Option(False, help="count each task's episodes already in OUT and skip their "
-                                               "scenes: a killed run started again with the same arguments finishes it")
+                   resume: bool = typer.Option(False, help="count each task's episodes of this SEED already in OUT and "
+                                               "skip their scenes: a killed run started again with the same arguments "
+                                               "finishes it")
                    ) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe).
 
@@ -112,7 +113,7 @@ def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separ
         except (ValueError, CheckpointError) as e:
             _fail(f"--takeover {takeover} --takeover-steps {takeover_steps}: {e}")
     t0 = time.perf_counter()
-    totals = {"saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0}
+    totals = {"saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0, "already": 0}
     with _progress() as prog:
         bar = prog.add_task(f"demos {task}", total=episodes * len(names))
 
@@ -131,7 +132,8 @@ def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separ
     dt = time.perf_counter() - t0
     finished = (f", {totals['skipped']} finished by the policy before the handover, {totals['policy_faults']} "
                 f"where the policy tripped a reflex first") if handover else ""
-    console.print(f"saved {totals['saved']} episodes to {out} ({totals['failed']} expert failures{finished}, "
+    there = f"{totals['already']} already there, " if resume else ""
+    console.print(f"saved {totals['saved']} episodes to {out} ({there}{totals['failed']} expert failures{finished}, "
                   f"{dt:.1f} s, {60 * totals['saved'] / dt:.1f} episodes/min)")
 
 

@@ -185,7 +185,7 @@ def recorded_seeds(out: str | Path, task_name: str) -> set[int]:
 
 
 def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, takeover,
-              done: set[int] = frozenset()) -> Iterator[RecordedEpisode]:
+              done: set[int] | frozenset[int] = frozenset()) -> Iterator[RecordedEpisode]:
     from edge_steer.sim.rollout import init_policy_worker
 
     seeds = (episode_seed(seed, i, task_name) for i in range(max_attempts))
