@@ -35,17 +35,19 @@ def _progress() -> Progress:
 
 @tasks_app.command("list")
 def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
+               suite: str = typer.Option("v1", help="v1 (the v1 checkpoint's tasks) | v2 (the instruction decides)"),
                as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List every task: base tasks for pretraining and held-out variants for few-shot steering."""
-    from edge_steer.sim.tasks import TASKS, TaskError, tasks_by_split
+    from edge_steer.sim.tasks import TaskError, suite_tasks
 
     try:
-        tasks = tasks_by_split(split) if split else list(TASKS.values())
+        tasks = suite_tasks(suite, split)
     except TaskError as e:
         _fail(str(e))
     if as_json:
-        print(json.dumps([{"name": t.name, "split": t.split, "factor": t.factor, "base": t.base,
-                           "instruction": t.instruction, "env": t.env.__dict__} for t in tasks], indent=1))
+        print(json.dumps([{"name": t.name, "suite": t.suite, "split": t.split, "factor": t.factor, "base": t.base,
+                           "instruction": t.instruction, "instructions": list(t.instructions),
+                           "env": t.env.__dict__} for t in tasks], indent=1))
         return
     header = ("name", "split", "factor", "instruction", "environment")
     rows = [(t.name, t.split, t.factor or "-", t.instruction,
@@ -63,7 +65,7 @@ def tasks_list(split: Optional[str] = typer.Option(None, help="base | heldout"),
 
 
 @demos_app.command("generate")
-def demos_generate(task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout"),
+def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separated, or base / heldout / v2-base / v2-heldout"),
                    episodes: int = typer.Option(10, min=1, help="successful episodes to record per task"),
                    seed: int = typer.Option(0, help="generation seed (scene layouts derive from it)"),
                    out: Path = typer.Option(..., help="dataset directory (created or appended to)"),
@@ -86,7 +88,10 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
                                                                help="rad of joint noise on the start pose (default: the sim's)"),
                    takeover: Optional[Path] = typer.Option(None, help="checkpoint that drives each episode first; "
                                                            "the expert takes over and only its part is recorded"),
-                   takeover_steps: str = typer.Option("5:100", help="FIRST:LAST, the range of handover steps")
+                   takeover_steps: str = typer.Option("5:100", help="FIRST:LAST, the range of handover steps"),
+                   resume: bool = typer.Option(False, help="count each task's episodes of this SEED already in OUT and "
+                                               "skip their scenes: a killed run started again with the same arguments "
+                                               "finishes it")
                    ) -> None:
     """Record scripted-expert demonstrations of a task (LeRobot v3.0 layout, crash-safe).
 
@@ -98,12 +103,10 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
     from edge_steer.sim.demos import Takeover, generate_demos
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.expert import Perturbation
-    from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
+    from edge_steer.sim.tasks import TaskError, resolve_tasks
 
     try:
-        names = [t.name for t in tasks_by_split(task)] if task in ("base", "heldout") else task.split(",")
-        for name in names:
-            get_task(name)
+        names = [t.name for t in resolve_tasks(task)]
     except TaskError as e:
         _fail(str(e))
     perturb = Perturbation(action_noise, push, approach_push, approach_share, descent_push, miss, miss_share)
@@ -116,7 +119,7 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
         except (ValueError, CheckpointError) as e:
             _fail(f"--takeover {takeover} --takeover-steps {takeover_steps}: {e}")
     t0 = time.perf_counter()
-    totals = {"saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0}
+    totals = {"saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0, "already": 0}
     with _progress() as prog:
         bar = prog.add_task(f"demos {task}", total=episodes * len(names))
 
@@ -128,12 +131,15 @@ def demos_generate(task: str = typer.Option(..., help="task name, comma-separate
             env = EnvConfig(image_size=image_size) if start_noise is None else \
                 EnvConfig(image_size=image_size, start_noise=start_noise)
             summary = generate_demos(name, episodes, seed, out, env, workers=workers or None,
-                                     keep_failed=keep_failed, on_episode=tick, perturb=perturb, takeover=handover)
+                                     keep_failed=keep_failed, on_episode=tick, perturb=perturb, takeover=handover,
+                                     resume=resume)
+            prog.advance(bar, summary["already"])
             totals = {k: v + summary[k] for k, v in totals.items()}
     dt = time.perf_counter() - t0
     finished = (f", {totals['skipped']} finished by the policy before the handover, {totals['policy_faults']} "
                 f"where the policy tripped a reflex first") if handover else ""
-    console.print(f"saved {totals['saved']} episodes to {out} ({totals['failed']} expert failures{finished}, "
+    there = f"{totals['already']} already there, " if resume else ""
+    console.print(f"saved {totals['saved']} episodes to {out} ({there}{totals['failed']} expert failures{finished}, "
                   f"{dt:.1f} s, {60 * totals['saved'] / dt:.1f} episodes/min)")
 
 
@@ -279,7 +285,7 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
 
 @app.command("eval")
 def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
-             task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout"),
+             task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout / v2-base / v2-heldout"),
              episodes: int = typer.Option(50, min=1), seed: int = typer.Option(0),
              workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
              gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
@@ -293,12 +299,12 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
     from functools import partial
 
     from edge_steer.models import DEFAULT_MODEL_DIR, CheckpointError, EdgeVLA
-    from edge_steer.sim.tasks import TaskError, get_task, tasks_by_split
+    from edge_steer.sim.tasks import TaskError, resolve_tasks
 
     path = model or DEFAULT_MODEL_DIR
     try:
         EdgeVLA.from_pretrained(path)  # fail here, with the reason, rather than in a worker
-        tasks = tasks_by_split(task) if task in ("base", "heldout") else [get_task(n) for n in task.split(",")]
+        tasks = resolve_tasks(task)
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
     if instruction is not None:

@@ -66,6 +66,7 @@ def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
     from edge_steer.sim.rollout import drive_policy, worker_policy
 
     task = get_task(task_name)
+    instruction = task.instruction_for(seed)   # a v2 task words each episode with one of its templates
     frames: list[dict[str, np.ndarray]] = []
 
     def record(obs, action):
@@ -78,15 +79,17 @@ def record_episode(task_name: str, seed: int, config: EnvConfig = EnvConfig(),
         if takeover is not None:
             try:
                 if drive_policy(env, worker_policy(), takeover.step(seed), takeover.execute):
-                    return RecordedEpisode(task_name, task.instruction, seed, False, [], skipped=True)
+                    return RecordedEpisode(task_name, instruction, seed, False, [], skipped=True)
             except ControlException:   # the policy tripped a reflex: no state to take over from
-                return RecordedEpisode(task_name, task.instruction, seed, False, [], policy_fault=True)
+                return RecordedEpisode(task_name, instruction, seed, False, [], policy_fault=True)
             expert = ScriptedExpert.resume(env)
             with env.world.lock:
                 pick = env.world.object_pos(0)
             extra = {"takeover_step": env.steps, "pick_x": float(pick[0]), "pick_y": float(pick[1])}
         ok = run_expert_episode(env, record, perturb, expert=expert)
-    return RecordedEpisode(task_name, task.instruction, seed, ok, frames, extra)
+    if (template := task.template_index(seed)) is not None:
+        extra["template"] = template
+    return RecordedEpisode(task_name, instruction, seed, ok, frames, extra)
 
 
 def _record(args) -> RecordedEpisode:
@@ -96,8 +99,12 @@ def _record(args) -> RecordedEpisode:
 def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, config: EnvConfig = EnvConfig(),
                    workers: int | None = None, keep_failed: bool = False, perturb: Perturbation = Perturbation(),
                    on_episode: Callable[[RecordedEpisode], None] | None = None,
-                   takeover: Takeover | None = None) -> dict:
-    """Record `episodes` expert demos of a task into the dataset at `out` (appending)."""
+                   takeover: Takeover | None = None, resume: bool = False) -> dict:
+    """Record `episodes` expert demos of a task into the dataset at `out` (appending).
+
+    `resume`: count the episodes of this task and seed already in `out` (those whose scene seed this run would
+    draw) towards `episodes` and skip their scenes, so a run killed part-way and started again with the same
+    arguments records what the whole run would have; runs with other seeds in the same dataset do not count."""
     from edge_steer.data import DatasetWriter, default_spec
 
     get_task(task_name)  # fail fast on an unknown name
@@ -105,11 +112,17 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
         raise ValueError("episodes must be >= 1")
     workers = workers or min(2, os.cpu_count() or 1)
     spec = default_spec(image_size=config.image_size, fps=config.fps)
-    saved, failed, skipped, faults, attempts = 0, 0, 0, 0, 0
     # a policy that often finishes before the handover leaves many tries with nothing to record
     max_attempts = (2 if takeover is None else 5) * episodes + 10
+    mine = {episode_seed(seed, i, task_name) for i in range(max_attempts)}
+    done = recorded_seeds(out, task_name) & mine if resume else set()
+    saved, failed, skipped, faults, attempts = 0, 0, 0, 0, 0
+    if len(done) >= episodes:
+        return {"task": task_name, "saved": 0, "failed": 0, "skipped": 0, "policy_faults": 0, "attempts": 0,
+                "out": str(out), "already": len(done)}
     with DatasetWriter(out, spec) as writer:
-        for ep in _episodes(task_name, seed, config, workers, episodes, max_attempts, perturb, takeover):
+        for ep in _episodes(task_name, seed, config, workers, episodes - len(done), max_attempts, perturb, takeover,
+                            done):
             attempts += 1
             if ep.skipped:
                 skipped += 1
@@ -127,25 +140,42 @@ def generate_demos(task_name: str, episodes: int, seed: int, out: str | Path, co
                 failed += 1
             if on_episode:
                 on_episode(ep)
-            if saved >= episodes:
+            if saved + len(done) >= episodes:
                 break
-    if saved < episodes:
+    if saved + len(done) < episodes:
         why = []
         if skipped:
             why.append(f"{skipped} finished by the policy before the handover")
         if faults:
             why.append(f"{faults} where the policy tripped a reflex first")
-        raise RuntimeError(f"the expert failed too often on {task_name}: {saved}/{episodes} saved after {attempts} tries"
+        raise RuntimeError(f"the expert failed too often on {task_name}: {saved + len(done)}/{episodes} saved after "
+                           f"{attempts} tries"
                            + (f" ({', '.join(why)})" if why else ""))
     return {"task": task_name, "saved": saved, "failed": failed, "skipped": skipped, "policy_faults": faults,
-            "attempts": attempts, "out": str(out)}
+            "attempts": attempts, "out": str(out), "already": len(done)}
 
 
-def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, takeover) -> Iterator[RecordedEpisode]:
+def recorded_seeds(out: str | Path, task_name: str) -> set[int]:
+    """The scene seeds of the task's episodes already in the dataset at `out` (none if it does not exist);
+    reads the episode table only, not the frames."""
+    from edge_steer.data import layout
+    from edge_steer.data.schema import INFO_PATH
+
+    root = Path(out)
+    if not (root / INFO_PATH).is_file():
+        return set()
+    table = layout.read_episodes(root, layout.read_info(root))
+    if "task_name" not in table.column_names or "seed" not in table.column_names:
+        return set()
+    return {int(s) for t, s in zip(table["task_name"].to_pylist(), table["seed"].to_pylist()) if t == task_name}
+
+
+def _episodes(task_name, seed, config, workers, wanted, max_attempts, perturb, takeover,
+              done: set[int] | frozenset[int] = frozenset()) -> Iterator[RecordedEpisode]:
     from edge_steer.sim.rollout import init_policy_worker
 
-    args = ((task_name, episode_seed(seed, i, task_name), config, perturb, takeover)
-            for i in range(max_attempts))
+    seeds = (episode_seed(seed, i, task_name) for i in range(max_attempts))
+    args = ((task_name, s, config, perturb, takeover) for s in seeds if s not in done)
     policy = (takeover.load_policy,) if takeover is not None else None
     if workers <= 1:
         if policy:
