@@ -1,0 +1,172 @@
+"""`edge-steer pretrain` and `edge-steer eval`: train the reference VLA, measure closed-loop success."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edge_steer.cli._common import _demos, _fail, _fits, _load, _progress, console
+
+
+def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
+             out: Path = typer.Option(..., help="run directory: checkpoints/, model/, eval.json"),
+             steps: int = typer.Option(4000, min=1), batch_size: int = typer.Option(64, min=1),
+             lr: float = typer.Option(3e-4), seed: int = typer.Option(0),
+             language: str = typer.Option("minilm", help="minilm | embedding"),
+             n_kv_heads: int = typer.Option(0, help="key/value heads (0 = as many as query heads; fewer = GQA)"),
+             resume: bool = typer.Option(True, help="continue from the latest checkpoint in OUT"),
+             state_dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="share of samples trained without the state"),
+             keypoints: int = typer.Option(0, min=0, help="spatial-softmax keypoint token per camera with K maps (0 = none)"),
+             scene_aux: float = typer.Option(0.0, min=0.0, help="weight of the auxiliary pick/goal position loss (sim demos)"),
+             augment_shift: Optional[int] = typer.Option(None, min=0, help="random image shift in pixels (default: the config's)"),
+             init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (its architecture, or grown by --n-layers / --n-heads)"),
+             d_model: Optional[int] = typer.Option(None, min=16, help="trunk width (default: the config's 128)"),
+             n_layers: Optional[int] = typer.Option(None, min=1, help="trunk depth (default: the config's 4); with "
+                                                    "--init, more layers than it has grow it (new ones start as identity)"),
+             n_heads: Optional[int] = typer.Option(None, min=1, help="query heads per layer (default: the config's 8); "
+                                                   "with --init, more grow it (new heads start with zero output)"),
+             head_dim: Optional[int] = typer.Option(None, min=4, help="dims per head (default: the config's 16)"),
+             eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
+             workers: int = typer.Option(2, min=1)) -> None:
+    """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
+    from functools import partial
+
+    from edge_steer.models import EdgeVLA, EdgeVLAConfig
+    from edge_steer.models.train import TrainConfig, fit
+    from edge_steer.sim.tasks import tasks_by_split
+
+    ds = _demos(data)
+    from dataclasses import replace as _replace
+
+    base = EdgeVLAConfig()
+    trunk = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=head_dim).items()
+             if v is not None}
+    start = _load(init) if init is not None else None
+    if start is not None and (fixed := [k for k in ("d_model", "head_dim") if k in trunk]):
+        _fail(f"--init {init} fixes the trunk's width; --{', --'.join(k.replace('_', '-') for k in fixed)} "
+              "can only start a model from scratch (--n-layers / --n-heads grow it)")
+    try:
+        if start is not None and trunk:
+            start = start.grown(trunk.get("n_layers"), trunk.get("n_heads"))
+        if start is not None:
+            cfg = _replace(start.config, state_dropout=state_dropout, scene_aux=scene_aux)
+        else:
+            shift = base.augment_shift if augment_shift is None else augment_shift
+            heads = trunk.get("n_heads", base.n_heads)
+            cfg = EdgeVLAConfig(language=language, n_kv_heads=n_kv_heads or heads, state_dropout=state_dropout,
+                                keypoints=keypoints, scene_aux=scene_aux, augment_shift=shift, **trunk)
+    except ValueError as e:
+        _fail(str(e))
+    model = EdgeVLA(cfg)
+    _fits(model, ds)
+    model.set_stats(ds.stats)  # a resumed run restores these from its checkpoint
+    if start is not None:   # new parameters (e.g. the null state token) keep their fresh init
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected:
+            _fail(f"--init checkpoint has weights this model lacks: {unexpected[:5]}")
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    ds.preload()
+    from edge_steer.sim.demos import training_batches
+    try:
+        make_batches = training_batches(ds, batch_size, cfg.chunk, seed, bool(cfg.scene_aux))
+    except ValueError as e:
+        _fail(f"--scene-aux needs demos recorded in sim: {e}")
+    result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
+    model.save_pretrained(out / "model")
+    console.print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+                  f"{result.samples_per_s:.0f} samples/s ({'bf16' if result.bf16 else 'fp32'}); "
+                  f"model saved to {out / 'model'}")
+    if eval_episodes:
+        _eval_report(partial(EdgeVLA.from_pretrained, out / "model"), tasks_by_split("base"), eval_episodes,
+                     seed, workers, out / "eval.json")
+
+
+def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
+                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
+                 instruction: str | None = None) -> list:
+    from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
+
+    t0 = time.perf_counter()
+    with _progress() as prog:
+        bar = prog.add_task("eval episodes", total=episodes * len(tasks))
+        results = evaluate(load, tasks, episodes, seed, workers=workers, gif_first=gif is not None,
+                           on_result=lambda r: prog.advance(bar), execute=execute, ensemble=ensemble,
+                           instruction=instruction)
+    told = ["instructed", "95 % CI"] if instruction is not None else []
+    table = Table("task", "split", "success" if not told else "own task", "95 % CI", *told, "mean steps")
+    summary = []
+    for t in tasks:
+        rs = [r for r in results if r.task == t.name]
+        k = sum(r.success for r in rs)
+        lo, hi = wilson_interval(k, len(rs))
+        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
+               "ci95": [lo, hi]}
+        cells = []
+        if told:   # counted over the scenes where the instructed task can be done
+            doable = [r.instructed_success for r in rs if r.instructed_success is not None]
+            ki, (ilo, ihi) = sum(doable), wilson_interval(sum(doable), len(doable))
+            row.update(instructed_successes=ki, instructed_episodes=len(doable), instructed_ci95=[ilo, ihi])
+            cells = [f"{ki}/{len(doable)} ({100 * ki / len(doable):.0f} %)", f"{100 * ilo:.0f}-{100 * ihi:.0f} %"] \
+                if doable else ["not doable in these scenes", "-"]
+        table.add_row(t.name, t.split, f"{k}/{len(rs)} ({100 * k / len(rs):.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
+                      *cells, f"{sum(r.steps for r in rs) / len(rs):.0f}")
+        summary.append(row)
+    console.print(table)
+    console.print(f"{len(results)} episodes in {time.perf_counter() - t0:.0f} s")
+    if gif is not None:
+        frames = next((r.frames for r in results if r.frames), None)
+        if frames:
+            save_gif(frames, str(gif))
+            console.print(f"GIF of one episode: {gif}")
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        told_json = {} if instruction is None else {"instruction": instruction}
+        log = [{"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
+                **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]
+        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **told_json, "summary": summary,
+                                        "episodes": log}, indent=1))
+        console.print(f"per-episode log: {out_json}")
+    return summary
+
+
+def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directory (default: embedded model)"),
+             task: str = typer.Option(..., help="task name, comma-separated names, or base / heldout / v2-base / v2-heldout"),
+             episodes: int = typer.Option(50, min=1), seed: int = typer.Option(0),
+             workers: int = typer.Option(2, min=1), out: Optional[Path] = typer.Option(None, help="per-episode JSON log"),
+             gif: Optional[Path] = typer.Option(None, help="write a GIF of the first episode"),
+             execute: int = typer.Option(5, min=1, help="actions of each chunk executed before re-planning"),
+             ensemble: Optional[float] = typer.Option(None, min=0.0,
+                                                      help="ACT temporal-ensemble decay (off by default)"),
+             instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
+                                                       "reports the instructed task's success where it can be done")
+             ) -> None:
+    """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
+    from functools import partial
+
+    from edge_steer.models import DEFAULT_MODEL_DIR, CheckpointError, EdgeVLA
+    from edge_steer.sim.tasks import TaskError, resolve_tasks
+
+    path = model or DEFAULT_MODEL_DIR
+    try:
+        EdgeVLA.from_pretrained(path)  # fail here, with the reason, rather than in a worker
+        tasks = resolve_tasks(task)
+    except (CheckpointError, TaskError) as e:
+        _fail(str(e))
+    if instruction is not None:
+        from edge_steer.sim.tasks import task_for_instruction
+        if not instruction.strip():
+            _fail("--instruction is empty")
+        named = task_for_instruction(instruction)
+        console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
+                      "both its objects are in the scene" if named else "no known task: only each scene's own "
+                      "task is reported"), markup=False)
+    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                 instruction)
+
