@@ -96,22 +96,14 @@ def send(text: Optional[str] = typer.Argument(None, help="instruction for the ro
 def keys_generate(out: Path = typer.Option(..., help="directory for NAME.key (public) and NAME.key_secret"),
                   name: str = typer.Option("server", help="key pair name: 'server', or one per operator/client")) -> None:
     """Write a CURVE key pair (zmq.auth certificate format); the secret file is readable by its owner only."""
-    import os
+    from edge_steer.runtime.keys import write_key_pair
 
-    import zmq.auth
     if not name.isidentifier():
         _fail(f"--name must be a plain name, got {name!r}")
-    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
-    if public.exists() or secret.exists():
-        _fail(f"{public} or {secret} exists already; remove it to replace the key pair")
-    out.mkdir(parents=True, exist_ok=True)
-    old = os.umask(0o077)  # the secret is never world-readable, not even for an instant
     try:
-        zmq.auth.create_certificates(str(out), name)
-    finally:
-        os.umask(old)
-    secret.chmod(0o600)
-    public.chmod(0o644)
+        public, secret = write_key_pair(out, name)
+    except ValueError as e:
+        _fail(str(e))
     console.print(f"public key: {public} (give it to the other side; clients' go in zmq.curve_authorized_keys)")
     console.print(f"secret key: {secret} (mode 600; never copy it off this machine)")
 

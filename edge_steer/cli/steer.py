@@ -40,18 +40,19 @@ def identify_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint dir
 def run_identify(model, ds, cfg, out: Path, demos: Path, baseline=None) -> dict:
     """identify with a progress line, heads.json written to `out`, the selected heads printed; the document."""
     from edge_steer.data import DatasetError
-    from edge_steer.steering.identify import IdentifyError, identify_on_demos
+    from edge_steer.steering.identify import IdentifyError, demo_probe_sets, identify
 
     try:
+        ps, base_ps = demo_probe_sets(model, ds, cfg, baseline)
         with _progress() as prog:
             bar = prog.add_task("identify", total=None)
-            doc = identify_on_demos(model, ds, cfg, baseline, demos={"path": str(demos)},
-                                    progress=lambda msg: prog.update(bar, description=f"identify: {msg}"))
+            doc = identify(model, ps, cfg, base_ps, demos={"path": str(demos)},
+                           progress=lambda msg: prog.update(bar, description=f"identify: {msg}"))
     except (IdentifyError, DatasetError) as e:   # DatasetError: a damaged frame past the first ones
         _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
-    table = Table("head", "score", "factors", title=f"selected heads ({cfg.method}, {doc['demos']['frames']} frames)")
+    table = Table("head", "score", "factors", title=f"selected heads ({cfg.method}, {len(ps)} frames)")
     for s in doc["selected"]:
         table.add_row(s["head"], f"{s['score']:.4g}", ", ".join(s["factors"]) or "-")
     console.print(table)

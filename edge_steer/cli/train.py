@@ -91,7 +91,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
                  gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
                  instruction: str | None = None) -> list:
-    from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
+    from edge_steer.sim.rollout import episode_log, evaluate, save_gif, success_summary
 
     t0 = time.perf_counter()
     with _progress() as prog:
@@ -101,23 +101,17 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
                            instruction=instruction)
     told = ["instructed", "95 % CI"] if instruction is not None else []
     table = Table("task", "split", "success" if not told else "own task", "95 % CI", *told, "mean steps")
-    summary = []
-    for t in tasks:
-        rs = [r for r in results if r.task == t.name]
-        k = sum(r.success for r in rs)
-        lo, hi = wilson_interval(k, len(rs))
-        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
-               "ci95": [lo, hi]}
+    summary = success_summary(results, tasks, instructed=instruction is not None)
+    for row in summary:
+        rs = [r for r in results if r.task == row["task"]]
+        k, n, (lo, hi) = row["successes"], row["episodes"], row["ci95"]
         cells = []
         if told:   # counted over the scenes where the instructed task can be done
-            doable = [r.instructed_success for r in rs if r.instructed_success is not None]
-            ki, (ilo, ihi) = sum(doable), wilson_interval(sum(doable), len(doable))
-            row.update(instructed_successes=ki, instructed_episodes=len(doable), instructed_ci95=[ilo, ihi])
-            cells = [f"{ki}/{len(doable)} ({100 * ki / len(doable):.0f} %)", f"{100 * ilo:.0f}-{100 * ihi:.0f} %"] \
-                if doable else ["not doable in these scenes", "-"]
-        table.add_row(t.name, t.split, f"{k}/{len(rs)} ({100 * k / len(rs):.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
-                      *cells, f"{sum(r.steps for r in rs) / len(rs):.0f}")
-        summary.append(row)
+            ki, ni, (ilo, ihi) = row["instructed_successes"], row["instructed_episodes"], row["instructed_ci95"]
+            cells = [f"{ki}/{ni} ({100 * ki / ni:.0f} %)", f"{100 * ilo:.0f}-{100 * ihi:.0f} %"] \
+                if ni else ["not doable in these scenes", "-"]
+        table.add_row(row["task"], row["split"], f"{k}/{n} ({100 * k / n:.0f} %)", f"{100 * lo:.0f}-{100 * hi:.0f} %",
+                      *cells, f"{sum(r.steps for r in rs) / n:.0f}")
     console.print(table)
     console.print(f"{len(results)} episodes in {time.perf_counter() - t0:.0f} s")
     if gif is not None:
@@ -127,11 +121,7 @@ def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: 
             console.print(f"GIF of one episode: {gif}")
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        told_json = {} if instruction is None else {"instruction": instruction}
-        log = [{"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
-                **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]
-        out_json.write_text(json.dumps({"execute": execute, "ensemble": ensemble, **told_json, "summary": summary,
-                                        "episodes": log}, indent=1))
+        out_json.write_text(json.dumps(episode_log(results, summary, execute, ensemble, instruction), indent=1))
         console.print(f"per-episode log: {out_json}")
     return summary
 

@@ -478,18 +478,16 @@ def identify(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(), baseli
     }
 
 
-def identify_on_demos(model, dataset, cfg: IdentifyConfig = IdentifyConfig(), baseline=None,
-                      demos: dict[str, Any] | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`identify` on a dataset of demos: the probe set drawn from it (corrupting the instruction with
-    every other registered task's), the optional `baseline` dataset's for mean ablation; the heads.json
-    document. Raises IdentifyError, or DatasetError for a damaged frame past the first ones."""
+def demo_probe_sets(model, dataset, cfg: IdentifyConfig = IdentifyConfig(),
+                    baseline=None) -> tuple[ProbeSet, ProbeSet | None]:
+    """What `identify` reads from a dataset of demos: its probe set (the instruction corrupted with every
+    other registered task's) and, given a `baseline` dataset, that one's for mean ablation. Raises
+    DatasetError for a damaged frame."""
     from edge_steer.sim.tasks import TASKS
 
     others = sorted({t.instruction for t in TASKS.values()})
     ps = probe_set(model, dataset, cfg.max_frames, cfg.seed, others)
-    base_ps = probe_set(model, baseline, cfg.max_frames, cfg.seed) if baseline is not None else None
-    return identify(model, ps, cfg, base_ps, demos=demos, progress=progress)
+    return ps, probe_set(model, baseline, cfg.max_frames, cfg.seed) if baseline is not None else None
 
 
 def selected_heads(doc: dict[str, Any], model=None) -> list[HeadRef]:
