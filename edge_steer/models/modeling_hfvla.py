@@ -163,6 +163,8 @@ class HFVLA(nn.Module):
         if not 1 <= n <= len(layers):
             raise TowerError(f"--backbone-layers {n}: the backbone has {len(layers)} layers")
         del layers[n:]
+        if getattr(bb.config, "layer_types", None):    # per-layer attention kinds (Qwen2, Gemma 2/3) must match
+            bb.config.layer_types = bb.config.layer_types[:n]
         bb.config.num_hidden_layers = n
         # the tokenizer of the backbone's own directory when it has one, else MiniLM's (ids wrap)
         tok = backbone.weights if backbone.weights and any(
