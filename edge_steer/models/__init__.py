@@ -22,10 +22,10 @@ def load_model(path: str | Path | None = None) -> VLAPolicy:
     d = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path is None and not d.exists():
         raise CheckpointError(f"the default model is missing at {d}; reinstall edge-steer or pass --model")
-    from edge_steer.models.modeling_hfvla import MODEL_TYPE as HF_TYPE, HFVLA, read_meta
-    if read_meta(d).get("model_type") == HF_TYPE:
-        return HFVLA.from_pretrained(d)
-    return EdgeVLA.from_pretrained(d)
+    from edge_steer.models.flow_matching import FlowMatchingVLA
+    from edge_steer.models.modeling_hfvla import HFVLA, read_meta
+    kinds = {cls.model_type: cls for cls in (HFVLA, FlowMatchingVLA)}
+    return kinds.get(read_meta(d).get("model_type"), EdgeVLA).from_pretrained(d)
 
 
 __all__ = ["DEFAULT_MODEL_DIR", "CheckpointError", "EdgeVLA", "EdgeVLAConfig", "HeadRef", "HeadSlices",

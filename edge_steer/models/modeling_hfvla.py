@@ -123,6 +123,8 @@ class HFVLA(nn.Module):
     """See the module docstring. Build with `HFVLA.create(backbone, vision, ...)` (towers from names or
     directories) or `HFVLA(config)` (random init from configs); load with `from_pretrained`."""
 
+    model_type = MODEL_TYPE          # what config.json records; `load_model` dispatches on it
+
     def __init__(self, config: HFVLAConfig, tokenizer_dir: str | Path | None = None,
                  towers: tuple[nn.Module, nn.Module] | None = None):
         super().__init__()
@@ -323,7 +325,7 @@ class HFVLA(nn.Module):
         from safetensors.torch import save
         d = Path(directory)
         weights = save({k: v.contiguous() for k, v in self.state_dict().items()})
-        meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+        meta = {"model_type": self.model_type, "format_version": FORMAT_VERSION, "config": asdict(self.config),
                 "fingerprint": self.fingerprint(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
         self.encoder.tokenizer.save_pretrained(str(d / TOKENIZER_DIR))
         atomic_write_bytes(d / WEIGHTS_FILE, weights)
@@ -336,8 +338,8 @@ class HFVLA(nn.Module):
         from safetensors.torch import load_file
         d = Path(directory)
         meta = read_meta(d)
-        if meta.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        if meta.get("model_type") != cls.model_type:
+            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {cls.model_type!r}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
         if file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
