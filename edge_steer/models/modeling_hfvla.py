@@ -108,15 +108,22 @@ def _build(config: dict, weights: str | None, vision: bool, impl: str) -> nn.Mod
     if cfg.model_type == "siglip_vision_model":
         cfg.vision_use_head = False              # its pooling head is an nn.MultiheadAttention we do not need
     if weights is not None:
+        from transformers.utils import logging as hf_logging
         cls = _vision_class(cfg.model_type) if vision else AutoModel
+        before, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()     # its load report lists the unused heads (pooler, lm_head) we drop
+        hf_logging.disable_progress_bar()
         try:
             return cls.from_pretrained(weights, config=cfg, local_files_only=True, attn_implementation=impl, **kw)
         except (OSError, ValueError) as e:
             raise TowerError(f"cannot load the {'vision' if vision else 'backbone'} weights from {weights}: {e}") from None
+        finally:
+            hf_logging.set_verbosity(before)
+            if bar:
+                hf_logging.enable_progress_bar()
     if vision:
         return _vision_class(cfg.model_type)(cfg, **kw) if kw else _vision_class(cfg.model_type)(cfg)
-    model = AutoModel.from_config(cfg, **kw)
-    return model
+    return AutoModel.from_config(cfg, **kw)
 
 
 class HFVLA(nn.Module):
