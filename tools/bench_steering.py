@@ -8,7 +8,8 @@
     .venv/bin/python tools/bench_steering.py [--model DIR] [--task T] [--shots 10] [--steps 200]
 
 With --hf NAME[,NAME] it also runs, for each named HFVLA (issue 45: `minilm` = the pretrained MiniLM
-backbone, `smolvla` = a SmolVLA-sized configuration, random weights, tiny-* for a smoke run), the same
+backbone, `smolvla` = a SmolVLA-sized configuration, random weights, tiny-* for a smoke run; or the
+directory of a trained HFVLA checkpoint, whose head ranking means more than a random model's), the same
 identification and steer / LoRA r16 / full fine-tunes at batch 1 (--hf-batch), each fine-tune in a
 fresh process, with heads chosen once by the bench's own identification (so a fine-tune's memory is
 its own). --hf-only skips the EdgeVLA section.
@@ -180,6 +181,7 @@ def hf_section(args, names: list[str]) -> None:
 
     from edge_steer.bench.adapt import _call
     from edge_steer.data import Dataset, EpisodeFilter
+    from edge_steer.models import load_model
     from edge_steer.models.configuration_hfvla import DEFAULT_LAYERS, DEFAULT_VISION, backbone_tower, vision_tower
     from edge_steer.models.modeling_hfvla import HFVLA
     from edge_steer.sim.tasks import TASKS
@@ -197,10 +199,14 @@ def hf_section(args, names: list[str]) -> None:
     record = {}
     for name in names:
         torch.manual_seed(0)
-        vision = DEFAULT_VISION.get(name) or ("tiny-siglip" if name.startswith("tiny") else "siglip-small")
-        model = HFVLA.create(backbone_tower(name), vision_tower(vision), DEFAULT_LAYERS.get(name))
         ds = Dataset(demos, EpisodeFilter(limit=args.shots))
-        model.set_stats(ds.stats)
+        if Path(name, "config.json").is_file():       # a trained checkpoint (e.g. pretrain --backbone minilm)
+            model = load_model(name)
+        else:                                          # a named configuration; random weights where not pretrained
+            vision = DEFAULT_VISION.get(name) or ("tiny-siglip" if name.startswith("tiny") else "siglip-small")
+            model = HFVLA.create(backbone_tower(name), vision_tower(vision), DEFAULT_LAYERS.get(name))
+            model.set_stats(ds.stats)
+        name = Path(name).name if Path(name).is_dir() else name
         model_dir = model.save_pretrained(Path(args.out) / f"hf_{name}" / "model")
         n_params = sum(p.numel() for p in model.parameters())
         ps = probe_set(model, ds, args.hf_frames, 0, sorted({t.instruction for t in TASKS.values()}))
