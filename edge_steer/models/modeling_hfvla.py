@@ -76,7 +76,10 @@ class TokenEncoder:
         return enc["input_ids"][0] % self.vocab_size, enc["attention_mask"][0].bool()
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = [self._cache.setdefault(t, self._one(t)) if t not in self._cache else self._cache[t] for t in texts]
+        for t in texts:
+            if t not in self._cache:
+                self._cache[t] = self._one(t)
+        out = [self._cache[t] for t in texts]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
     def tokens(self, text: str) -> list[str]:
