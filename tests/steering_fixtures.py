@@ -45,23 +45,28 @@ def tiny_model(seed: int = 0, **kw) -> EdgeVLA:
 
 
 def planted_model(data: Path, steps: int = 150, seed: int = 0, **kw) -> EdgeVLA:
-    """A tiny model trained so that PLANTED is the only head that writes into the residual stream:
-    every other head's output-projection columns are zero and kept there, so the instruction can
-    reach the action queries through that head alone."""
-    model = tiny_model(seed, **kw)
+    """A tiny EdgeVLA in which PLANTED is the only head that writes into the residual stream (`plant`)."""
+    return plant(tiny_model(seed, **kw), data, steps, seed)
+
+
+def plant(model, data: Path, steps: int = 150, seed: int = 0, head: HeadRef = PLANTED, lr: float = 3e-3):
+    """Train `model` (any VLAPolicy) so that `head` is the only head that writes into the residual
+    stream: every other head's output-projection columns (from the head locator) are zero and kept
+    there, so the instruction can reach the action queries through that head alone."""
     ds = Dataset(data)
     model.set_stats(ds.stats)
-    hd = model.config.head_dim
-    masks = []
-    for layer, block in enumerate(model.blocks):
-        keep = torch.zeros_like(block.attn.o_proj.weight)
-        if layer == PLANTED.layer:
-            keep[:, PLANTED.head * hd:(PLANTED.head + 1) * hd] = 1
+    params = dict(model.named_parameters())
+    keep: dict[str, torch.Tensor] = {}
+    for hs in model.heads():
+        for s in hs.o:
+            k = keep.setdefault(s.param, torch.zeros_like(params[s.param]))
+            if hs.ref == head:
+                k.narrow(s.dim, s.start, s.stop - s.start).fill_(1)
+    for name, k in keep.items():
         with torch.no_grad():
-            block.attn.o_proj.weight.mul_(keep)
-        block.attn.o_proj.weight.register_hook(lambda g, keep=keep: g * keep)
-        masks.append(keep)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            params[name].mul_(k)
+        params[name].register_hook(lambda g, k=k: g * k)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     model.train()
     for _ in range(steps):
@@ -70,8 +75,8 @@ def planted_model(data: Path, steps: int = 150, seed: int = 0, **kw) -> EdgeVLA:
         loss.backward()
         opt.step()
     model.eval()
-    for block, keep in zip(model.blocks, masks):   # AdamW-free Adam keeps zeros at zero; make sure
-        assert torch.all(block.attn.o_proj.weight[keep == 0] == 0)
+    for name, k in keep.items():   # AdamW-free Adam keeps zeros at zero; make sure
+        assert torch.all(params[name][k == 0] == 0)
     model.final_loss = float(loss.detach())
     return model
 

@@ -15,7 +15,7 @@ from torch import nn
 from edge_steer.export import ExportError, check_fused
 from edge_steer.export.graph import fused_attention, input_name, n_attention_layers, steerable_params
 from edge_steer.export.onnx_export import steerable_as_inputs, trace_onnx
-from edge_steer.steering.locate import locate_heads
+from edge_steer.models.locate import locate_heads
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-4

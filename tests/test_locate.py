@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from edge_steer.models.heads import HeadRef, HeadSlices  # noqa: E402
 from edge_steer.models.vla import EdgeVLA, EdgeVLAConfig  # noqa: E402
-from edge_steer.steering.locate import (  # noqa: E402
+from edge_steer.models.locate import (  # noqa: E402
     UnsupportedModelError, check_heads, head_columns, head_index, locate_heads, slice_tensor)
 
 @pytest.fixture(autouse=True, scope="module")

@@ -186,7 +186,7 @@ def test_lora_counts_match_peft(tmp_path, planted, demos):
     from peft import get_peft_model
     cfg = _quick("lora", lora_rank=4)
     res = finetune(planted, task_demos(demos), cfg, tmp_path)
-    peft_trainable, _ = get_peft_model(copy.deepcopy(planted), lora_config(cfg)).get_nb_trainable_parameters()
+    peft_trainable, _ = get_peft_model(copy.deepcopy(planted), lora_config(cfg, planted)).get_nb_trainable_parameters()
     assert res.trainable_params == peft_trainable
     c = planted.config
     assert peft_trainable == c.n_layers * 4 * 4 * (c.d_model + c.n_heads * c.head_dim)

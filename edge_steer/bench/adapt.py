@@ -131,6 +131,7 @@ def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
     from edge_steer.data import Dataset, EpisodeFilter
     from edge_steer.models import load_model
     from edge_steer.models.heads import HeadRef
+    from edge_steer.models.interface import layer_count
     from edge_steer.steering.finetune import FinetuneConfig, finetune, save_result, with_train
     from edge_steer.steering.identify import IdentifyConfig, identify, probe_set
     from edge_steer.sim.tasks import TASKS
@@ -147,9 +148,9 @@ def _finetune_job(args: dict[str, Any]) -> dict[str, Any]:
         elif args["selection"] == "random":
             # one draw per (variant, seed): pooled over variants, the control averages over several draws
             rng = np.random.default_rng([args["seed"], zlib.crc32(args["variant"].encode())])
-            c = base.config
-            flat = rng.choice(c.n_layers * c.n_heads, args["top_k"], replace=False)
-            heads = [HeadRef(int(i) // c.n_heads, int(i) % c.n_heads) for i in flat]
+            n_layers, n_heads, _ = layer_count(base.heads())
+            flat = rng.choice(n_layers * n_heads, args["top_k"], replace=False)
+            heads = [HeadRef(int(i) // n_heads, int(i) % n_heads) for i in flat]
             doc = {"method": "random", "selected": [{"head": str(h)} for h in heads]}
         else:
             others = sorted({t.instruction for t in TASKS.values()})
@@ -293,7 +294,7 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
 def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
     """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations. `dry_run`: only
     say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
-    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.models import DEFAULT_MODEL_DIR, load_model
     from edge_steer.sim.demos import generate_demos
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.rollout import EpisodeResult, evaluate
@@ -324,7 +325,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     cells = {_key(c): c for c in _load_cells(results_file)}   # in the order they ran
     # every cell names the weights it was measured on, so a new default checkpoint cannot be pooled with
     # (or extend) cells of the old one; cells from before the fingerprint was kept are adopted once, and said so
-    base = EdgeVLA.from_pretrained(base_dir)   # loaded once: its fingerprint here, its modules for --whole below
+    base = load_model(base_dir)   # loaded once: its fingerprint here, its modules for --whole below
     base_fp = base.fingerprint()
     _refuse_foreign(cells.values(), base_fp, results_file, base_dir)
     if legacy := [c for c in cells.values() if not c.base_model]:
@@ -338,7 +339,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         the robustness runs; a cell run on fewer episodes before is extended with the next scenes."""
         todo = cfg.episodes_for(cell.method, cell.arm) - cell.episodes
         if todo > 0:
-            load = partial(EdgeVLA.from_pretrained, model_dir)
+            load = partial(load_model, model_dir)
             res = rollout(cell, "episodes", load, task, todo, first=cell.episodes)
             cell.successes += sum(r.success for r in res)
             cell.episodes += len(res)
@@ -348,7 +349,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
         """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
         todo = missing_perturbations(cfg, cell)
-        load = partial(EdgeVLA.from_pretrained, model_dir)
+        load = partial(load_model, model_dir)
         for name in todo:
             pres = rollout(cell, "perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes)
             cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
@@ -514,7 +515,7 @@ def _refuse_foreign(cells: Iterable[Cell], base_fp: str, results_file: Path, bas
 def measured(cfg: AdaptConfig, out_dir: str | Path) -> list[Cell]:
     """The cells already in `out_dir/cells.json`, for the tables and plots of a run that is not finished
     (`--report`): nothing runs or is written, and a file measured on another base model is refused."""
-    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.models import DEFAULT_MODEL_DIR, load_model
 
     results_file = Path(out_dir) / "cells.json"
     cells = _load_cells(results_file)
@@ -522,7 +523,7 @@ def measured(cfg: AdaptConfig, out_dir: str | Path) -> list[Cell]:
         raise FileNotFoundError(f"no measured cells in {results_file}: run the benchmark there first "
                                 "(or copy the committed docs/results/*_cells.json there)")
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
-    _refuse_foreign(cells, EdgeVLA.from_pretrained(base_dir).fingerprint(), results_file, base_dir)
+    _refuse_foreign(cells, load_model(base_dir).fingerprint(), results_file, base_dir)
     return cells
 
 

@@ -28,7 +28,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     import shutil
     from functools import partial
 
-    from edge_steer.models import DEFAULT_MODEL_DIR, EdgeVLA
+    from edge_steer.models import DEFAULT_MODEL_DIR, load_model
     from edge_steer.runtime.engine import load_engine
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.tasks import TaskError, get_task
@@ -47,7 +47,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
     record_demos(task, [task], episodes, 0, demos, EnvConfig(image_size=96))
     console.rule("2/7 the base model on the new task (zero-shot)")
-    before = _eval_report(partial(EdgeVLA.from_pretrained, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
+    before = _eval_report(partial(load_model, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")
     m = _load(base)
     doc = run_identify(m, _demos(demos, m), IdentifyConfig(method="attribution", top_k=6, exact=False, seed=0),

@@ -45,7 +45,7 @@ def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separ
     the recorded demo is the expert's recovery from the state the policy reached (docs/model.md)."""
     from functools import partial
 
-    from edge_steer.models import CheckpointError, EdgeVLA
+    from edge_steer.models import CheckpointError, load_model
     from edge_steer.sim.demos import Takeover
     from edge_steer.sim.env import EnvConfig
     from edge_steer.sim.expert import Perturbation
@@ -60,8 +60,8 @@ def demos_generate(task: str = typer.Option(..., help="task name(s), comma-separ
     if takeover is not None:
         try:
             first, last = (int(x) for x in takeover_steps.split(":"))
-            EdgeVLA.from_pretrained(takeover)  # fail here, with the reason, rather than in a worker
-            handover = Takeover(partial(EdgeVLA.from_pretrained, takeover), first, last)
+            load_model(takeover)  # fail here, with the reason, rather than in a worker
+            handover = Takeover(partial(load_model, takeover), first, last)
         except (ValueError, CheckpointError) as e:
             _fail(f"--takeover {takeover} --takeover-steps {takeover_steps}: {e}")
     env = EnvConfig(image_size=image_size) if start_noise is None else \

@@ -32,15 +32,33 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
                                                    "with --init, more grow it (new heads start with zero output)"),
              head_dim: Optional[int] = typer.Option(None, min=4, help="dims per head (default: the config's 16)"),
              eval_episodes: int = typer.Option(10, min=0, help="closed-loop episodes per base task at the end"),
-             workers: int = typer.Option(2, min=1)) -> None:
-    """Pretrain the reference VLA on demonstrations of the base tasks, then evaluate it in the sim."""
-    from functools import partial
-
+             workers: int = typer.Option(2, min=1),
+             backbone: str = typer.Option("edge", help="edge (the reference EdgeVLA), a named transformers backbone "
+                                          "(minilm, tiny-bert, tiny-llama, tiny-qwen2, tiny-gemma, smolvla) or a local "
+                                          "transformers directory (BERT, Llama, Qwen2, Gemma, Mistral): an HFVLA"),
+             vision: Optional[str] = typer.Option(None, help="HFVLA vision tower: siglip-small, siglip-base, tiny-siglip, "
+                                                  "tiny-vit, tiny-clip or a local SigLIP / ViT / CLIP directory"),
+             backbone_layers: Optional[int] = typer.Option(None, min=1, help="HFVLA: keep only the first N backbone layers")
+             ) -> None:
+    """Pretrain a VLA (the reference EdgeVLA, or an HFVLA on transformers towers) on demonstrations of
+    the base tasks, then evaluate it in the sim."""
     from edge_steer.models import EdgeVLA, EdgeVLAConfig
-    from edge_steer.models.train import TrainConfig, fit
-    from edge_steer.sim.tasks import tasks_by_split
 
+    if backbone != "edge":
+        edge_only = {"--init": init, "--d-model": d_model, "--n-layers": n_layers, "--n-heads": n_heads,
+                     "--head-dim": head_dim, "--keypoints": keypoints or None, "--scene-aux": scene_aux or None,
+                     "--state-dropout": state_dropout or None, "--n-kv-heads": n_kv_heads or None}
+        if given := [k for k, v in edge_only.items() if v is not None]:
+            _fail(f"{', '.join(given)} shape the reference EdgeVLA only, not --backbone {backbone}")
+    elif vision is not None or backbone_layers is not None:
+        _fail("--vision and --backbone-layers build an HFVLA: give --backbone NAME|DIR as well")
     ds = _demos(data)
+    if backbone != "edge":
+        model = _hf_model(backbone, vision, backbone_layers, augment_shift)
+        _fits(model, ds)
+        model.set_stats(ds.stats)
+        _train_and_eval(model, ds, out, steps, batch_size, lr, seed, resume, False, eval_episodes, workers)
+        return
     from dataclasses import replace as _replace
 
     base = EdgeVLAConfig()
@@ -69,13 +87,38 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
         if unexpected:
             _fail(f"--init checkpoint has weights this model lacks: {unexpected[:5]}")
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    console.print(f"pretraining on {ds.num_episodes} episodes / {len(ds)} frames of {len(ds.tasks)} tasks; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    ds.preload()
-    from edge_steer.sim.demos import training_batches
+    _train_and_eval(model, ds, out, steps, batch_size, lr, seed, resume, bool(cfg.scene_aux), eval_episodes, workers)
+
+
+def _hf_model(backbone: str, vision: Optional[str], layers: Optional[int], augment_shift: Optional[int]):
+    """An HFVLA from named or local towers; a tower that is missing or unsupported fails in one line."""
+    from edge_steer.models.configuration_hfvla import DEFAULT_LAYERS, DEFAULT_VISION, TowerError, backbone_tower, vision_tower
+    from edge_steer.models.modeling_hfvla import HFVLA
     try:
-        make_batches = training_batches(ds, batch_size, cfg.chunk, seed, bool(cfg.scene_aux))
+        bb = backbone_tower(backbone)
+        vt = vision_tower(vision or DEFAULT_VISION.get(backbone, "siglip-small"))
+        kw = {} if augment_shift is None else {"augment_shift": augment_shift}
+        return HFVLA.create(bb, vt, layers or DEFAULT_LAYERS.get(backbone), **kw)
+    except TowerError as e:
+        from rich.markup import escape
+        _fail(escape(str(e)))
+
+
+def _train_and_eval(model, ds, out: Path, steps: int, batch_size: int, lr: float, seed: int, resume: bool,
+                    scene_aux: bool, eval_episodes: int, workers: int) -> None:
+    from functools import partial
+
+    from edge_steer.models import load_model
+    from edge_steer.models.train import TrainConfig, fit
+    from edge_steer.sim.demos import training_batches
+    from edge_steer.sim.tasks import tasks_by_split
+
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    console.print(f"pretraining {type(model).__name__} on {ds.num_episodes} episodes / {len(ds)} frames of "
+                  f"{len(ds.tasks)} tasks; {sum(p.numel() for p in model.parameters()):,} parameters")
+    ds.preload()
+    try:
+        make_batches = training_batches(ds, batch_size, model.config.chunk, seed, scene_aux)
     except ValueError as e:
         _fail(f"--scene-aux needs demos recorded in sim: {e}")
     result = fit(model, list(model.parameters()), make_batches, tcfg, out, resume=resume)
@@ -84,7 +127,7 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
                   f"{result.samples_per_s:.0f} samples/s ({'bf16' if result.bf16 else 'fp32'}); "
                   f"model saved to {out / 'model'}")
     if eval_episodes:
-        _eval_report(partial(EdgeVLA.from_pretrained, out / "model"), tasks_by_split("base"), eval_episodes,
+        _eval_report(partial(load_model, out / "model"), tasks_by_split("base"), eval_episodes,
                      seed, workers, out / "eval.json")
 
 
@@ -140,12 +183,12 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
 
-    from edge_steer.models import DEFAULT_MODEL_DIR, CheckpointError, EdgeVLA
+    from edge_steer.models import DEFAULT_MODEL_DIR, CheckpointError, load_model
     from edge_steer.sim.tasks import TaskError, resolve_tasks
 
     path = model or DEFAULT_MODEL_DIR
     try:
-        EdgeVLA.from_pretrained(path)  # fail here, with the reason, rather than in a worker
+        load_model(path)  # fail here, with the reason, rather than in a worker
         tasks = resolve_tasks(task)
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
@@ -157,6 +200,6 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
                       "both its objects are in the scene" if named else "no known task: only each scene's own "
                       "task is reported"), markup=False)
-    _eval_report(partial(EdgeVLA.from_pretrained, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+    _eval_report(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
                  instruction)
 

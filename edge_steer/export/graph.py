@@ -10,7 +10,7 @@
      pointed at an attention function registered under `HF_ATTENTION`, which calls the same core.
 2. The steerable projection weights are graph *inputs*: `ExportGraph` runs the model through
    `torch.func.functional_call` with those parameters replaced by its extra arguments. Which
-   parameters they are comes from the head locator (`edge_steer.steering.locate.locate_heads`), so
+   parameters they are comes from the head locator (`edge_steer.models.locate.locate_heads`), so
    any model whose heads the locator finds gets steerable q/o inputs, whatever its class.
 
 The replacement forwards must compute what the originals compute: the parity tests guard that.
@@ -105,7 +105,7 @@ def steerable_params(model: nn.Module, projections: str = "qo") -> list[str]:
     """Names of the parameters that become graph inputs: every parameter that holds a chosen
     projection's head slices (q/k/v weight and bias rows, o weight columns: the o bias is shared by all
     heads, so no delta changes it), as the head locator finds them, in `named_parameters()` order."""
-    from edge_steer.steering.locate import locate_heads
+    from edge_steer.models.locate import locate_heads
 
     bad = set(projections) - set(PROJECTIONS)
     if bad:
@@ -116,7 +116,7 @@ def steerable_params(model: nn.Module, projections: str = "qo") -> list[str]:
 
 def n_attention_layers(model: nn.Module) -> int:
     """Attention modules the head locator finds: what `check_fused` expects one fused node for."""
-    from edge_steer.steering.locate import locate_heads
+    from edge_steer.models.locate import locate_heads
     return len({hs.hook for hs in locate_heads(model)})
 
 

@@ -1,4 +1,5 @@
-"""Models: the VLA interface, the reference EdgeVLA, and the training loop.
+"""Models: the VLA protocol, the reference EdgeVLA, HFVLA (built from transformers modules), the head
+locator and the training loop.
 
 Every command that takes `--model` falls back to the embedded default checkpoint, which our own code
 trained on the simulated base tasks (see docs/model.md for the command that reproduces it).
@@ -15,12 +16,16 @@ from edge_steer.models.vla import CheckpointError, EdgeVLA, EdgeVLAConfig
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "edge_vla"
 
 
-def load_model(path: str | Path | None = None) -> EdgeVLA:
-    """Load a checkpoint directory, or the embedded default when path is None."""
+def load_model(path: str | Path | None = None) -> VLAPolicy:
+    """Load a checkpoint directory (EdgeVLA or HFVLA, told apart by its saved config), or the embedded
+    default when path is None."""
     d = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path is None and not d.exists():
         raise CheckpointError(f"the default model is missing at {d}; reinstall edge-steer or pass --model")
-    return EdgeVLA.from_pretrained(d)
+    from edge_steer.models.flow_matching import FlowMatchingVLA
+    from edge_steer.models.modeling_hfvla import HFVLA, read_meta
+    kinds = {cls.model_type: cls for cls in (HFVLA, FlowMatchingVLA)}
+    return kinds.get(read_meta(d).get("model_type"), EdgeVLA).from_pretrained(d)
 
 
 __all__ = ["DEFAULT_MODEL_DIR", "CheckpointError", "EdgeVLA", "EdgeVLAConfig", "HeadRef", "HeadSlices",

@@ -26,8 +26,10 @@ from torch import nn
 
 from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
 from edge_steer.models.attention import Block
-from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
+from edge_steer.models.heads import HeadSlices
+from edge_steer.models.interface import weights_fingerprint
 from edge_steer.models.language import ENCODERS, InstructionEncoder, minilm_fingerprint
+from edge_steer.models.locate import find_heads
 
 MODEL_TYPE = "edge_vla"
 FORMAT_VERSION = 1
@@ -193,22 +195,7 @@ class EdgeVLA(nn.Module):
         return out
 
     def heads(self) -> list[HeadSlices]:
-        c = self.config
-        hd, group = c.head_dim, c.n_heads // c.n_kv_heads
-        out = []
-        for layer in range(c.n_layers):
-            p = f"blocks.{layer}.attn"
-            for h in range(c.n_heads):
-                g = h // group
-
-                def rows(name, i):
-                    return (ParamSlice(f"{p}.{name}.weight", 0, i * hd, (i + 1) * hd),
-                            ParamSlice(f"{p}.{name}.bias", 0, i * hd, (i + 1) * hd))
-
-                out.append(HeadSlices(ref=HeadRef(layer, h), q=rows("q_proj", h), k=rows("k_proj", g),
-                                      v=rows("v_proj", g), o=(ParamSlice(f"{p}.o_proj.weight", 1, h * hd, (h + 1) * hd),),
-                                      kv_head=g, hook=f"{p}.o_proj", head_dim=hd))
-        return out
+        return find_heads(self, "blocks")
 
     # --- the graph ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
@@ -247,8 +234,8 @@ class EdgeVLA(nn.Module):
         n_rest = x.shape[1] - lang_mask.shape[1]
         return x, torch.cat([lang_mask, lang_mask.new_ones(b, n_rest)], dim=1)
 
-    def trunk(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:
-        for block in self.blocks[start:]:
+    def trunk(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
             x = block(x, mask)
         return x
 
@@ -272,19 +259,41 @@ class EdgeVLA(nn.Module):
         """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs."""
         return prepare_inputs(self.config, batch, self.state_mean, self.state_std, self.encoder, train)
 
+    def encode_instructions(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        lang, lang_mask = self.encoder(list(texts))
+        return {"lang": lang, "lang_mask": lang_mask}
+
+    def action_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The demonstrated chunks, normalised, and the (B, chunk) mask of unpadded steps."""
+        return normalised_target(batch, self.config, self.action_mean, self.action_std)
+
+    def action_error(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return masked_l1(pred.float(), target, valid, per_sample=True)
+
+    def attention_maps(self, inputs: Mapping[str, torch.Tensor], layers: set[int]) -> dict[int, torch.Tensor]:
+        """The attention weights (B, H, T, T) of the named layers in one forward; the layers keep
+        them only for this forward (the kept map costs memory and the slow path costs time)."""
+        mods = {layer: self.blocks[layer].attn for layer in layers}
+        try:
+            for m in mods.values():
+                m.keep_attention = True
+            with torch.no_grad():
+                self(**inputs)
+            return {layer: m.last_attention for layer, m in mods.items()}
+        finally:
+            for m in mods.values():
+                m.keep_attention = False
+                m.last_attention = None
+
     def loss(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
         """Masked L1 between predicted and demonstrated (normalised) action chunks, plus the weighted
         scene loss when the config asks for it and the batch carries `scene_xy` / `scene_xy_valid`."""
-        target = torch.as_tensor(np.asarray(batch["action"], dtype=np.float32))
-        if target.shape[1:] != (self.config.chunk, self.config.action_dim):
-            raise ValueError(f"action chunks must be (B, {self.config.chunk}, {self.config.action_dim}), "
-                             f"got {tuple(target.shape)}")
+        target, valid = self.action_target(batch)
         inputs = self.prepare(batch, train=train)
         if train and self.config.state_dropout > 0:
             inputs["state_drop"] = torch.rand(target.shape[0]) < self.config.state_dropout
-        valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
         x = self.trunk(*self.embed(**inputs))
-        loss = masked_l1(self.readout(x), (target - self.action_mean) / self.action_std, valid)
+        loss = masked_l1(self.readout(x), target, valid)
         if train and self.config.scene_aux and "scene_xy" in batch:
             xy = (torch.as_tensor(np.asarray(batch["scene_xy"], dtype=np.float32)) - SCENE_CENTER) / SCENE_SCALE
             ok = torch.as_tensor(np.asarray(batch["scene_xy_valid"], dtype=bool))
@@ -334,13 +343,7 @@ class EdgeVLA(nn.Module):
     # --- persistence -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """sha256 over parameter names, shapes and bytes: identifies the weights, not the file."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().contiguous().cpu()
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        return weights_fingerprint(self)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         from safetensors.torch import save
@@ -426,6 +429,16 @@ def prepare_inputs(config: EdgeVLAConfig, batch: Mapping[str, Any], state_mean: 
     lang, lang_mask = encoder(list(batch["task"]))
     return {"images": torch.stack(imgs, 1), "state": (state - state_mean) / state_std,
             "lang": lang, "lang_mask": lang_mask}
+
+
+def normalised_target(batch: Mapping[str, Any], config, action_mean: torch.Tensor,
+                      action_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's demonstrated chunks, normalised, and the (B, chunk) mask of unpadded steps."""
+    target = torch.as_tensor(np.asarray(batch["action"], dtype=np.float32))
+    if target.shape[1:] != (config.chunk, config.action_dim):
+        raise ValueError(f"action chunks must be (B, {config.chunk}, {config.action_dim}), got {tuple(target.shape)}")
+    valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
+    return (target - action_mean) / action_std, valid
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, per_sample: bool = False) -> torch.Tensor:

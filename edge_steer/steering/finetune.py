@@ -5,7 +5,9 @@
   unless asked for). Each touched weight gets a small trainable tensor holding just its selected
   rows/columns, spliced into the frozen weight on every forward (`index_copy`), so the optimizer's
   state exists only for those values and every other weight is bitwise unchanged.
-* lora: peft LoRA on the attention projections (q, k, v, o), rank 16 / alpha 32 by default.
+* lora: peft LoRA on the attention projections (q, k, v, o) of the heads the model exposes, by module
+  path from the head locator (q_proj/k_proj/v_proj/o_proj, BERT's query/key/value/output.dense,
+  Phi-3's qkv_proj, GPT-2's c_attn/c_proj), rank 16 / alpha 32 by default.
 * full: every parameter.
 
 The three differ only in which tensors `fit` receives and in what is saved.
@@ -44,7 +46,7 @@ class FinetuneConfig:
     whole: tuple[str, ...] = ()
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] = ()     # module paths; () = every q/k/v/o projection of model.heads()
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=32, lr=1e-3, warmup=20, checkpoint_every=100, log_every=25))
 
@@ -133,10 +135,18 @@ class SteerParams:
 # ------------------------------------------------------------------------------------------------
 # lora
 # ------------------------------------------------------------------------------------------------
-def lora_config(cfg: FinetuneConfig):
+def lora_targets(model) -> list[str]:
+    """Module paths of the attention projections of the model's heads (fused ones once)."""
+    return sorted({s.param.rsplit(".", 1)[0] for h in model.heads() for s in h.slices("qkvo")})
+
+
+def lora_config(cfg: FinetuneConfig, model=None):
     from peft import LoraConfig
+    targets = list(cfg.lora_targets) or lora_targets(model)
+    # exact paths: peft would also match a target by suffix, so anchor each one at the root
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.lora_targets), bias="none")
+                      target_modules=targets if cfg.lora_targets else "^(" + "|".join(
+                          t.replace(".", r"\.") for t in targets) + ")$", bias="none")
 
 
 def add_lora(model: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
@@ -144,7 +154,7 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
     from peft import inject_adapter_in_model
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(lora_config(cfg), model)
+    inject_adapter_in_model(lora_config(cfg, model), model)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)

@@ -29,8 +29,7 @@ import torch
 
 from edge_steer.data import DatasetError
 from edge_steer.models.heads import HeadRef
-from edge_steer.models.interface import check_dataset
-from edge_steer.models.vla import masked_l1
+from edge_steer.models.interface import check_dataset, layer_count
 from edge_steer.steering.hooks import edit_head_inputs, record_head_inputs
 
 FACTORS = ("visual", "language", "physical")
@@ -102,9 +101,7 @@ def probe_set(model, dataset, max_frames: int = 256, seed: int = 0,
     batch = dataset.sample(idx, chunk=c.chunk)
     with torch.no_grad():
         inputs = model.prepare(batch)
-    action = torch.as_tensor(np.asarray(batch["action"], dtype=np.float32))
-    target = (action - model.action_mean) / model.action_std
-    valid = ~torch.as_tensor(np.asarray(batch["action_is_pad"], dtype=bool))
+        target, valid = model.action_target(batch)
     episodes = np.asarray(batch["episode_index"])
     rng = np.random.default_rng(seed)
     partner = torch.as_tensor(_partners(episodes, np.asarray(batch["frame_index"]), rng))
@@ -113,8 +110,7 @@ def probe_set(model, dataset, max_frames: int = 256, seed: int = 0,
     own = set(batch["task"])
     others = [t for t in other_instructions if t not in own]
     if others:
-        lang, lang_mask = model.encoder([others[i % len(others)] for i in range(len(idx))])
-        corrupt["language"] = {**inputs, "lang": lang, "lang_mask": lang_mask}
+        corrupt["language"] = {**inputs, **model.encode_instructions([others[i % len(others)] for i in range(len(idx))])}
     return ProbeSet(inputs, target, valid, episodes, {f: corrupt[f] for f in FACTORS if f in corrupt},
                     sorted(own))
 
@@ -157,9 +153,8 @@ class _Runner:
 
     def __init__(self, model, ps: ProbeSet, batch_size: int):
         self.model, self.ps, self.bs = model, ps, batch_size
-        c = model.config
-        self.n_layers, self.n_heads, self.hd = c.n_layers, c.n_heads, c.head_dim
         heads = model.heads()
+        self.n_layers, self.n_heads, self.hd = layer_count(heads)
         self.hooks = [next(h.hook for h in heads if h.ref.layer == layer) for layer in range(self.n_layers)]
         self.dec = model.decision_slice
         self.passes = 0.0   # full forwards over the probe set (a backward counts as two)
@@ -169,7 +164,7 @@ class _Runner:
         return [slice(i, min(n, i + self.bs)) for i in range(0, n, self.bs)]
 
     def errors(self, pred: torch.Tensor, sl: slice) -> torch.Tensor:
-        return masked_l1(pred.float(), self.ps.target[sl], self.ps.valid[sl], per_sample=True)
+        return self.model.action_error(pred, self.ps.target[sl], self.ps.valid[sl])
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor], keep_resid: bool = False):
@@ -180,10 +175,10 @@ class _Runner:
         for sl in self.batches():
             x, mask = m.embed(**{k: v[sl] for k, v in inputs.items()})
             with record_head_inputs(m, self.hooks) as seen:
-                for layer, block in enumerate(m.blocks):
+                for layer in range(self.n_layers):
                     if keep_resid:
                         resid[layer].append(x)
-                    x = block(x, mask)
+                    x = m.trunk(x, mask, layer, layer + 1)
             errs.append(self.errors(m.readout(x), sl))
             for layer, path in enumerate(self.hooks):
                 acts[layer].append(seen[path][:, self.dec])
@@ -456,11 +451,12 @@ def identify(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(), baseli
     def grid(a):
         return None if a is None else np.round(a, 8).tolist()
 
-    c = model.config
+    heads = model.heads()
+    n_layers, n_heads, _ = layer_count(heads)
     return {
         "format": HEADS_FORMAT,
         "model_fingerprint": model.fingerprint(),
-        "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+        "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": len({h.kv_head for h in heads if h.ref.layer == 0}),
         "method": cfg.method, "config": asdict(cfg),
         "demos": {**(demos or {}), "frames": len(ps), "episodes": sorted(int(e) for e in np.unique(ps.episodes)),
                   "tasks": ps.tasks},

@@ -15,6 +15,7 @@ touches pyplot's global backend or state (it runs inside the CLI, tests and note
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,35 +100,13 @@ def factor_shares(doc: dict[str, Any], heads: Sequence[HeadRef] | None = None) -
 # ------------------------------------------------------------------------------------------------
 # Attention of the decision tokens
 # ------------------------------------------------------------------------------------------------
-def _attention_modules(model, layers: set[int]) -> dict[int, torch.nn.Module]:
-    """The attention module of each layer: the parent of the head locator's hook (the o projection)."""
-    modules = dict(model.named_modules())
-    out = {}
-    for hs in model.heads():
-        if hs.ref.layer in layers and hs.ref.layer not in out:
-            attn = modules.get(hs.hook.rpartition(".")[0])
-            if attn is None or not hasattr(attn, "keep_attention"):
-                raise ReportError(f"layer {hs.ref.layer}'s attention does not expose its weights (keep_attention)")
-            out[hs.ref.layer] = attn
-    return out
-
-
 @torch.no_grad()
 def decision_attention(model, inputs: dict[str, torch.Tensor], heads: Sequence[HeadRef]) -> dict[HeadRef, np.ndarray]:
     """(B, T) per head: the attention of the decision tokens over every key, averaged over the chunk
-    (each row sums to 1). The layers keep their weights only for this forward."""
-    mods = _attention_modules(model, {h.layer for h in heads})
-    before = {layer: m.keep_attention for layer, m in mods.items()}
+    (each row sums to 1), from the model's own `attention_maps` (one forward)."""
+    maps = model.attention_maps(inputs, {h.layer for h in heads})
     dec = model.decision_slice
-    try:
-        for m in mods.values():
-            m.keep_attention = True
-        model(**inputs)
-        return {h: mods[h.layer].last_attention[:, h.head, dec].mean(1).float().numpy() for h in heads}
-    finally:
-        for layer, m in mods.items():   # the kept map costs memory and the slow path costs time
-            m.keep_attention = before[layer]
-            m.last_attention = None
+    return {h: maps[h.layer][:, h.head, dec].mean(1).float().numpy() for h in heads}
 
 
 def instruction_tokens(encoder, text: str, n: int) -> list[str]:
@@ -236,7 +215,8 @@ def plot_attention(head: HeadRef, weights: np.ndarray, frames: dict[str, Any], m
     instruction and state tokens as bars."""
     c = model.config
     layout = model.token_layout()
-    g = c.image_size // 16
+    # a camera's tokens: a square grid of patches, then any extra tokens (EdgeVLA's keypoint token)
+    g = math.isqrt(layout[f"camera:{c.cameras[0]}"].stop - layout[f"camera:{c.cameras[0]}"].start)
     n, n_cam = weights.shape[0], len(c.cameras)
     fig = _figure(3.0 * n_cam + 5.0, 2.9 * n)
     axes = fig.subplots(n, n_cam + 1, squeeze=False, width_ratios=[1] * n_cam + [1.8])
@@ -361,7 +341,8 @@ def write_report(heads_doc: dict[str, Any], model, dataset, out_dir: Path, n_fra
     if top:
         frames = _pick_frames(dataset, (heads_doc.get("demos") or {}).get("tasks") or [], n_frames, model.config.chunk)
         try:
-            inputs = model.prepare(frames)
+            with torch.no_grad():
+                inputs = model.prepare(frames)
         except (KeyError, ValueError) as e:
             raise ReportError(f"the demos do not fit the model: {e}") from None
         maps = decision_attention(model, inputs, top)

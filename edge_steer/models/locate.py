@@ -1,8 +1,9 @@
 """The head locator: every attention head of a model as `HeadSlices`.
 
-This is the only place that knows how an architecture lays out q/k/v/o. Our `EdgeVLA` describes its
-own heads (`model.heads()`); for other models (Hugging Face transformers and anything built the same
-way) attention modules are recognised structurally while walking `named_modules()`:
+This is the only place that knows how an architecture lays out q/k/v/o. Every model's `heads()`
+(EdgeVLA's, HFVLA's) is `find_heads` over its trunk; for any other module (Hugging Face transformers
+and anything built the same way) `locate_heads` recognises attention modules structurally while
+walking `named_modules()`:
 
 | layout | q, k, v | output projection (the hook) | seen in |
 |---|---|---|---|
@@ -63,6 +64,11 @@ def locate_heads(model: nn.Module, under: str | None = None) -> list[HeadSlices]
     if _has_heads_method(model):
         heads = list(model.heads())
         return _restrict(heads, under) if under else heads
+    return find_heads(model, under)
+
+
+def find_heads(model: nn.Module, under: str | None = None) -> list[HeadSlices]:
+    """The structural search alone (what a model's own `heads()` calls on its trunk)."""
     root = model
     if under:
         try:

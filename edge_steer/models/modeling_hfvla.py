@@ -1,0 +1,393 @@
+"""HFVLA: a VLA built from transformers modules, steerable end to end like EdgeVLA.
+
+A transformers vision tower (SigLIP, ViT or CLIP vision) turns each camera image into patch features,
+a linear projector maps them into the backbone's width, and a transformers text / LM backbone (BERT /
+MiniLM, Llama, Qwen2, Gemma, Mistral) mixes, bidirectionally, the sequence
+
+    instruction tokens (L) | state token (1) | patches of each camera (P each) | action queries (chunk)
+
+(the backbone's own token embeddings for the instruction, our state token and learned queries). A linear
+head reads one action per query: a whole chunk per forward, trained with L1 on normalised actions,
+as EdgeVLA (OpenVLA-OFT's parallel decoding). Only the first N backbone layers may be kept, as
+SmolVLA does.
+
+Steering acts on the backbone's heads (where the decision tokens are), found by the head locator;
+the vision tower's heads can be located too (`locate_heads(model, under="vision")`) but have no
+decision tokens to be scored at. Each tower is built from its config or loaded from a local
+directory; a saved HFVLA holds every weight, both configs and its tokenizer, so loading it needs
+neither the towers' directories nor a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
+from edge_steer.models.configuration_hfvla import HFVLAConfig, Tower, TowerError
+from edge_steer.models.heads import HeadSlices
+from edge_steer.models.interface import weights_fingerprint
+from edge_steer.models.locate import find_heads
+from edge_steer.models.vla import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _random_shift, action_chunk,
+                                   masked_l1, normalised_target, observation_batch)
+
+MODEL_TYPE = "hf_vla"
+FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class TokenEncoder:
+    """texts -> (ids (B, L) int64, mask (B, L) bool) with a local tokenizer; ids beyond the backbone's
+    vocabulary (a tiny test backbone with the MiniLM tokenizer) wrap around. Cached per text."""
+
+    def __init__(self, tokenizer_dir: str | Path, max_tokens: int, vocab_size: int):
+        self.dir, self.max_tokens, self.vocab_size = Path(tokenizer_dir), max_tokens, vocab_size
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @cached_property
+    def tokenizer(self):
+        _offline()
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(self.dir, local_files_only=True)
+        if tok.pad_token is None:         # decoder tokenizers often have none; padding is masked anyway
+            tok.pad_token = tok.eos_token or tok.unk_token
+        return tok
+
+    def _one(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"instruction must be a non-empty string, got {text!r}")
+        enc = self.tokenizer(text.strip().lower(), truncation=True, max_length=self.max_tokens,
+                             padding="max_length", return_tensors="pt")
+        return enc["input_ids"][0] % self.vocab_size, enc["attention_mask"][0].bool()
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        for t in texts:
+            if t not in self._cache:
+                self._cache[t] = self._one(t)
+        out = [self._cache[t] for t in texts]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+    def tokens(self, text: str) -> list[str]:
+        ids = self.tokenizer(text.strip().lower(), truncation=True, max_length=self.max_tokens)["input_ids"]
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+
+
+def _tower_config(d: Mapping[str, Any]):
+    from transformers import AutoConfig
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def _vision_class(model_type: str):
+    import transformers
+    return {"siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel,
+            "clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel,
+            "vit": transformers.ViTModel}[model_type]
+
+
+def _build(config: dict, weights: str | None, vision: bool, impl: str) -> nn.Module:
+    """A tower from its config (random init) or from the local directory of its weights."""
+    _offline()
+    from transformers import AutoModel
+    cfg = _tower_config(config)
+    kw = {}
+    if cfg.model_type in ("bert", "vit"):
+        kw["add_pooling_layer"] = False          # unused weights would sit in every delta and fingerprint
+    if cfg.model_type == "siglip_vision_model":
+        cfg.vision_use_head = False              # its pooling head is an nn.MultiheadAttention we do not need
+    if weights is not None:
+        from transformers.utils import logging as hf_logging
+        cls = _vision_class(cfg.model_type) if vision else AutoModel
+        before, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()     # its load report lists the unused heads (pooler, lm_head) we drop
+        hf_logging.disable_progress_bar()
+        try:
+            return cls.from_pretrained(weights, config=cfg, local_files_only=True, attn_implementation=impl, **kw)
+        except (OSError, ValueError) as e:
+            raise TowerError(f"cannot load the {'vision' if vision else 'backbone'} weights from {weights}: {e}") from None
+        finally:
+            hf_logging.set_verbosity(before)
+            if bar:
+                hf_logging.enable_progress_bar()
+    if vision:
+        return _vision_class(cfg.model_type)(cfg, **kw) if kw else _vision_class(cfg.model_type)(cfg)
+    return AutoModel.from_config(cfg, **kw)
+
+
+class HFVLA(nn.Module):
+    """See the module docstring. Build with `HFVLA.create(backbone, vision, ...)` (towers from names or
+    directories) or `HFVLA(config)` (random init from configs); load with `from_pretrained`."""
+
+    model_type = MODEL_TYPE          # what config.json records; `load_model` dispatches on it
+
+    def __init__(self, config: HFVLAConfig, tokenizer_dir: str | Path | None = None,
+                 towers: tuple[nn.Module, nn.Module] | None = None):
+        super().__init__()
+        self.config = c = config
+        if towers is None:
+            towers = (_build(c.vision, None, True, c.attn_implementation),
+                      _build(c.backbone, None, False, c.attn_implementation))
+        self.vision, self.backbone = towers
+        for tower in (self.vision, self.backbone):
+            tower.config._attn_implementation = c.attn_implementation
+        layers = self._layers()
+        if len(layers) != c.n_layers:
+            raise CheckpointError(f"backbone has {len(layers)} layers, the config says {c.n_layers}")
+        d, dv = self.backbone.config.hidden_size, self.vision.config.hidden_size
+        self.vision_proj = nn.Linear(dv, d)
+        self.camera_embed = nn.Parameter(torch.zeros(len(c.cameras), d))
+        self.state_in = nn.Linear(c.state_dim, d)
+        self.queries = nn.Parameter(torch.zeros(c.chunk, d))
+        self.action_out = nn.Linear(d, c.action_dim)
+        for p in (self.camera_embed, self.queries):
+            nn.init.normal_(p, std=0.02)
+        self.register_buffer("state_mean", torch.zeros(c.state_dim))
+        self.register_buffer("state_std", torch.ones(c.state_dim))
+        self.register_buffer("action_mean", torch.zeros(c.action_dim))
+        self.register_buffer("action_std", torch.ones(c.action_dim))
+        from edge_steer.models.language import minilm_dir
+        self.encoder = TokenEncoder(tokenizer_dir or minilm_dir(), c.max_lang_tokens,
+                                    self.backbone.config.vocab_size)
+
+    @classmethod
+    def create(cls, backbone: Tower, vision: Tower, backbone_layers: int | None = None, **kw) -> "HFVLA":
+        """Towers from configs or local weights; keep only the first `backbone_layers` layers."""
+        impl = kw.get("attn_implementation", "sdpa")
+        vis = _build(vision.config, vision.weights, True, impl)
+        bb = _build(backbone.config, backbone.weights, False, impl)
+        layers = _layer_list(bb)
+        n = backbone_layers or len(layers)
+        if not 1 <= n <= len(layers):
+            raise TowerError(f"--backbone-layers {n}: the backbone has {len(layers)} layers")
+        del layers[n:]
+        if getattr(bb.config, "layer_types", None):    # per-layer attention kinds (Qwen2, Gemma 2/3) must match
+            bb.config.layer_types = bb.config.layer_types[:n]
+        bb.config.num_hidden_layers = n
+        # the tokenizer of the backbone's own directory when it has one, else MiniLM's (ids wrap)
+        tok = backbone.weights if backbone.weights and any(
+            (Path(backbone.weights) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) else None
+        config = HFVLAConfig(backbone=bb.config.to_dict(), vision=vis.config.to_dict(), **kw)
+        return cls(config, tok, (vis, bb))
+
+    # --- layout ------------------------------------------------------------------------------------
+    def _layers(self) -> nn.ModuleList:
+        return _layer_list(self.backbone)
+
+    def token_layout(self) -> dict[str, slice]:
+        c = self.config
+        lang, p = c.max_lang_tokens, c.patches_per_camera
+        out = {"instruction": slice(0, lang), "state": slice(lang, lang + 1)}
+        for i, cam in enumerate(c.cameras):
+            out[f"camera:{cam}"] = slice(lang + 1 + i * p, lang + 1 + (i + 1) * p)
+        start = lang + 1 + len(c.cameras) * p
+        out["decision"] = slice(start, start + c.chunk)
+        return out
+
+    @property
+    def decision_slice(self) -> slice:
+        return self.token_layout()["decision"]
+
+    def heads(self) -> list[HeadSlices]:
+        return find_heads(self, _layers_path(self.backbone, "backbone"))
+
+    # --- the graph ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+                lang_mask: torch.Tensor) -> torch.Tensor:
+        """images: (B, n_cams, 3, S, S) scaled to [-1, 1]; state: (B, state_dim) normalised; lang: (B, L)
+        token ids; lang_mask: (B, L) bool. -> normalised chunk (B, chunk, action_dim). (EdgeVLA's signature.)"""
+        x, mask = self.embed(images, state, lang, lang_mask)
+        return self.readout(self.trunk(x, mask))
+
+    def embed(self, images: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+              lang_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n_cam = images.shape[:2]
+        feats = self.vision(pixel_values=images.flatten(0, 1)).last_hidden_state
+        if self.config.vision["model_type"] in ("vit", "clip_vision_model", "clip"):
+            feats = feats[:, 1:]                                  # the class token is not a patch
+        patches = self.vision_proj(feats).reshape(b, n_cam, -1, self.queries.shape[-1])
+        patches = (patches + self.camera_embed[:n_cam, None]).flatten(1, 2)
+        if self.config.family == "bert":                          # word + position + type embeddings, LayerNorm
+            text = self.backbone.embeddings(input_ids=lang)
+        else:                                                     # (Gemma's scaling is inside its embedding)
+            text = self.backbone.get_input_embeddings()(lang)
+        dtype = patches.dtype
+        x = torch.cat([text.to(dtype), self.state_in(state)[:, None].to(dtype), patches,
+                       self.queries.to(dtype).expand(b, -1, -1)], 1)
+        return x, torch.cat([lang_mask.bool(), lang_mask.new_ones(b, x.shape[1] - lang_mask.shape[1]).bool()], 1)
+
+    def trunk(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Backbone layers [start, stop), bidirectional over the unmasked tokens; the backbone's final
+        norm after its last layer."""
+        layers = self._layers()
+        stop = len(layers) if stop is None else stop
+        if self.backbone.config._attn_implementation == "eager":   # eager adds the mask to the scores
+            m = torch.zeros(mask.shape, dtype=torch.float32, device=x.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:
+            m = mask
+        m = m[:, None, None, :]
+        kw: dict[str, Any] = {}
+        if self.config.family == "decoder":
+            pos = torch.arange(x.shape[1], device=x.device)[None]
+            kw = {"position_ids": pos, "position_embeddings": self.backbone.rotary_emb(x, pos)}
+        for layer in layers[start:stop]:
+            out = layer(x, attention_mask=m, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+        if stop == len(layers) and self.config.family == "decoder":
+            x = self.backbone.norm(x)
+        return x
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.action_out(x[:, -self.config.chunk:])
+
+    # --- preprocessing, loss, prediction ------------------------------------------------------------
+    def set_stats(self, stats: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
+        for key, prefix in (("action", "action"), ("observation.state", "state")):
+            getattr(self, f"{prefix}_mean").copy_(torch.as_tensor(np.asarray(stats[key]["mean"], dtype=np.float32)))
+            getattr(self, f"{prefix}_std").copy_(
+                torch.as_tensor(np.asarray(stats[key]["std"], dtype=np.float32)).clamp_min(1e-3))
+
+    def prepare(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
+        c = self.config
+        imgs = []
+        for cam in c.cameras:
+            key = f"observation.images.{cam}"
+            if key not in batch:
+                raise KeyError(f"observation lacks {key!r}; the model needs cameras {c.cameras}")
+            x = torch.as_tensor(np.asarray(batch[key]))
+            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+                raise ValueError(f"{key} must be uint8 (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+            x = x.permute(0, 3, 1, 2).float() / 255.0
+            if x.shape[-2:] != (c.image_size, c.image_size):
+                x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            if train and c.augment_shift:
+                x = _random_shift(x, c.augment_shift)
+            imgs.append((x - 0.5) / 0.5)
+        state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
+        if state.ndim != 2 or state.shape[1] != c.state_dim:
+            raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")
+        return {"images": torch.stack(imgs, 1), "state": (state - self.state_mean) / self.state_std,
+                **self.encode_instructions(list(batch["task"]))}
+
+    def encode_instructions(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        lang, lang_mask = self.encoder(list(texts))
+        return {"lang": lang, "lang_mask": lang_mask}
+
+    def action_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalised_target(batch, self.config, self.action_mean, self.action_std)
+
+    def action_error(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return masked_l1(pred.float(), target, valid, per_sample=True)
+
+    def loss(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
+        target, valid = self.action_target(batch)
+        pred = self(**self.prepare(batch, train=train))
+        return masked_l1(pred.float(), target, valid)
+
+    @torch.no_grad()
+    def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        out = self(**self.prepare(observation_batch(observation, instruction)))
+        self.train(was_training)
+        return action_chunk(out[0].float().numpy(), self.action_mean.numpy(), self.action_std.numpy())
+
+    @torch.no_grad()
+    def attention_maps(self, inputs: Mapping[str, torch.Tensor], layers: set[int]) -> dict[int, torch.Tensor]:
+        """Eager attention for this one forward (fused kernels return no weights); each named layer's
+        attention module returns (output, weights), caught by a forward hook."""
+        # the module that computes the weights is the parent of the q projection (self_attn, attention.self)
+        attn = {h.ref.layer: self.get_submodule(h.q[0].param.rsplit(".", 2)[0]) for h in self.heads()
+                if h.ref.layer in layers}
+        seen: dict[int, torch.Tensor] = {}
+        handles = [m.register_forward_hook(lambda _m, _a, out, k=k: seen.__setitem__(k, out[1].detach()))
+                   for k, m in attn.items()]
+        before = self.backbone.config._attn_implementation
+        try:
+            self.backbone.config._attn_implementation = "eager"
+            self(**inputs)
+        finally:
+            self.backbone.config._attn_implementation = before
+            for h in handles:
+                h.remove()
+        return seen
+
+    # --- persistence -------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save
+        d = Path(directory)
+        weights = save({k: v.contiguous() for k, v in self.state_dict().items()})
+        meta = {"model_type": self.model_type, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "fingerprint": self.fingerprint(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
+        self.encoder.tokenizer.save_pretrained(str(d / TOKENIZER_DIR))
+        atomic_write_bytes(d / WEIGHTS_FILE, weights)
+        atomic_write_text(d / CONFIG_FILE, json.dumps(meta, indent=1, default=str))   # last: commits the set
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "HFVLA":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        d = Path(directory)
+        meta = read_meta(d)
+        if meta.get("model_type") != cls.model_type:
+            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {cls.model_type!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        if file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
+            raise CheckpointError(f"{d / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE} (corrupted or replaced)")
+        try:
+            model = cls(HFVLAConfig.from_dict(meta["config"]), d / TOKENIZER_DIR)
+        except TowerError as e:
+            raise CheckpointError(f"{d}: {e}") from None
+        try:
+            state = load_file(str(d / WEIGHTS_FILE))
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {d / WEIGHTS_FILE}: {e}") from None
+        expected = model.state_dict()
+        missing, extra = set(expected) - set(state), set(state) - set(expected)
+        if missing or extra:
+            raise CheckpointError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(extra)[:5]}")
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def read_meta(d: Path) -> dict[str, Any]:
+    """A checkpoint directory's config.json, after checking both files are there."""
+    if not d.is_dir():
+        raise CheckpointError(f"no model directory at {d}")
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / f).is_file():
+            raise CheckpointError(f"{d} is not an edge-steer checkpoint: {f} is missing")
+    try:
+        return json.loads((d / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
+
+
+def _layers_path(backbone: nn.Module, prefix: str) -> str:
+    return f"{prefix}.encoder.layer" if hasattr(backbone, "encoder") and hasattr(backbone.encoder, "layer") \
+        else f"{prefix}.layers"
+
+
+def _layer_list(backbone: nn.Module) -> nn.ModuleList:
+    return backbone.get_submodule(_layers_path(backbone, "")[1:])
