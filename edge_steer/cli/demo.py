@@ -13,7 +13,7 @@ from edge_steer.cli._common import _demos, _fail, _load, console
 from edge_steer.cli.demos import record_demos
 from edge_steer.cli.export import run_export
 from edge_steer.cli.steer import run_finetune, run_identify, run_report
-from edge_steer.cli.train import _eval_report
+from edge_steer.cli.train import run_eval
 
 
 def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for the run"),
@@ -47,7 +47,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     console.rule(f"1/7 record {episodes} demos of {task} ({t.split}, {t.factor or 'base'} variation)")
     record_demos(task, [task], episodes, 0, demos, EnvConfig(image_size=96))
     console.rule("2/7 the base model on the new task (zero-shot)")
-    before = _eval_report(partial(load_model, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
+    before = run_eval(partial(load_model, base), [t], eval_episodes, 0, 2, out / "eval_before.json")
     console.rule("3/7 identify the heads that mediate it")
     m = _load(base)
     doc = run_identify(m, _demos(demos, m), IdentifyConfig(method="attribution", top_k=6, exact=False, seed=0),
@@ -62,7 +62,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="working directory for
     console.rule("5/7 export base + steering delta to ONNX")
     run_export(_load(base), out / "steered.onnx", out / "steer" / "steering.safetensors", "onnx", steerable="qo")
     console.rule("6/7 the exported, steered engine on the new task")
-    after = _eval_report(partial(load_engine, out / "steered.onnx"), [t], eval_episodes, 0, 2, out / "eval_after.json")
+    after = run_eval(partial(load_engine, out / "steered.onnx"), [t], eval_episodes, 0, 2, out / "eval_after.json")
     served = _demo_serve(out, t, out / "steered.onnx", serve_seconds) if serve_seconds > 0 else None
     console.rule("summary")
     b, a = before[0], after[0]

@@ -127,13 +127,14 @@ def _train_and_eval(model, ds, out: Path, steps: int, batch_size: int, lr: float
                   f"{result.samples_per_s:.0f} samples/s ({'bf16' if result.bf16 else 'fp32'}); "
                   f"model saved to {out / 'model'}")
     if eval_episodes:
-        _eval_report(partial(load_model, out / "model"), tasks_by_split("base"), eval_episodes,
-                     seed, workers, out / "eval.json")
+        run_eval(partial(load_model, out / "model"), tasks_by_split("base"), eval_episodes,
+                 seed, workers, out / "eval.json")
 
 
-def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
-                 gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
-                 instruction: str | None = None) -> list:
+def run_eval(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
+             gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
+             instruction: str | None = None) -> list:
+    """evaluate under a progress bar, the success table printed, the GIF and JSON log written; the summary."""
     from edge_steer.sim.rollout import episode_log, evaluate, save_gif, success_summary
 
     t0 = time.perf_counter()
@@ -200,6 +201,5 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
                       "both its objects are in the scene" if named else "no known task: only each scene's own "
                       "task is reported"), markup=False)
-    _eval_report(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
-                 instruction)
+    run_eval(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble, instruction)
 
