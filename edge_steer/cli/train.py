@@ -92,13 +92,11 @@ def pretrain(data: Path = typer.Option(..., help="dataset of base-task demos"),
 
 def _hf_model(backbone: str, vision: Optional[str], layers: Optional[int], augment_shift: Optional[int]):
     """An HFVLA from named or local towers; a tower that is missing or unsupported fails in one line."""
-    from edge_steer.models.configuration_hfvla import DEFAULT_LAYERS, DEFAULT_VISION, TowerError, backbone_tower, vision_tower
+    from edge_steer.models.configuration_hfvla import TowerError
     from edge_steer.models.modeling_hfvla import HFVLA
     try:
-        bb = backbone_tower(backbone)
-        vt = vision_tower(vision or DEFAULT_VISION.get(backbone, "siglip-small"))
-        kw = {} if augment_shift is None else {"augment_shift": augment_shift}
-        return HFVLA.create(bb, vt, layers or DEFAULT_LAYERS.get(backbone), **kw)
+        return HFVLA.from_names(backbone, vision, layers, **({} if augment_shift is None else
+                                                              {"augment_shift": augment_shift}))
     except TowerError as e:
         from rich.markup import escape
         _fail(escape(str(e)))
