@@ -108,7 +108,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-
 def success_summary(results: list[EpisodeResult], tasks: list[Task], instructed: bool = False) -> list[dict]:
     """One row per task: its own task's successes over its episodes with a 95 % Wilson interval and, where
     an instruction replaced each task's own (`instructed`), the instructed task's successes counted over
