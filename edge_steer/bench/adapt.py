@@ -557,16 +557,21 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     executor = executor or LocalExecutor()
     p = plan(cfg, out_dir, executor.episode_batch)
     if dry_run:
-        work, done = p.work(), [c for k, c in p.cells.items() if k not in p.fresh]
-        say("dry run, nothing run or written; left to do: "
-            + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
-            + (f"; {_estimate(work, done, this_machine())}" if work else ""))
-        if cluster and p.units:
-            say(price(p, done, cluster))
+        for line in dry_run_report(p, cluster):
+            say(line)
         return list(p.cells.values())
     for note in p.notes:
         say(note)
     return execute(p, executor, say)
+
+
+def dry_run_report(p: Plan, cluster: int | None = None) -> list[str]:
+    """What a dry run says: what is left and how long it takes at the measured rates (on `cluster` workers too)."""
+    work, done = p.work(), [c for k, c in p.cells.items() if k not in p.fresh]
+    lines = ["dry run, nothing run or written; left to do: "
+             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
+             + (f"; {_estimate(work, done, this_machine())}" if work else "")]
+    return lines + ([price(p, done, cluster)] if cluster and p.units else [])
 
 
 def describe(p: Plan) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+RAY_EPISODE_BATCH = 5   # clean episodes per Ray task: small enough to spread a cell's episodes over nodes
 Started = Callable[[Any], None]
 Done = Callable[[Any, dict[str, Any]], None]
 # what the CLI's progress bar is told: units done, running, left, and the cluster's CPUs
@@ -64,14 +65,15 @@ def unpack(blob: bytes, folder: str | Path) -> Path:
     return folder
 
 
-def _run_shipped(run_unit: Callable, kind: str, spec: dict[str, Any], inputs: dict[str, tuple[str, bytes]],
-                 output: str | None) -> tuple[dict[str, Any], bytes | None]:
-    """On a Ray worker: unpack the unit's input folders (field -> (path below the shipped folder, blob)), run it
-    with its output in a temporary folder, and return its result and that folder packed."""
+def _run_shipped(run_unit: Callable, kind: str, spec: dict[str, Any], below: dict[str, str], output: str | None,
+                 *blobs: bytes) -> tuple[dict[str, Any], bytes | None]:
+    """On a Ray worker: unpack the unit's input folders (spec field -> its path below the shipped folder, the
+    blobs in that order; Ray resolves them as top-level arguments), run it with its output in a temporary
+    folder, and return its result and that folder packed."""
     with tempfile.TemporaryDirectory(prefix="edge_steer_unit_") as tmp:
         spec = dict(spec)
-        for i, (name, (below, blob)) in enumerate(inputs.items()):
-            spec[name] = str(unpack(blob, Path(tmp) / f"in{i}") / below)
+        for i, ((name, sub), blob) in enumerate(zip(below.items(), blobs)):
+            spec[name] = str(unpack(blob, Path(tmp) / f"in{i}") / sub)
         if output:
             spec[output] = str(Path(tmp) / "out")
         res = run_unit(kind, spec)
@@ -87,7 +89,7 @@ class RayExecutor:
     address: str | None = None
     num_cpus: int | None = None
     progress: Progress | None = None
-    episode_batch: int | None = 5           # clean episodes per task: small enough to spread a cell over nodes
+    episode_batch: int | None = RAY_EPISODE_BATCH
     fit_cpus: float = 1.0
     fit_memory: int = 2 << 30
     episode_cpus: float = 1.0
@@ -114,13 +116,14 @@ class RayExecutor:
 
     def _options(self, kind: str) -> dict[str, Any]:
         if kind == "fit":
-            return {"num_cpus": self.fit_cpus, "memory": self.fit_memory, "max_calls": 1}
-        return {"num_cpus": self.episode_cpus, "memory": self.episode_memory}
+            return {"num_cpus": self.fit_cpus, "memory": self.fit_memory, "name": "edge_steer.fit"}
+        return {"num_cpus": self.episode_cpus, "memory": self.episode_memory, "name": f"edge_steer.{kind}"}
 
     def run(self, units: list, run_unit: Callable[[str, dict], dict], started: Started, done: Done) -> None:
         import ray
 
         task = ray.remote(num_returns=2, max_retries=self.retries)(_run_shipped)
+        fit_task = ray.remote(num_returns=2, max_retries=self.retries, max_calls=1)(_run_shipped)
         by_id = {u.id: u for u in units}
         waiting = [u.id for u in units]     # in plan order: what is ready first is submitted first
         finished: set[str] = set()
@@ -144,7 +147,9 @@ class RayExecutor:
                 spec["workers"] = 1
             inputs = {name: blob_of(Path(spec[name])) for name in unit.inputs}
             started(unit)
-            res, blob = task.options(**self._options(unit.kind)).remote(run_unit, unit.kind, spec, inputs, unit.output)
+            res, blob = (fit_task if unit.kind == "fit" else task).options(**self._options(unit.kind)).remote(
+                run_unit, unit.kind, spec, {n: sub for n, (sub, _) in inputs.items()}, unit.output,
+                *(ref for _, ref in inputs.values()))
             running[res] = (unit, blob)
             if unit.output:
                 outputs[Path(unit.spec[unit.output])] = blob
@@ -197,7 +202,7 @@ def make(executor: str, address: str | None = None, workers: int | None = None, 
 
 def ray_evaluate(executor: RayExecutor, model: str | Path, tasks: list, episodes: int, seed: int,
                  execute: int = 5, ensemble: float | None = None, gif_first: bool = False,
-                 on_result: Callable | None = None) -> list:
+                 on_result: Callable | None = None, instruction: str | None = None) -> list:
     """`edge_steer.sim.rollout.evaluate` on the cluster: each task's episodes in batches of
     `executor.episode_batch`, one Ray task each, the checkpoint shipped once. The same scenes and the same
     per-episode results as the local pool (episode i's scene comes from (seed, i, task) alone), in its order."""
@@ -207,7 +212,8 @@ def ray_evaluate(executor: RayExecutor, model: str | Path, tasks: list, episodes
     model_ref = ray.put(pack(model))
     step = executor.episode_batch or episodes
     refs = [task.options(num_cpus=executor.episode_cpus, memory=executor.episode_memory).remote(
-                model_ref, t, min(step, episodes - first), seed, first, execute, ensemble, gif_first and first == 0)
+                model_ref, t, min(step, episodes - first), seed, first, execute, ensemble, gif_first and first == 0,
+                instruction)
             for t in tasks for first in range(0, episodes, step)]
     results = []
     for ref in refs:      # in submission order: the local pool's order
@@ -220,7 +226,7 @@ def ray_evaluate(executor: RayExecutor, model: str | Path, tasks: list, episodes
 
 
 def _evaluate_batch(model_blob: bytes, task, n: int, seed: int, first: int, execute: int, ensemble: float | None,
-                    gif_first: bool) -> list:
+                    gif_first: bool, instruction: str | None) -> list:
     from functools import partial
 
     from edge_steer.models import EdgeVLA
@@ -229,7 +235,7 @@ def _evaluate_batch(model_blob: bytes, task, n: int, seed: int, first: int, exec
     with tempfile.TemporaryDirectory(prefix="edge_steer_eval_") as tmp:
         model = unpack(model_blob, tmp)
         return evaluate(partial(EdgeVLA.from_pretrained, model), [task], n, seed, workers=1, first=first,
-                        execute=execute, ensemble=ensemble, gif_first=gif_first)
+                        execute=execute, ensemble=ensemble, gif_first=gif_first, instruction=instruction)
 
 
 def wall(fn: Callable[[], Any]) -> tuple[Any, float]:
