@@ -443,6 +443,9 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
         res = finetune(m, ds, cfg, out, heads=refs, heads_doc=doc, resume=resume)
     except (FinetuneError, IdentifyError, DatasetError, FloatingPointError, json.JSONDecodeError) as e:
         _fail(str(e))
+    from edge_steer.models.distributed import is_main
+    if not is_main():        # under torchrun every process holds the same result: the first one writes it
+        return
     paths = save_result(res, out)
     console.print(f"{method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
                   f"{res.train.final_loss:.4f}, {res.train.seconds:.0f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items()))

@@ -574,3 +574,17 @@ def test_the_machine_description_names_the_cpu_its_cores_and_widest_vector_units
     info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse4_2\n")
     assert this_machine(info) == f"Old CPU, {os.cpu_count()} cores"
     assert this_machine(tmp_path / "missing").endswith(f", {os.cpu_count()} cores")
+
+
+def test_nothing_of_ray_or_torch_distributed_is_imported_until_asked():
+    """The executors and the distributed helper import Ray and torch.distributed's process group only when a
+    cluster run or a torchrun start asks for them: the CLI, the benchmark and the serving path load neither."""
+    import subprocess
+    import sys
+    code = ("import sys, edge_steer.cli, edge_steer.bench.adapt, edge_steer.bench.executors, edge_steer.runtime.daemon, "
+            "edge_steer.models.distributed; "
+            "from edge_steer.models.distributed import data_parallel; assert data_parallel() is None; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
