@@ -588,3 +588,51 @@ def test_nothing_of_ray_or_torch_distributed_is_imported_until_asked():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_driver_killed_between_units_resumes_from_the_last_unit_without_fitting_or_counting_twice(tmp_path, monkeypatch):
+    """Results are written as each unit finishes: a run killed after a fit and one batch of episodes keeps
+    both, and the resumed run fits nothing and runs only the episodes left, each scene once."""
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.files as files
+    from edge_steer.bench.executors import LocalExecutor
+
+    fits = stand_ins(monkeypatch, lambda load, i: i % 2 == 0)
+    cfg = adapt.AdaptConfig.quick(episodes=6, methods=("steer",))
+    real, saves = files.os.replace, []
+
+    def killed_on_the_third_save(src, dst):
+        real(src, dst)
+        if Path(dst).name == "cells.json":
+            saves.append(dst)
+            if len(saves) == 3:          # the fit, then two batches of two episodes, are in the file
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed_on_the_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.run(cfg, tmp_path, executor=LocalExecutor(episode_batch=2))
+    kept = json.loads((tmp_path / "cells.json").read_text())
+    assert [(c["method"], c["episodes"]) for c in kept] == [("steer", 4)] and len(fits) == 1
+    monkeypatch.setattr(files.os, "replace", real)
+    cells = adapt.run(cfg, tmp_path, executor=LocalExecutor(episode_batch=2))
+    assert len(fits) == 1 and [c.episodes for c in cells] == [6]
+    assert [e["seed"] for e in cells[0].episode_log] == list(range(6)) and cells[0].successes == 3
+
+
+def test_episode_results_are_applied_once_and_in_scene_order():
+    """A cluster finishes batches in any order, and a retried task can report twice: a cell counts each scene
+    once, in order, and a perturbation once."""
+    from edge_steer.bench.adapt import _apply_episodes
+
+    cell = Cell("v", "entity", 5, "steer", 0)
+    early: dict = {}
+    batch = lambda first: [{"seed": first + i, "success": True, "steps": 1} for i in range(2)]   # noqa: E731
+    spec = lambda first: {"perturbation": None, "first": first}                                    # noqa: E731
+    assert _apply_episodes(cell, spec(2), batch(2), early) and cell.episodes == 0    # waits for scenes 0-1
+    assert not _apply_episodes(cell, spec(2), batch(2), early)                        # the same batch again
+    assert _apply_episodes(cell, spec(0), batch(0), early) and cell.episodes == 4
+    assert [e["seed"] for e in cell.episode_log] == [0, 1, 2, 3] and cell.successes == 4
+    assert not _apply_episodes(cell, spec(0), batch(0), early) and cell.episodes == 4
+    dim = {"perturbation": "dim_light", "first": 0}
+    assert _apply_episodes(cell, dim, batch(0), early) and not _apply_episodes(cell, dim, batch(0), early)
+    assert cell.robustness == {"dim_light": [2, 2]}

@@ -42,24 +42,26 @@ def _quick(base: Path, out: Path, **kw):
 
 
 def test_bench_adapt_quick_runs_on_a_two_node_cluster_and_resumes_to_nothing(cluster, base, tmp_path):
+    from typer.testing import CliRunner
+
     from edge_steer.bench import adapt
-    from edge_steer.bench.executors import RayExecutor
+    from edge_steer.cli import app
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    seen = []
-    ex = RayExecutor(progress=lambda *a: seen.append(a))
-    said = []
-    cells = adapt.run(_quick(base, tmp_path), tmp_path, say=said.append, executor=ex)
+    args = ["bench", "adapt", "--quick", "--model", str(base), "--out", str(tmp_path), "--shots", "2", "--episodes",
+            "2", "--steps", "3", "--methods", "zero-shot,steer,lora", "--executor", "ray"]
+    res = CliRunner().invoke(app, args)      # joins the cluster this process is connected to
+    assert res.exit_code == 0, res.output
+    assert "recording 2 demos" in res.output and "units" in res.output and "2 CPUs" in res.output
+    cells = adapt._load_cells(tmp_path / "cells.json")
     assert sorted(c.method for c in cells) == ["lora", "steer", "zero-shot"]
     assert all(c.episodes == 2 and len(c.episode_log) == 2 for c in cells)
-    assert any(line.startswith("recording 2 demos") for line in said)
     steer = next(c for c in cells if c.method == "steer")
     assert steer.heads and 0 < steer.trainable_params and steer.peak_rss_mb > 50
-    # the fitted models and the demo set came back to the driver's disk: a resumed run finds all done
-    assert (tmp_path / "runs").exists() and len(list((tmp_path / "runs").glob("*/model"))) == 2
-    assert json.loads((tmp_path / "cells.json").read_text()) == [json.loads(json.dumps(c.__dict__)) for c in cells]
-    assert seen[-1] == (6, 0, 0, 2)     # demos, 2 fits, 3 evaluations: all done, on the cluster's 2 CPUs
-    assert adapt.plan(_quick(base, tmp_path), tmp_path).units == []
+    # the fitted models and the demo set came back to the driver's disk: a resumed run has nothing left
+    assert len(list((tmp_path / "runs").glob("*/model"))) == 2 and (tmp_path / "demos").exists()
+    res = CliRunner().invoke(app, args + ["--dry-run"])
+    assert res.exit_code == 0 and "left to do: nothing" in res.output, res.output
 
 
 def test_a_worker_killed_mid_fit_is_retried_and_every_cell_is_counted_once(cluster, base, tmp_path):
@@ -94,7 +96,7 @@ def test_a_worker_killed_mid_fit_is_retried_and_every_cell_is_counted_once(clust
     assert [c.method for c in cells] == [r["method"] for r in rows]
 
 
-def test_ray_and_the_local_pool_give_the_same_episodes(cluster, base):
+def test_ray_and_the_local_pool_give_the_same_episodes(cluster, base, tmp_path):
     from functools import partial
 
     from edge_steer.bench.executors import RayExecutor, ray_evaluate
@@ -107,3 +109,12 @@ def test_ray_and_the_local_pool_give_the_same_episodes(cluster, base):
     there = ray_evaluate(ex, base, tasks, 3, seed=4)
     here = evaluate(partial(EdgeVLA.from_pretrained, base), tasks, 3, 4, workers=1)
     assert [(r.task, r.seed, r.success, r.steps) for r in there] == [(r.task, r.seed, r.success, r.steps) for r in here]
+    # `edge-steer eval --executor ray` is that evaluation, with its per-episode log
+    from typer.testing import CliRunner
+
+    from edge_steer.cli import app
+    res = CliRunner().invoke(app, ["eval", "--model", str(base), "--task", tasks[0].name, "--episodes", "3", "--seed", "4",
+                                   "--executor", "ray", "--out", str(tmp_path / "eval.json")])
+    assert res.exit_code == 0, res.output
+    log = json.loads((tmp_path / "eval.json").read_text())["episodes"]
+    assert [(e["seed"], e["success"], e["steps"]) for e in log] == [(r.seed, r.success, r.steps) for r in here]
