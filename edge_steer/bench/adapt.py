@@ -589,8 +589,8 @@ def describe(p: Plan) -> list[str]:
 
 
 def price(p: Plan, cells: Iterable[Cell], workers: int) -> str:
-    """The plan's wall time on `workers` parallel slots (one unit each), list-scheduled in plan order after each
-    unit's inputs, at the rates the cells measured: a clean or perturbed episode at its measured wall seconds
+    """The plan's wall time on `workers` parallel workers (one unit each; a free worker takes the first unit in plan
+    order whose inputs are done), at the rates the cells measured: a clean or perturbed episode at its measured wall seconds
     times the cores of the machine that timed it (the cells' episodes ran one per core), a fit at its method's
     median. Demo sets are not timed and count as free."""
     import heapq
@@ -601,23 +601,31 @@ def price(p: Plan, cells: Iterable[Cell], workers: int) -> str:
     basis = mine if any(c.eval_episodes for c in mine) else cells
     timed = [c for c in basis if c.eval_episodes]
     if not timed:
-        return f"on {workers} workers: no cell here is timed yet, so no estimate"
+        return f"on {workers} worker{'s' if workers > 1 else ''}: no cell here is timed yet, so no estimate"
     per_core = sum(c.eval_s * _cores(c.machine) for c in timed) / sum(c.eval_episodes for c in timed)
     fits = {m: sorted(c.finetune_s for c in basis if c.method == m and c.finetune_s > 0) for m in METHODS}
-    finish: dict[str, float] = {}
-    slots = [0.0] * workers
-    for u in p.units:
+
+    def cost(u: Unit) -> float:
         if u.kind == "fit":
             f = fits.get(u.spec["method"]) or [0.0]
-            cost = f[len(f) // 2]
-        else:
-            cost = per_core * u.spec["n"] if u.kind == "eval" else 0.0
-        start = max([heapq.heappop(slots)] + [finish[a] for a in u.after])
-        finish[u.id] = start + cost
-        heapq.heappush(slots, finish[u.id])
+            return f[len(f) // 2]
+        return per_core * u.spec["n"] if u.kind == "eval" else 0.0
+
+    # as the Ray executor runs it: whenever a worker is free, the first unit in plan order whose inputs are done
+    finish: dict[str, float] = {}
+    waiting, running, now = list(p.units), [], 0.0
+    while waiting or running:
+        ready = [u for u in waiting if all(a in finish for a in u.after)][:workers - len(running)]
+        for u in ready:
+            heapq.heappush(running, (now + cost(u), u.id))
+        if ready:
+            started = {u.id for u in ready}
+            waiting = [u for u in waiting if u.id not in started]
+        now, uid = heapq.heappop(running)
+        finish[uid] = now
     took = max(finish.values(), default=0.0)
     took_s = f"{took / 3600:.1f} h" if took >= 3600 else f"{took / 60:.0f} min"
-    return (f"on {workers} workers: about {took_s} for {len(p.units)} units ({per_core:.1f} s an episode on one core, "
+    return (f"on {workers} worker{'s' if workers > 1 else ''}: about {took_s} for {len(p.units)} units ({per_core:.1f} s an episode on one core, "
             "fits at their method's median, each unit on one worker, after its inputs; demo sets not counted)")
 
 
