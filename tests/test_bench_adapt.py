@@ -636,3 +636,27 @@ def test_episode_results_are_applied_once_and_in_scene_order():
     dim = {"perturbation": "dim_light", "first": 0}
     assert _apply_episodes(cell, dim, batch(0), early) and not _apply_episodes(cell, dim, batch(0), early)
     assert cell.robustness == {"dim_light": [2, 2]}
+
+
+def test_the_dry_run_prices_a_plan_on_n_workers_as_a_cluster_runs_it(tmp_path, monkeypatch):
+    """On N workers a free worker takes the first unit in plan order whose inputs are done: at 10 s an episode on
+    one core and 100 s a fit, zero-shot's four batches of 5 episodes (4 x 50 s), then the steer fit (100 s) and
+    its four batches take 500 s on one worker; 200 s on four (the fit waits for a worker behind zero-shot's
+    batches); 150 s on five (the fit beside them, then its batches at once)."""
+    import edge_steer.bench.adapt as adapt
+
+    stand_ins(monkeypatch, lambda load, i: True)
+    timed = [Cell("purple_cylinder_in_yellow_bowl", "entity", 5, m, 9, eval_s=50.0, eval_episodes=10,
+                  finetune_s=100.0 if m == "steer" else 0.0, machine=adapt.this_machine().replace(
+                      f"{adapt._cores(adapt.this_machine())} cores", "2 cores"), base_model="")
+             for m in ("zero-shot", "steer")]                    # 5 s an episode on 2 cores: 10 s on one
+    (tmp_path / "cells.json").write_text(json.dumps([c.__dict__ for c in timed]))
+    cfg = adapt.AdaptConfig.quick(episodes=20, methods=("zero-shot", "steer"), seeds=(0,))
+    monkeypatch.setattr(adapt, "this_machine", lambda: timed[0].machine)
+    p = adapt.plan(cfg, tmp_path, episode_batch=5)
+    assert [u.kind for u in p.units] == ["eval"] * 4 + ["fit"] + ["eval"] * 4     # the demos are there already
+    done = list(p.cells.values())
+    assert "on 1 worker: about 8 min for 9 units (10.0 s an episode on one core" in adapt.price(p, done, 1)   # 500 s
+    assert adapt.price(p, done, 4).startswith("on 4 workers: about 3 min")                                   # 200 s
+    assert adapt.price(p, done, 5).startswith("on 5 workers: about 2 min")                                   # 150 s
+    assert adapt.describe(p) == ["purple_cylinder_in_yellow_bowl seed 0: 40 episodes, 1 steer fit, 9 units"]
