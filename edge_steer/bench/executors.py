@@ -19,7 +19,6 @@ import io
 import os
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,9 +235,3 @@ def _evaluate_batch(model_blob: bytes, task, n: int, seed: int, first: int, exec
         model = unpack(model_blob, tmp)
         return evaluate(partial(EdgeVLA.from_pretrained, model), [task], n, seed, workers=1, first=first,
                         execute=execute, ensemble=ensemble, gif_first=gif_first, instruction=instruction)
-
-
-def wall(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """`fn()` and its wall seconds (for the cluster benchmark's overhead figures)."""
-    t0 = time.perf_counter()
-    return fn(), time.perf_counter() - t0
