@@ -6,6 +6,11 @@ steps, batch size and learning rate; every fine-tuned model is evaluated closed 
 seeds disjoint from the demo seeds, and optionally under test-time perturbations none trained on.
 Fine-tunes run in a spawned process each, so their peak memory (max RSS) is measured per run.
 
+A run is plan -> execute -> report: `plan` lists what is left as units (demo sets, fits, evaluation batches)
+with their dependencies, `execute` runs them on an executor (`edge_steer.bench.executors`: the local pool or a
+Ray cluster) and folds each result into cells.json as it finishes, and `summarise` / `markdown` / `plot` render
+the cells. `--dry-run` prints the plan and its price (docs/cluster.md).
+
 Ablations vary one thing of the steer arm: the number of heads, which slices train, and how heads
 are chosen (attribution / exact mean ablation / factor patching / probe / random), at one K and the first
 seed. Learning-rate arms run for every fine-tuning method, so each method can be compared at its own best
