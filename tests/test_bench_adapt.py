@@ -660,3 +660,11 @@ def test_the_dry_run_prices_a_plan_on_n_workers_as_a_cluster_runs_it(tmp_path, m
     assert adapt.price(p, done, 4).startswith("on 4 workers: about 3 min")                                   # 200 s
     assert adapt.price(p, done, 5).startswith("on 5 workers: about 2 min")                                   # 150 s
     assert adapt.describe(p) == ["purple_cylinder_in_yellow_bowl seed 0: 40 episodes, 1 steer fit, 9 units"]
+
+
+def test_a_bad_executor_is_refused_in_one_line():
+    for args, said in ((["eval", "--task", "purple_cylinder_in_yellow_bowl", "--executor", "bogus"], "unknown executor 'bogus'"),
+                       (["bench", "adapt", "--quick", "--ray-address", "127.0.0.1:6379", "--dry-run"],
+                        "--ray-address needs --executor ray")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and said in res.output, res.output
