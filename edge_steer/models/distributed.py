@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -39,28 +40,39 @@ class DataParallel:
                                  "make --batch-size a multiple of the process count")
             k = n // self.world
             return v[self.rank * k:(self.rank + 1) * k]
-        return {key: part(v) if isinstance(v, (torch.Tensor, list)) else v for key, v in batch.items()}
+        return {key: part(v) if isinstance(v, (np.ndarray, torch.Tensor, list)) else v for key, v in batch.items()}
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """The trainable parameters' gradients averaged over the processes, in one all-reduce."""
+    def average_gradients(self, params: list[torch.nn.Parameter], weight: float) -> None:
+        """The trainable parameters' gradients as the whole batch's loss would give them, in one all-reduce:
+        each process's weighted by its share of the loss's denominator (`loss_weight` of its shard)."""
         import torch.distributed as dist
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], dtype=grads[0].dtype)])
         dist.all_reduce(flat)
-        flat /= self.world
+        flat = flat[:-1] / flat[-1]
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def mean(self, value: float) -> float:
-        """A scalar averaged over the processes (the logged loss: the global batch's)."""
+    def mean(self, value: float, weight: float) -> float:
+        """A shard's mean loss made the whole batch's (for the log)."""
         import torch.distributed as dist
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value * weight, weight], dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item()) / self.world
+        return float(t[0] / t[1])
+
+
+def loss_weight(batch: dict[str, Any]) -> float:
+    """What a shard's mean loss is a mean over: its valid (unpadded) action steps where the batch marks padding
+    (the training losses average over those, `masked_l1`), else its rows. Shards of one batch can hold different
+    numbers of padded steps, so an unweighted mean of their losses would not be the batch's."""
+    pad = batch.get("action_is_pad")
+    if pad is not None:
+        return float((~np.asarray(pad, dtype=bool)).sum())
+    return float(len(next(v for v in batch.values() if isinstance(v, (np.ndarray, torch.Tensor, list)))))
 
 
 def data_parallel() -> DataParallel | None:

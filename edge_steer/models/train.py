@@ -95,7 +95,7 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
 
     `make_batches(start_step)` returns the batch stream; a resumed run passes the step it resumes
     from, so it does not replay the batches it already trained on."""
-    from edge_steer.models.distributed import data_parallel
+    from edge_steer.models.distributed import data_parallel, loss_weight
     ddp = data_parallel()    # under torchrun: this process's share of each batch, gradients averaged (distributed.py)
     progress = progress and (ddp is None or ddp.main)
     out = Path(out_dir)
@@ -119,6 +119,7 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     try:
         while step < cfg.steps:
             batch = next(data) if ddp is None else ddp.shard(next(data))
+            weight = None if ddp is None else loss_weight(batch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             with amp:
@@ -128,11 +129,11 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if ddp is not None:
-                ddp.average_gradients(params)
+                ddp.average_gradients(params, weight)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
-            losses.append(loss.item() if ddp is None else ddp.mean(loss.item()))
+            losses.append(loss.item() if ddp is None else ddp.mean(loss.item(), weight))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
                                 "elapsed_s": time.perf_counter() - t0})
