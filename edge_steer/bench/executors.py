@@ -158,8 +158,11 @@ class RayExecutor:
                 self.progress(len(finished), len(running), len(units) - len(finished) - len(running), cpus)
 
         while waiting or running:
-            ready_now = [u for u in waiting if all(a in finished for a in by_id[u].after)]
-            waiting = [u for u in waiting if u not in set(ready_now)]
+            # as many in flight as the cluster has CPUs: what runs is what the bar says runs, the rest waits here
+            room = max(1, cpus) - len(running)
+            ready_now = [u for u in waiting if all(a in finished for a in by_id[u].after)][:max(0, room)]
+            submitted = set(ready_now)
+            waiting = [u for u in waiting if u not in submitted]
             for uid in ready_now:
                 submit(by_id[uid])
             tell()
