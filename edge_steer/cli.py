@@ -280,8 +280,10 @@ def _train_and_eval(model, ds, out: Path, steps: int, batch_size: int, lr: float
 
 def _eval_report(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
                  gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
-                 instruction: str | None = None) -> list:
-    from edge_steer.sim.rollout import evaluate, save_gif, wilson_interval
+                 instruction: str | None = None, evaluate=None) -> list:
+    from edge_steer.sim.rollout import save_gif, wilson_interval
+    if evaluate is None:   # the local pool; a cluster's evaluate is passed in (eval --executor ray)
+        from edge_steer.sim.rollout import evaluate
 
     t0 = time.perf_counter()
     with _progress() as prog:
@@ -336,7 +338,9 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              ensemble: Optional[float] = typer.Option(None, min=0.0,
                                                       help="ACT temporal-ensemble decay (off by default)"),
              instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
-                                                       "reports the instructed task's success where it can be done")
+                                                       "reports the instructed task's success where it can be done"),
+             executor: str = typer.Option("local", help="local (a process pool of --workers) or ray (docs/cluster.md)"),
+             ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: an embedded local Ray)")
              ) -> None:
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
@@ -358,8 +362,20 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
                       "both its objects are in the scene" if named else "no known task: only each scene's own "
                       "task is reported"), markup=False)
-    _eval_report(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
-                 instruction)
+    if executor == "local" and not ray_address:
+        _eval_report(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                     instruction)
+        return
+    from edge_steer.bench import executors
+    try:
+        cluster = executors.make(executor, ray_address, workers)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        _eval_report(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                     instruction, evaluate=lambda load, *a, workers, **kw: executors.ray_evaluate(cluster, path, *a, **kw))
+    finally:
+        cluster.shutdown()
 
 
 def _load(model: Optional[Path]):
@@ -470,6 +486,9 @@ def finetune_cmd(model: Optional[Path] = typer.Option(None, help="base checkpoin
         res = finetune(m, ds, cfg, out, heads=refs, heads_doc=doc, resume=resume)
     except (FinetuneError, IdentifyError, DatasetError, FloatingPointError, json.JSONDecodeError) as e:
         _fail(str(e))
+    from edge_steer.models.distributed import is_main
+    if not is_main():        # under torchrun every process holds the same result: the first one writes it
+        return
     paths = save_result(res, out)
     console.print(f"{method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
                   f"{res.train.final_loss:.4f}, {res.train.seconds:.0f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
@@ -519,7 +538,10 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 grid_arms: Optional[str] = typer.Option(None, help="method:arm run on every K and seed like the main arms, e.g. steer:whole=stem.0,full:lr=0.0001"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
-                dry_run: bool = typer.Option(False, help="say what is left to run (demo sets, fine-tunes, episodes); run nothing"),
+                dry_run: bool = typer.Option(False, help="print the plan left to run (demo sets, fine-tunes, episodes) and its price; run nothing"),
+                workers: Optional[int] = typer.Option(None, min=1, help="local: episodes in parallel; ray: the embedded Ray's CPUs; --dry-run: price it on this many workers"),
+                executor: str = typer.Option("local", help="local (one unit at a time over --workers processes) or ray (docs/cluster.md)"),
+                ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: an embedded local Ray)"),
                 report: bool = typer.Option(False, help="write the tables, plots and --docs section from the cells already in --out; run nothing"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
@@ -537,7 +559,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None, ablation_shots=ablation_shots,
         ablation_seeds=_ints(ablation_seeds) if ablation_seeds else None, ablation_episodes=ablation_episodes,
         grid_arms=tuple(grid_arms.split(",")) if grid_arms else None, model=str(model) if model else None,
-        refit=refit or None)
+        refit=refit or None, workers=workers)
     if bad := set(cfg.methods) - set(adapt.METHODS):
         _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
     try:
@@ -546,8 +568,12 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     except ValueError as e:
         _fail(str(e))
     try:
-        cells = adapt.measured(cfg, out) if report else adapt.run(cfg, out, say=console.print, dry_run=dry_run)
-    except (adapt.ForeignCells, FileNotFoundError) as e:
+        if report:
+            cells = adapt.measured(cfg, out)
+        else:
+            with _unit_progress(not dry_run) as progress:
+                cells = _bench_adapt_run(cfg, out, dry_run, executor, ray_address, workers, progress)
+    except (adapt.ForeignCells, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if dry_run:
         return
@@ -572,6 +598,47 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         heading = "## Few-shot adaptation" + (" (quick)" if quick else "")
         section = heading + "\n\n" + text + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
         upsert_section(str(docs), section, title="# Results")
+
+
+def _unit_progress(show: bool):
+    """A bar of a plan's units: done of all, with how many run now, how many are left and the cluster's CPUs."""
+    from contextlib import nullcontext
+    if not show:
+        return nullcontext(None)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console, transient=False)
+
+    class Bar:
+        def __enter__(self):
+            prog.__enter__()
+            self.bar = prog.add_task("units", total=None, state="")
+            return self.update
+
+        def update(self, done: int, running: int, left: int, cpus: int) -> None:
+            prog.update(self.bar, completed=done, total=done + running + left,
+                        state=f"{running} running, {left} left, {cpus} CPUs")
+
+        def __exit__(self, *exc):
+            return prog.__exit__(*exc)
+    return Bar()
+
+
+def _bench_adapt_run(cfg, out: Path, dry_run: bool, executor: str, address: Optional[str], workers: Optional[int],
+                     progress):
+    from edge_steer.bench import adapt, executors
+    runner = executors.make(executor, address, workers, progress)
+    try:
+        if not dry_run:
+            return adapt.run(cfg, out, say=console.print, executor=runner)
+        # priced as a cluster runs it when a cluster size is given: episodes in Ray's batches
+        plan = adapt.plan(cfg, out, executors.RAY_EPISODE_BATCH if workers or executor == "ray" else None)
+        for line in adapt.describe(plan) + adapt.dry_run_report(
+                plan, runner.cluster_cpus() if executor == "ray" else workers):
+            console.print(line)
+        return list(plan.cells.values())
+    finally:
+        if executor == "ray":
+            runner.shutdown()
 
 
 def _invoke(command, **given):
