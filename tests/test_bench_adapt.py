@@ -574,3 +574,97 @@ def test_the_machine_description_names_the_cpu_its_cores_and_widest_vector_units
     info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse4_2\n")
     assert this_machine(info) == f"Old CPU, {os.cpu_count()} cores"
     assert this_machine(tmp_path / "missing").endswith(f", {os.cpu_count()} cores")
+
+
+def test_nothing_of_ray_or_torch_distributed_is_imported_until_asked():
+    """The executors and the distributed helper import Ray and torch.distributed's process group only when a
+    cluster run or a torchrun start asks for them: the CLI, the benchmark and the serving path load neither."""
+    import subprocess
+    import sys
+    code = ("import sys, edge_steer.cli, edge_steer.bench.adapt, edge_steer.bench.executors, edge_steer.runtime.daemon, "
+            "edge_steer.models.distributed; "
+            "from edge_steer.models.distributed import data_parallel; assert data_parallel() is None; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_driver_killed_between_units_resumes_from_the_last_unit_without_fitting_or_counting_twice(tmp_path, monkeypatch):
+    """Results are written as each unit finishes: a run killed after a fit and one batch of episodes keeps
+    both, and the resumed run fits nothing and runs only the episodes left, each scene once."""
+    import edge_steer.bench.adapt as adapt
+    import edge_steer.files as files
+    from edge_steer.bench.executors import LocalExecutor
+
+    fits = stand_ins(monkeypatch, lambda load, i: i % 2 == 0)
+    cfg = adapt.AdaptConfig.quick(episodes=6, methods=("steer",))
+    real, saves = files.os.replace, []
+
+    def killed_on_the_third_save(src, dst):
+        real(src, dst)
+        if Path(dst).name == "cells.json":
+            saves.append(dst)
+            if len(saves) == 3:          # the fit, then two batches of two episodes, are in the file
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed_on_the_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.run(cfg, tmp_path, executor=LocalExecutor(episode_batch=2))
+    kept = json.loads((tmp_path / "cells.json").read_text())
+    assert [(c["method"], c["episodes"]) for c in kept] == [("steer", 4)] and len(fits) == 1
+    monkeypatch.setattr(files.os, "replace", real)
+    cells = adapt.run(cfg, tmp_path, executor=LocalExecutor(episode_batch=2))
+    assert len(fits) == 1 and [c.episodes for c in cells] == [6]
+    assert [e["seed"] for e in cells[0].episode_log] == list(range(6)) and cells[0].successes == 3
+
+
+def test_episode_results_are_applied_once_and_in_scene_order():
+    """A cluster finishes batches in any order, and a retried task can report twice: a cell counts each scene
+    once, in order, and a perturbation once."""
+    from edge_steer.bench.adapt import _apply_episodes
+
+    cell = Cell("v", "entity", 5, "steer", 0)
+    early: dict = {}
+    batch = lambda first: [{"seed": first + i, "success": True, "steps": 1} for i in range(2)]   # noqa: E731
+    spec = lambda first: {"perturbation": None, "first": first}                                    # noqa: E731
+    assert _apply_episodes(cell, spec(2), batch(2), early) and cell.episodes == 0    # waits for scenes 0-1
+    assert not _apply_episodes(cell, spec(2), batch(2), early)                        # the same batch again
+    assert _apply_episodes(cell, spec(0), batch(0), early) and cell.episodes == 4
+    assert [e["seed"] for e in cell.episode_log] == [0, 1, 2, 3] and cell.successes == 4
+    assert not _apply_episodes(cell, spec(0), batch(0), early) and cell.episodes == 4
+    dim = {"perturbation": "dim_light", "first": 0}
+    assert _apply_episodes(cell, dim, batch(0), early) and not _apply_episodes(cell, dim, batch(0), early)
+    assert cell.robustness == {"dim_light": [2, 2]}
+
+
+def test_the_dry_run_prices_a_plan_on_n_workers_as_a_cluster_runs_it(tmp_path, monkeypatch):
+    """On N workers a free worker takes the first unit in plan order whose inputs are done: at 10 s an episode on
+    one core and 100 s a fit, zero-shot's four batches of 5 episodes (4 x 50 s), then the steer fit (100 s) and
+    its four batches take 500 s on one worker; 200 s on four (the fit waits for a worker behind zero-shot's
+    batches); 150 s on five (the fit beside them, then its batches at once)."""
+    import edge_steer.bench.adapt as adapt
+
+    stand_ins(monkeypatch, lambda load, i: True)
+    timed = [Cell("purple_cylinder_in_yellow_bowl", "entity", 5, m, 9, eval_s=50.0, eval_episodes=10,
+                  finetune_s=100.0 if m == "steer" else 0.0, machine=adapt.this_machine().replace(
+                      f"{adapt._cores(adapt.this_machine())} cores", "2 cores"), base_model="")
+             for m in ("zero-shot", "steer")]                    # 5 s an episode on 2 cores: 10 s on one
+    (tmp_path / "cells.json").write_text(json.dumps([c.__dict__ for c in timed]))
+    cfg = adapt.AdaptConfig.quick(episodes=20, methods=("zero-shot", "steer"), seeds=(0,))
+    monkeypatch.setattr(adapt, "this_machine", lambda: timed[0].machine)
+    p = adapt.plan(cfg, tmp_path, episode_batch=5)
+    assert [u.kind for u in p.units] == ["eval"] * 4 + ["fit"] + ["eval"] * 4     # the demos are there already
+    done = list(p.cells.values())
+    assert "on 1 worker: about 8 min for 9 units (10.0 s an episode on one core" in adapt.price(p, done, 1)   # 500 s
+    assert adapt.price(p, done, 4).startswith("on 4 workers: about 3 min")                                   # 200 s
+    assert adapt.price(p, done, 5).startswith("on 5 workers: about 2 min")                                   # 150 s
+    assert adapt.describe(p) == ["purple_cylinder_in_yellow_bowl seed 0: 40 episodes, 1 steer fit, 9 units"]
+
+
+def test_a_bad_executor_is_refused_in_one_line():
+    for args, said in ((["eval", "--task", "purple_cylinder_in_yellow_bowl", "--executor", "bogus"], "unknown executor 'bogus'"),
+                       (["bench", "adapt", "--quick", "--ray-address", "127.0.0.1:6379", "--dry-run"],
+                        "--ray-address needs --executor ray")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and said in res.output, res.output

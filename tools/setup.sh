@@ -15,7 +15,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (CPU build on this machine kind)"
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e '.[dev]'
+# [ray]: the cluster executor's tests run in CI (ray is about 240 MB installed)
+.venv/bin/python -m pip install -q -e '.[dev,ray]'
 # Triton runs our fused-attention kernel under its interpreter in the tests. It lives apart from the venv's
 # site-packages: on this CPU kind, a process that renders with Mesa's software EGL and then loads triton's LLVM
 # (torch._dynamo imports it) segfaults, so only the kernel tests' subprocesses put .venv/kernels on their path.

@@ -6,6 +6,11 @@ steps, batch size and learning rate; every fine-tuned model is evaluated closed 
 seeds disjoint from the demo seeds, and optionally under test-time perturbations none trained on.
 Fine-tunes run in a spawned process each, so their peak memory (max RSS) is measured per run.
 
+A run is plan -> execute -> report: `plan` lists what is left as units (demo sets, fits, evaluation batches)
+with their dependencies, `execute` runs them on an executor (`edge_steer.bench.executors`: the local pool or a
+Ray cluster) and folds each result into cells.json as it finishes, and `summarise` / `markdown` / `plot` render
+the cells. `--dry-run` prints the plan and its price (docs/cluster.md).
+
 Ablations vary one thing of the steer arm: the number of heads, which slices train, and how heads
 are chosen (attribution / exact mean ablation / factor patching / probe / random), at one K and the first
 seed. Learning-rate arms run for every fine-tuning method, so each method can be compared at its own best
@@ -291,33 +296,59 @@ def method_arms(arms: list[tuple[str, dict[str, Any]]], method: str) -> list[tup
     return [a for a in arms if a[0] == "main" or set(a[1]) == {"lr"}]
 
 
-def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False) -> list[Cell]:
-    """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations. `dry_run`: only
-    say what that is (demo sets, fine-tunes, episodes), running and writing nothing."""
+# ------------------------------------------------------------------------------------------------
+# plan: what is left to measure, as independent units with their dependencies
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Unit:
+    """One independent piece of work: record a demo set, fit one cell's model, or run evaluation episodes of
+    one cell (clean ones from scene `first` on, or all of one perturbation's). `after`: the units whose outputs
+    it reads. `inputs` name the spec's fields that are folders it reads, `output` the one it writes: what an
+    executor on other machines ships (see edge_steer.bench.executors)."""
+    id: str
+    kind: str                                   # "demos" | "fit" | "eval"
+    spec: dict[str, Any]
+    cell: tuple = ()                            # the key of the cell it measures (a demo set: none)
+    after: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+
+
+@dataclass
+class Plan:
+    """Every unit `cfg` asks for that the measured cells lack, in an order that runs each after its inputs."""
+    units: list[Unit]
+    cells: dict[tuple, Cell]                    # the measured cells, in the order they ran
+    fresh: dict[tuple, Cell]                    # the cells the units make (a refit one replaces the measured one)
+    results_file: Path
+    notes: list[str] = field(default_factory=list)   # what the run says before it starts
+    skipped: int = 0                            # cells short of episodes whose model is gone, left without --refit
+    adopted: bool = False                       # cells without a base-model fingerprint were marked: write them back
+
+    def work(self) -> Counter[str]:
+        """What is left, counted as the dry run has always said it."""
+        work: Counter[str] = Counter()
+        for u in self.units:
+            if u.kind == "demos":
+                work["demo sets"] += 1
+            elif u.kind == "fit":
+                work[f"{u.spec['method']} fine-tunes"] += 1
+            else:
+                work["perturbed episodes" if u.spec["perturbation"] else "episodes"] += u.spec["n"]
+        if self.skipped:
+            work["cells short of episodes or robustness runs, left without --refit"] += self.skipped
+        return work
+
+
+def plan(cfg: AdaptConfig, out_dir: str | Path, episode_batch: int | None = None) -> Plan:
+    """The units left to run for `cfg` in `out_dir` (reads cells.json and the demo sets; runs and writes nothing).
+    `episode_batch`: clean evaluation episodes per unit (None: one unit per cell, its episodes run together).
+    Raises ForeignCells for cells of another base model, FinetuneError for a --whole module the model lacks."""
     from edge_steer.models import DEFAULT_MODEL_DIR, load_model
-    from edge_steer.sim.demos import generate_demos
-    from edge_steer.sim.env import EnvConfig
-    from edge_steer.sim.rollout import EpisodeResult, evaluate
     from edge_steer.sim.tasks import get_task, tasks_by_split
 
     out = Path(out_dir)
-    if not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-    work: Counter[str] = Counter()      # what a dry run would have done
     here = this_machine()
-    tell, say = say, (lambda line: None) if dry_run else say
-
-    def rollout(cell: Cell, kind: str, load, task, n: int, first: int = 0) -> list:
-        if dry_run:
-            work[kind] += n
-            return [EpisodeResult(task.name, cell.seed, False, 0)] * n
-        t0 = time.perf_counter()
-        res = evaluate(load, [task], n, cell.seed, workers=cfg.workers, first=first)
-        if cell.machine == here:   # what --dry-run's estimate is made of; never one cell's seconds from two machines
-            cell.eval_s += time.perf_counter() - t0
-            cell.eval_episodes += len(res)
-        return res
-
     base_dir = Path(cfg.model) if cfg.model else DEFAULT_MODEL_DIR
     # a variant named twice runs once, in the order first named
     variants = [get_task(v) for v in dict.fromkeys(cfg.variants)] if cfg.variants else tasks_by_split("heldout")
@@ -328,53 +359,37 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
     base = load_model(base_dir)   # loaded once: its fingerprint here, its modules for --whole below
     base_fp = base.fingerprint()
     _refuse_foreign(cells.values(), base_fp, results_file, base_dir)
+    p = Plan([], cells, {}, results_file)
     if legacy := [c for c in cells.values() if not c.base_model]:
-        say(f"{len(legacy)} cells in {results_file} carry no base-model fingerprint (recorded before it was kept); "
-            f"they are taken as measured on this run's base model {base_fp[:12]} and marked so")
+        p.notes.append(f"{len(legacy)} cells in {results_file} carry no base-model fingerprint (recorded before it "
+                       f"was kept); they are taken as measured on this run's base model {base_fp[:12]} and marked so")
         for c in legacy:
             c.base_model = base_fp
+        p.adopted = True
 
-    def evaluate_cell(cell: Cell, model_dir: Path, task) -> bool:
-        """The evaluation episodes the cell lacks (all of them for a new cell), on its saved model, then
-        the robustness runs; a cell run on fewer episodes before is extended with the next scenes."""
-        todo = cfg.episodes_for(cell.method, cell.arm) - cell.episodes
-        if todo > 0:
-            load = partial(load_model, model_dir)
-            res = rollout(cell, "episodes", load, task, todo, first=cell.episodes)
-            cell.successes += sum(r.success for r in res)
-            cell.episodes += len(res)
-            cell.episode_log += [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res]
-        return evaluate_robustness(cell, model_dir, task) or todo > 0
-
-    def evaluate_robustness(cell: Cell, model_dir: Path, task) -> bool:
-        """The perturbations the cell lacks, on its saved model, for the arms `measures_robustness` picks."""
-        todo = missing_perturbations(cfg, cell)
-        load = partial(load_model, model_dir)
-        for name in todo:
-            pres = rollout(cell, "perturbed episodes", load, task.vary(**PERTURBATIONS[name]), cfg.perturb_episodes)
-            cell.robustness[name] = [sum(r.success for r in pres), len(pres)]
-        return bool(todo)
-
-    def save() -> None:
-        if not dry_run:
-            # resumable after a crash: a run killed mid-write (a session's end) leaves the last complete file
-            text = json.dumps([asdict(c) for c in cells.values()], indent=1)
-            atomic_write_text(results_file, text)
-
-    if legacy:
-        save()
-
-    def record(cell: Cell) -> None:
-        cells[_key(cell)] = cell
-        save()
-        say(f"{_label(cell)}: {cell.successes}/{cell.episodes}"
-            + (f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
+    def evaluations(cell: Cell, model_dir: Path, task, after: tuple[str, ...]) -> None:
+        """The evaluation episodes the cell lacks (all of them for a new cell), extending a cell run on fewer
+        episodes with the next scenes, then the perturbations it lacks (for the arms `measures_robustness` picks)."""
+        key, have = _key(cell), cell.episodes
+        todo = cfg.episodes_for(cell.method, cell.arm) - have
+        step = episode_batch or max(todo, 1)
+        for first in range(have, have + max(todo, 0), step):
+            n = min(step, have + todo - first)
+            p.units.append(Unit(f"eval:{_label(cell)}:{first}", "eval", {
+                "model": str(model_dir), "task": task.name, "seed": cell.seed, "first": first, "n": n,
+                "perturbation": None, "workers": cfg.workers}, key, after, ("model",)))
+        for name in missing_perturbations(cfg, cell):
+            p.units.append(Unit(f"eval:{_label(cell)}:{name}", "eval", {
+                "model": str(model_dir), "task": task.name, "seed": cell.seed, "first": 0, "n": cfg.perturb_episodes,
+                "perturbation": name, "workers": cfg.workers}, key, after, ("model",)))
 
     arms, grid = ablation_arms(cfg), grid_arms(cfg)
     if len(arms) > 1 and cfg.sweep_shots not in cfg.shots:     # a slice of the grid at other K or seeds: not an error
-        say(f"the ablation arms run at K = {cfg.sweep_shots}, which this run does not include; only main and grid arms run")
+        p.notes.append(f"the ablation arms run at K = {cfg.sweep_shots}, which this run does not include; only main "
+                       "and grid arms run")
     elif len(arms) > 1 and not set(cfg.sweep_seeds) & set(cfg.seeds):
-        say(f"the ablation arms run on seeds {list(cfg.sweep_seeds)}, which this run does not include; only main and grid arms run")
+        p.notes.append(f"the ablation arms run on seeds {list(cfg.sweep_seeds)}, which this run does not include; "
+                       "only main and grid arms run")
     if whole := {m for _, change in arms + grid.get("steer", []) for m in change.get("whole", ())}:
         from edge_steer.steering.finetune import whole_slices
         whole_slices(base, tuple(sorted(whole)))   # a wrong name fails before hours of work
@@ -382,7 +397,7 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
         for seed in cfg.seeds:
             demos = out / "demos" / f"{task.name}_seed{seed}"
             # recorded when the first fit needs them: a (variant, seed) whose cells are all done needs none
-            demos_ready = _demo_count(demos) >= max(cfg.shots)
+            demos_unit: tuple[str, ...] | None = () if _demo_count(demos) >= max(cfg.shots) else None
             for k in cfg.shots:
                 for method in cfg.methods:
                     sweep = method_arms(arms, method)
@@ -394,65 +409,239 @@ def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = prin
                             continue                   # zero-shot does not depend on K: one cell per (variant, seed)
                         cell = Cell(task.name, task.factor or "", k, method, seed, arm, base_model=base_fp, machine=here)
                         if method == "zero-shot":      # a cell recorded at any K is this one
-                            cell.shots = next((key[1] for key in cells if key[0] == task.name and key[2] == method
-                                               and key[3] == seed), k)
+                            cell.shots = next((key[1] for key in list(cells) + list(p.fresh) if key[0] == task.name
+                                               and key[2] == method and key[3] == seed), k)
                         run_dir = out / "runs" / f"{task.name}_K{k}_{method}_{arm}_s{seed}"
                         if (old := cells.get(_key(cell))) is not None:   # done, but perhaps on fewer episodes or without the robustness asked now
                             model_dir = base_dir if method == "zero-shot" else run_dir / "model"
                             if model_dir.exists():
-                                if evaluate_cell(old, model_dir, task):
-                                    save()
-                                    say(f"{_label(old)} extended: {old.successes}/{old.episodes}" + (
-                                        "; robustness: " + ", ".join(f"{n} {s}/{e}" for n, (s, e) in old.robustness.items())
-                                        if old.robustness else ""))
+                                evaluations(old, model_dir, task, ())
                                 continue
                             want = cfg.episodes_for(method, arm)
                             missing = missing_perturbations(cfg, old)
                             if old.episodes >= want and not missing:
                                 continue
                             if not cfg.refit:
-                                work["cells short of episodes or robustness runs, left without --refit"] += 1
-                                say(f"{_label(old)}: {old.episodes} of {want} episodes"
-                                    + (f", not yet run under {', '.join(missing)}" if missing else "")
-                                    + f", and its model is not in {run_dir}; --refit fits it again")
+                                p.skipped += 1
+                                p.notes.append(f"{_label(old)}: {old.episodes} of {want} episodes"
+                                               + (f", not yet run under {', '.join(missing)}" if missing else "")
+                                               + f", and its model is not in {run_dir}; --refit fits it again")
                                 continue
                             runs = " and the robustness runs asked" if measures_robustness(cfg, method, arm, k) else ""
-                            say(f"{_label(old)}: fitting again for {want} episodes{runs} (its model is gone; the "
-                                f"{old.episodes} old episodes and any robustness runs are replaced)")
-                            del cells[_key(old)]
+                            p.notes.append(f"{_label(old)}: fitting again for {want} episodes{runs} (its model is gone; "
+                                           f"the {old.episodes} old episodes and any robustness runs are replaced)")
+                        p.fresh[_key(cell)] = cell
                         if method == "zero-shot":
-                            evaluate_cell(cell, base_dir, task)
-                            record(cell)
+                            evaluations(cell, base_dir, task, ())
                             continue
-                        if not demos_ready:
+                        if demos_unit is None:
                             # a set recorded for a smaller K is re-recorded whole: same seed, same first episodes
-                            if dry_run:
-                                work["demo sets"] += 1
-                            else:
-                                say(f"recording {max(cfg.shots)} demos of {task.name} (seed {seed})")
-                                shutil.rmtree(demos, ignore_errors=True)
-                                generate_demos(task.name, max(cfg.shots), 10_000 + seed, demos, EnvConfig(),
-                                               workers=cfg.workers)
-                            demos_ready = True
-                        if dry_run:
-                            work[f"{method} fine-tunes"] += 1
-                            evaluate_cell(cell, run_dir / "model", task)
-                            continue
-                        ft = _call(_finetune_job, {
-                            "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k, "method": method,
-                            "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": change.get("lr", cfg.lr),
-                            "top_k": change.get("top_k", cfg.top_k), "selection": change.get("selection", cfg.selection),
-                            "slices": change.get("slices", cfg.slices), "whole": change.get("whole", ()), "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
-                            "out": str(run_dir)}, cfg.isolate)
-                        for key in ("trainable_params", "finetune_s", "peak_rss_mb", "final_loss", "heads"):
-                            setattr(cell, key, ft[key])
-                        evaluate_cell(cell, Path(ft["model_dir"]), task)
-                        record(cell)
-    if dry_run:
-        tell("dry run, nothing run or written; left to do: "
-             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
-             + (f"; {_estimate(work, cells.values(), here)}" if work else ""))
+                            p.units.append(Unit(f"demos:{task.name}:{seed}", "demos", {
+                                "task": task.name, "n": max(cfg.shots), "seed": 10_000 + seed, "out": str(demos),
+                                "workers": cfg.workers}, output="out"))
+                            demos_unit = (p.units[-1].id,)
+                        fit = Unit(f"fit:{_label(cell)}", "fit", {
+                            "model": str(base_dir), "variant": task.name, "demos": str(demos), "shots": k,
+                            "method": method, "seed": seed, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                            "lr": change.get("lr", cfg.lr), "top_k": change.get("top_k", cfg.top_k),
+                            "selection": change.get("selection", cfg.selection),
+                            "slices": change.get("slices", cfg.slices), "whole": change.get("whole", ()),
+                            "lora_rank": cfg.lora_rank, "threads": cfg.workers, "isolate": cfg.isolate,
+                            "out": str(run_dir)}, _key(cell), demos_unit, ("model", "demos"), "out")
+                        p.units.append(fit)
+                        evaluations(cell, run_dir / "model", task, (fit.id,))
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# execute: units on an executor, results into cells.json as each finishes (one writer: this process)
+# ------------------------------------------------------------------------------------------------
+def run_unit(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one unit where it is (any process of any machine that sees its folders) and return its result."""
+    t0 = time.perf_counter()
+    if kind == "demos":
+        from edge_steer.sim.demos import generate_demos
+        from edge_steer.sim.env import EnvConfig
+        shutil.rmtree(spec["out"], ignore_errors=True)
+        generate_demos(spec["task"], spec["n"], spec["seed"], spec["out"], EnvConfig(), workers=spec["workers"])
+        return {"seconds": time.perf_counter() - t0, "machine": this_machine()}
+    if kind == "fit":
+        res = _call(_finetune_job, spec, spec["isolate"])
+        return {**res, "machine": this_machine()}
+    from edge_steer.models import load_model
+    from edge_steer.sim.rollout import evaluate
+    from edge_steer.sim.tasks import get_task
+    task = get_task(spec["task"])
+    if spec["perturbation"]:
+        task = task.vary(**PERTURBATIONS[spec["perturbation"]])
+    res = evaluate(partial(load_model, Path(spec["model"])), [task], spec["n"], spec["seed"],
+                   workers=spec["workers"], first=spec["first"])
+    return {"episodes": [{"seed": r.seed, "success": r.success, "steps": r.steps} for r in res],
+            "seconds": time.perf_counter() - t0, "machine": this_machine()}
+
+
+def execute(p: Plan, executor, say: Callable[[str], None] = print) -> list[Cell]:
+    """Run the plan's units on `executor` (edge_steer.bench.executors), folding each result into its cell and
+    writing cells.json as each unit finishes, so a run killed at any point resumes from what finished. A result
+    is applied once: a batch of episodes the cell already counts, or a perturbation it already has, is dropped."""
+    cells = p.cells
+    left = Counter(u.cell for u in p.units if u.cell)
+    early: dict[tuple, dict[int, list[dict]]] = {}      # clean batches that finished before the ones before them
+
+    def save() -> None:
+        # resumable after a crash: a run killed mid-write (a session's end) leaves the last complete file
+        p.results_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p.results_file, json.dumps([asdict(c) for c in cells.values()], indent=1))
+
+    if p.adopted:
+        save()
+
+    def cell_of(key: tuple) -> Cell:
+        """The cell a unit measures; a fresh one enters cells.json (last, or in place of its refit) on its first result."""
+        if key in p.fresh and cells.get(key) is not p.fresh[key]:
+            cells.pop(key, None)
+            cells[key] = p.fresh[key]
+        return cells[key]
+
+    def started(unit: Unit) -> None:
+        if unit.kind == "demos":
+            say(f"recording {unit.spec['n']} demos of {unit.spec['task']} (seed {unit.spec['seed'] - 10_000})")
+
+    def done(unit: Unit, res: dict[str, Any]) -> None:
+        if unit.kind == "demos":
+            return
+        cell = cell_of(unit.cell)
+        if unit.kind == "fit":
+            for key in ("trainable_params", "finetune_s", "peak_rss_mb", "final_loss", "heads"):
+                setattr(cell, key, res[key])
+            cell.machine = res.get("machine", cell.machine)
+        elif _apply_episodes(cell, unit.spec, res["episodes"], early.setdefault(unit.cell, {})):
+            if res.get("machine") == cell.machine:   # what --dry-run's estimate is made of; never one cell's seconds from two machines
+                cell.eval_s += res["seconds"]
+                cell.eval_episodes += len(res["episodes"])
+        save()
+        left[unit.cell] -= 1
+        if left[unit.cell] == 0:
+            if unit.cell in p.fresh:
+                say(f"{_label(cell)}: {cell.successes}/{cell.episodes}" + (
+                    f", {cell.trainable_params:,} params, {cell.finetune_s:.0f} s" if cell.method != "zero-shot" else ""))
+            else:
+                say(f"{_label(cell)} extended: {cell.successes}/{cell.episodes}" + (
+                    "; robustness: " + ", ".join(f"{n} {s}/{e}" for n, (s, e) in cell.robustness.items())
+                    if cell.robustness else ""))
+
+    executor.run(p.units, run_unit, started, done)
     return list(cells.values())
+
+
+def _apply_episodes(cell: Cell, spec: dict[str, Any], episodes: list[dict], early: dict[int, list[dict]]) -> bool:
+    """Fold one evaluation unit's episodes into its cell, once: clean scenes in their order (a batch that finishes
+    before the ones before it waits), a perturbation whole. False for a result the cell already counts."""
+    if spec["perturbation"]:
+        if spec["perturbation"] in cell.robustness:
+            return False
+        cell.robustness[spec["perturbation"]] = [sum(e["success"] for e in episodes), len(episodes)]
+        return True
+    if spec["first"] < cell.episodes or spec["first"] in early:
+        return False
+    early[spec["first"]] = episodes
+    while cell.episodes in early:
+        batch = early.pop(cell.episodes)
+        cell.successes += sum(e["success"] for e in batch)
+        cell.episodes += len(batch)
+        cell.episode_log += batch
+    return True
+
+
+def run(cfg: AdaptConfig, out_dir: str | Path, say: Callable[[str], None] = print, dry_run: bool = False,
+        executor=None, cluster: int | None = None) -> list[Cell]:
+    """Every cell `cfg` asks for that `out_dir/cells.json` lacks, or has on fewer episodes or perturbations, on
+    `executor` (default: the local pool of `cfg.workers`). `dry_run`: only say what that is (demo sets, fine-tunes,
+    episodes) and what it costs, on `cluster` workers if given, running and writing nothing."""
+    from edge_steer.bench.executors import LocalExecutor
+
+    executor = executor or LocalExecutor()
+    p = plan(cfg, out_dir, executor.episode_batch)
+    if dry_run:
+        for line in dry_run_report(p, cluster):
+            say(line)
+        return list(p.cells.values())
+    for note in p.notes:
+        say(note)
+    return execute(p, executor, say)
+
+
+def dry_run_report(p: Plan, cluster: int | None = None) -> list[str]:
+    """What a dry run says: what is left and how long it takes at the measured rates (on `cluster` workers too)."""
+    work, done = p.work(), [c for k, c in p.cells.items() if k not in p.fresh]
+    lines = ["dry run, nothing run or written; left to do: "
+             + (", ".join(f"{n} {what}" for what, n in sorted(work.items())) or "nothing")
+             + (f"; {_estimate(work, done, this_machine())}" if work else "")]
+    return lines + ([price(p, done, cluster)] if cluster and p.units else [])
+
+
+def describe(p: Plan) -> list[str]:
+    """The plan, one line per (variant, seed): its demo set, fits by method and evaluation episodes."""
+    rows: dict[tuple, Counter[str]] = {}
+    for u in p.units:
+        variant, seed = (u.spec["task"], u.spec["seed"] - 10_000) if u.kind == "demos" else (u.cell[0], u.cell[3])
+        row = rows.setdefault((variant, seed), Counter())
+        what = {"demos": "demo set", "fit": f"{u.spec.get('method')} fit"}.get(u.kind) or (
+            "perturbed episodes" if u.spec["perturbation"] else "episodes")
+        row[what] += u.spec["n"] if u.kind == "eval" else 1
+        row["units"] += 1
+    return [f"{variant} seed {seed}: " + ", ".join(f"{n} {what}" for what, n in sorted(c.items()))
+            for (variant, seed), c in rows.items()]
+
+
+def price(p: Plan, cells: Iterable[Cell], workers: int) -> str:
+    """The plan's wall time on `workers` parallel workers (one unit each; a free worker takes the first unit in plan
+    order whose inputs are done), at the rates the cells measured: a clean or perturbed episode at its measured wall seconds
+    times the cores of the machine that timed it (the cells' episodes ran one per core), a fit at its method's
+    median. Demo sets are not timed and count as free."""
+    import heapq
+
+    cells = list(cells)
+    here = this_machine()
+    mine = [c for c in cells if c.machine == here]
+    basis = mine if any(c.eval_episodes for c in mine) else cells
+    timed = [c for c in basis if c.eval_episodes]
+    if not timed:
+        return f"on {workers} worker{'s' if workers > 1 else ''}: no cell here is timed yet, so no estimate"
+    per_core = sum(c.eval_s * _cores(c.machine) for c in timed) / sum(c.eval_episodes for c in timed)
+    fits = {m: sorted(c.finetune_s for c in basis if c.method == m and c.finetune_s > 0) for m in METHODS}
+
+    def cost(u: Unit) -> float:
+        if u.kind == "fit":
+            f = fits.get(u.spec["method"]) or [0.0]
+            return f[len(f) // 2]
+        return per_core * u.spec["n"] if u.kind == "eval" else 0.0
+
+    # as the Ray executor runs it: whenever a worker is free, the first unit in plan order whose inputs are done
+    finish: dict[str, float] = {}
+    waiting, running, now = list(p.units), [], 0.0
+    while waiting or running:
+        ready = [u for u in waiting if all(a in finish for a in u.after)][:workers - len(running)]
+        for u in ready:
+            heapq.heappush(running, (now + cost(u), u.id))
+        if ready:
+            started = {u.id for u in ready}
+            waiting = [u for u in waiting if u.id not in started]
+        now, uid = heapq.heappop(running)
+        finish[uid] = now
+    took = max(finish.values(), default=0.0)
+    took_s = f"{took / 3600:.1f} h" if took >= 3600 else f"{took / 60:.0f} min"
+    return (f"on {workers} worker{'s' if workers > 1 else ''}: about {took_s} for {len(p.units)} units ({per_core:.1f} s an episode on one core, "
+            "fits at their method's median, each unit on one worker, after its inputs; demo sets not counted)")
+
+
+def _cores(machine: str) -> int:
+    """The cores a cell's machine description names ("AMD EPYC, 2 cores, AVX512"); 1 where it names none."""
+    for part in machine.split(","):
+        if part.strip().endswith(" cores") and part.split()[0].isdigit():
+            return int(part.split()[0])
+    return 1
+
 
 
 def _estimate(work: Counter[str], cells: Iterable[Cell], here: str) -> str:

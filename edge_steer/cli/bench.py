@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_steer.cli._common import _fail, console
 
@@ -37,7 +38,10 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
                 grid_arms: Optional[str] = typer.Option(None, help="method:arm run on every K and seed like the main arms, e.g. steer:whole=stem.0,full:lr=0.0001"),
                 model: Optional[Path] = typer.Option(None, help="base checkpoint (default: embedded model)"),
                 refit: bool = typer.Option(False, help="fit again the cells to extend to --episodes whose saved model is gone"),
-                dry_run: bool = typer.Option(False, help="say what is left to run (demo sets, fine-tunes, episodes); run nothing"),
+                dry_run: bool = typer.Option(False, help="print the plan left to run (demo sets, fine-tunes, episodes) and its price; run nothing"),
+                workers: Optional[int] = typer.Option(None, min=1, help="local: episodes in parallel; ray: the embedded Ray's CPUs; --dry-run: price it on this many workers"),
+                executor: str = typer.Option("local", help="local (one unit at a time over --workers processes) or ray (docs/cluster.md)"),
+                ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: an embedded local Ray)"),
                 report: bool = typer.Option(False, help="write the tables, plots and --docs section from the cells already in --out; run nothing"),
                 docs: Optional[Path] = typer.Option(None, help="markdown file to write the results section into")) -> None:
     """Few-shot adaptation: zero-shot vs steer vs LoRA vs full on the held-out sim variants."""
@@ -55,7 +59,7 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         ablations=ablations or None, arms=tuple(arms.split(",")) if arms else None, ablation_shots=ablation_shots,
         ablation_seeds=_ints(ablation_seeds) if ablation_seeds else None, ablation_episodes=ablation_episodes,
         grid_arms=tuple(grid_arms.split(",")) if grid_arms else None, model=str(model) if model else None,
-        refit=refit or None)
+        refit=refit or None, workers=workers)
     if bad := set(cfg.methods) - set(adapt.METHODS):
         _fail(f"unknown methods {sorted(bad)}; choose from {adapt.METHODS}")
     try:
@@ -64,8 +68,12 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
     except ValueError as e:
         _fail(str(e))
     try:
-        cells = adapt.measured(cfg, out) if report else adapt.run(cfg, out, say=console.print, dry_run=dry_run)
-    except (adapt.ForeignCells, FileNotFoundError) as e:
+        if report:
+            cells = adapt.measured(cfg, out)
+        else:
+            with _unit_progress(not dry_run) as progress:
+                cells = _bench_adapt_run(cfg, out, dry_run, executor, ray_address, workers, progress)
+    except (adapt.ForeignCells, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     if dry_run:
         return
@@ -91,3 +99,43 @@ def bench_adapt(out: Path = typer.Option(Path("runs/adapt"), help="work director
         section = heading + "\n\n" + text + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
         upsert_section(str(docs), section, title="# Results")
 
+
+def _unit_progress(show: bool):
+    """A bar of a plan's units: done of all, with how many run now, how many are left and the cluster's CPUs."""
+    from contextlib import nullcontext
+    if not show:
+        return nullcontext(None)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console, transient=False)
+
+    class Bar:
+        def __enter__(self):
+            prog.__enter__()
+            self.bar = prog.add_task("units", total=None, state="")
+            return self.update
+
+        def update(self, done: int, running: int, left: int, cpus: int) -> None:
+            prog.update(self.bar, completed=done, total=done + running + left,
+                        state=f"{running} running, {left} left, {cpus} CPUs")
+
+        def __exit__(self, *exc):
+            return prog.__exit__(*exc)
+    return Bar()
+
+
+def _bench_adapt_run(cfg, out: Path, dry_run: bool, executor: str, address: Optional[str], workers: Optional[int],
+                     progress):
+    from edge_steer.bench import adapt, executors
+    runner = executors.make(executor, address, workers, progress)
+    try:
+        if not dry_run:
+            return adapt.run(cfg, out, say=console.print, executor=runner)
+        # priced as a cluster runs it when a cluster size is given: episodes in Ray's batches
+        plan = adapt.plan(cfg, out, executors.RAY_EPISODE_BATCH if workers or executor == "ray" else None)
+        for line in adapt.describe(plan) + adapt.dry_run_report(
+                plan, runner.cluster_cpus() if executor == "ray" else workers):
+            console.print(line)
+        return list(plan.cells.values())
+    finally:
+        if executor == "ray":
+            runner.shutdown()

@@ -108,6 +108,9 @@ def run_finetune(model, ds, cfg, out: Path, heads=None, heads_doc: Optional[dict
         res = finetune(model, ds, cfg, out, heads=heads, heads_doc=heads_doc, resume=resume)
     except (FinetuneError, IdentifyError, DatasetError, FloatingPointError) as e:
         _fail(str(e))
+    from edge_steer.models.distributed import is_main
+    if not is_main():        # under torchrun every process holds the same result: the first one writes it
+        return res
     paths = save_result(res, out)
     console.print(f"{cfg.method}: {res.trainable_params:,} trainable parameters, {res.train.steps} steps, final loss "
                   f"{res.train.final_loss:.4f}, {res.train.seconds:.0f} s; " + ", ".join(f"{k}: {v}" for k, v in paths.items()))

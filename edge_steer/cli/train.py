@@ -131,9 +131,11 @@ def _train_and_eval(model, ds, out: Path, steps: int, batch_size: int, lr: float
 
 def run_eval(load, tasks, episodes: int, seed: int, workers: int, out_json: Path | None,
              gif: Path | None = None, execute: int = 5, ensemble: float | None = None,
-             instruction: str | None = None) -> list:
+             instruction: str | None = None, evaluate=None) -> list:
     """evaluate under a progress bar, the success table printed, the GIF and JSON log written; the summary."""
-    from edge_steer.sim.rollout import episode_log, evaluate, save_gif, success_summary
+    from edge_steer.sim.rollout import episode_log, save_gif, success_summary
+    if evaluate is None:   # the local pool; a cluster's evaluate is passed in (eval --executor ray)
+        from edge_steer.sim.rollout import evaluate
 
     t0 = time.perf_counter()
     with _progress() as prog:
@@ -177,7 +179,9 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
              ensemble: Optional[float] = typer.Option(None, min=0.0,
                                                       help="ACT temporal-ensemble decay (off by default)"),
              instruction: Optional[str] = typer.Option(None, help="tell the policy this instead of each task's own; "
-                                                       "reports the instructed task's success where it can be done")
+                                                       "reports the instructed task's success where it can be done"),
+             executor: str = typer.Option("local", help="local (a process pool of --workers) or ray (docs/cluster.md)"),
+             ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: an embedded local Ray)")
              ) -> None:
     """Closed-loop evaluation in the sim (realtime=False): success rate with a 95 % Wilson interval."""
     from functools import partial
@@ -199,5 +203,16 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
         console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
                       "both its objects are in the scene" if named else "no known task: only each scene's own "
                       "task is reported"), markup=False)
-    run_eval(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble, instruction)
-
+    if executor == "local" and not ray_address:
+        run_eval(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble, instruction)
+        return
+    from edge_steer.bench import executors
+    try:
+        cluster = executors.make(executor, ray_address, workers)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        run_eval(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble,
+                 instruction, evaluate=lambda load, *a, workers, **kw: executors.ray_evaluate(cluster, path, *a, **kw))
+    finally:
+        cluster.shutdown()

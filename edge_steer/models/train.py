@@ -95,6 +95,9 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
 
     `make_batches(start_step)` returns the batch stream; a resumed run passes the step it resumes
     from, so it does not replay the batches it already trained on."""
+    from edge_steer.models.distributed import data_parallel, loss_weight
+    ddp = data_parallel()    # under torchrun: this process's share of each batch, gradients averaged (distributed.py)
+    progress = progress and (ddp is None or ddp.main)
     out = Path(out_dir)
     (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -115,7 +118,8 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     bar = _bar(progress, cfg.steps, step)
     try:
         while step < cfg.steps:
-            batch = next(data)
+            batch = next(data) if ddp is None else ddp.shard(next(data))
+            weight = None if ddp is None else loss_weight(batch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             with amp:
@@ -124,10 +128,12 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if ddp is not None:
+                ddp.average_gradients(params, weight)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
-            losses.append(loss.item())
+            losses.append(loss.item() if ddp is None else ddp.mean(loss.item(), weight))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
                                 "elapsed_s": time.perf_counter() - t0})
@@ -138,7 +144,7 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
                           f"{h['elapsed_s']:.0f} s", flush=True)
             if bar:
                 bar[0].update(bar[1], advance=1, description=f"train loss {loss.item():.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and (ddp is None or ddp.main):
                 _checkpoint(out, model, opt, step, history, cfg)
     finally:
         if bar:
