@@ -1,5 +1,6 @@
 """`edge-steer demo`, the README's first command, end to end on a small budget: it must not break
-silently (it once did, through an option its direct call to `demos generate` left unset)."""
+silently (it once did, through an option its direct call to `demos generate` left unset; its stages now
+call plain functions with explicit arguments)."""
 
 from __future__ import annotations
 
@@ -27,23 +28,3 @@ def test_demo_runs_every_stage_on_a_small_budget(tmp_path):
     status = json.loads((out / "serve_status.json").read_text())
     assert status["engine"]["backend"] == "onnxruntime"
 
-
-def test_invoking_a_command_from_python_fills_its_cli_defaults_and_refuses_unknown_options():
-    """What the demo calls its stages through: every option not given takes its CLI default (never a
-    typer placeholder), a required one must be given, and a misspelt one is an error."""
-    import typer
-
-    from edge_steer.cli import _invoke
-
-    seen = {}
-
-    def cmd(data: str = typer.Option(..., help="required"), steps: int = typer.Option(4000),
-            lr: float = typer.Option(3e-4), plain: int = 3) -> None:
-        seen.update(data=data, steps=steps, lr=lr, plain=plain)
-
-    _invoke(cmd, data="d", steps=5)
-    assert seen == {"data": "d", "steps": 5, "lr": 3e-4, "plain": 3}
-    with pytest.raises(TypeError, match="required option 'data'"):
-        _invoke(cmd, steps=5)
-    with pytest.raises(TypeError, match="no options \\['step'\\]"):
-        _invoke(cmd, data="d", step=5)

@@ -178,6 +178,16 @@ class HFVLA(nn.Module):
         config = HFVLAConfig(backbone=bb.config.to_dict(), vision=vis.config.to_dict(), **kw)
         return cls(config, tok, (vis, bb))
 
+    @classmethod
+    def from_names(cls, backbone: str, vision: str | None = None, backbone_layers: int | None = None,
+                   **kw) -> "HFVLA":
+        """Towers named (configuration_hfvla's registry) or local directories; the vision tower and layer
+        count default to the backbone's usual ones (DEFAULT_VISION, DEFAULT_LAYERS). Raises TowerError."""
+        from edge_steer.models.configuration_hfvla import DEFAULT_LAYERS, DEFAULT_VISION, backbone_tower, vision_tower
+
+        return cls.create(backbone_tower(backbone), vision_tower(vision or DEFAULT_VISION.get(backbone, "siglip-small")),
+                          backbone_layers or DEFAULT_LAYERS.get(backbone), **kw)
+
     # --- layout ------------------------------------------------------------------------------------
     def _layers(self) -> nn.ModuleList:
         return _layer_list(self.backbone)

@@ -108,6 +108,33 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def success_summary(results: list[EpisodeResult], tasks: list[Task], instructed: bool = False) -> list[dict]:
+    """One row per task: its own task's successes over its episodes with a 95 % Wilson interval and, where
+    an instruction replaced each task's own (`instructed`), the instructed task's successes counted over
+    the scenes where it can be done."""
+    rows = []
+    for t in tasks:
+        rs = [r for r in results if r.task == t.name]
+        k = sum(r.success for r in rs)
+        row = {"task": t.name, "split": t.split, "factor": t.factor, "successes": k, "episodes": len(rs),
+               "ci95": list(wilson_interval(k, len(rs)))}
+        if instructed:
+            doable = [r.instructed_success for r in rs if r.instructed_success is not None]
+            row.update(instructed_successes=sum(doable), instructed_episodes=len(doable),
+                       instructed_ci95=list(wilson_interval(sum(doable), len(doable))))
+        rows.append(row)
+    return rows
+
+
+def episode_log(results: list[EpisodeResult], summary: list[dict], execute: int, ensemble: float | None,
+                instruction: str | None = None) -> dict:
+    """The evaluation's JSON log: its settings, the per-task summary and every episode."""
+    told = {} if instruction is None else {"instruction": instruction}
+    log = [{"task": r.task, "seed": r.seed, "success": r.success, "steps": r.steps,
+            **({} if instruction is None else {"instructed_success": r.instructed_success})} for r in results]
+    return {"execute": execute, "ensemble": ensemble, **told, "summary": summary, "episodes": log}
+
+
 def save_gif(frames: list[np.ndarray], path: str, fps: int = 10) -> None:
     from PIL import Image
     imgs = [Image.fromarray(f) for f in frames]

@@ -474,6 +474,18 @@ def identify(model, ps: ProbeSet, cfg: IdentifyConfig = IdentifyConfig(), baseli
     }
 
 
+def demo_probe_sets(model, dataset, cfg: IdentifyConfig = IdentifyConfig(),
+                    baseline=None) -> tuple[ProbeSet, ProbeSet | None]:
+    """What `identify` reads from a dataset of demos: its probe set (the instruction corrupted with every
+    other registered task's) and, given a `baseline` dataset, that one's for mean ablation. Raises
+    DatasetError for a damaged frame."""
+    from edge_steer.sim.tasks import TASKS
+
+    others = sorted({t.instruction for t in TASKS.values()})
+    ps = probe_set(model, dataset, cfg.max_frames, cfg.seed, others)
+    return ps, probe_set(model, baseline, cfg.max_frames, cfg.seed) if baseline is not None else None
+
+
 def selected_heads(doc: dict[str, Any], model=None) -> list[HeadRef]:
     """The selected heads of a heads.json document; with a model, check it is the same model."""
     if doc.get("format") != HEADS_FORMAT:

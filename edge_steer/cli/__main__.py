@@ -1,0 +1,3 @@
+from edge_steer.cli import main
+
+main()
