@@ -12,7 +12,7 @@ from edge_steer.cli import app
 from edge_steer.sim import rollout
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.rollout import EpisodeResult, run_policy_episode
-from edge_steer.sim.tasks import TASKS, get_task, task_for_instruction
+from edge_steer.sim.tasks import TASKS, get_task, instructed_task
 from steering_fixtures import tiny_model
 
 SCENE = get_task("red_cube_on_blue_plate")   # one distractor per scene
@@ -27,21 +27,17 @@ def _scene_with_distractor(shape_ok=("cube", "cylinder", "sphere")):
     raise AssertionError("no scene with a distractor")
 
 
-def test_instructions_resolve_through_the_registry_and_the_template():
-    assert task_for_instruction("Put the green cylinder in the yellow bowl.") is TASKS["green_cylinder_in_yellow_bowl"]
-    made = task_for_instruction("put the orange sphere to the left of the red plate")
-    assert (made.obj.name, made.relation, made.target.name) == ("orange sphere", "left_of", "red plate")
-    assert task_for_instruction("put the red cube in the blue plate") is None     # 'in' needs a bowl
-    assert task_for_instruction("stack everything") is None
-    assert task_for_instruction("put the red cube on the mauve plate") is None    # unknown colour
-
-
-def test_find_in_locates_the_instructed_objects_in_another_tasks_scene():
+def test_an_instruction_resolves_on_the_scene_it_is_given_in():
     seed, other = _scene_with_distractor()
     spec = SCENE.sample_scene(np.random.default_rng(seed), 96).spec
-    assert task_for_instruction(f"put the {other.name} on the blue plate").find_in(spec) == (2, 1)
-    assert SCENE.find_in(spec) == (0, 1)
-    assert TASKS["green_cylinder_in_yellow_bowl"].find_in(spec) is None           # no yellow bowl here
+    assert instructed_task(spec, "Put the red cube on the blue plate.") is SCENE       # the scene's own, by registry
+    made = instructed_task(spec, f"put the {other.name} to the left of the blue plate")
+    assert (made.obj.name, made.relation, made.target.name) == (other.name, "left_of", "blue plate")
+    assert made.find_in(spec) == (2, 1) and SCENE.find_in(spec) == (0, 1)
+    assert instructed_task(spec, "put the red cube in the blue plate") is None       # 'in' needs a bowl
+    assert instructed_task(spec, "stack everything") is None
+    assert instructed_task(spec, "put the green cylinder in the yellow bowl") is None  # no yellow bowl here
+    assert TASKS["green_cylinder_in_yellow_bowl"].find_in(spec) is None
 
 
 class _Oracle:
@@ -57,7 +53,7 @@ class _Oracle:
         self.told.append(instruction)
         env = _Oracle.env
         if not self.moved:
-            obj, target = task_for_instruction(self.do).find_in(env.scene.spec)
+            obj, target = instructed_task(env.scene, self.do).find_in(env.scene.spec)
             with env.world.lock:
                 w = env.world
                 t = w.object_pos(target)
@@ -112,7 +108,7 @@ def test_eval_cli_reports_both_in_the_table_and_the_json(tmp_path, monkeypatch):
                                    "--out", str(tmp_path / "log.json")])
     assert res.exit_code == 0, res.output
     assert seen == [text] * 4
-    assert "names the task green_cylinder_in_yellow_bowl" in res.output and "2/3 (67" in res.output
+    assert "asks for green cylinder in yellow bowl" in res.output and "2/3 (67" in res.output
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["instruction"] == text
     row = log["summary"][0]

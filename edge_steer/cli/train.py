@@ -196,13 +196,14 @@ def eval_cmd(model: Optional[Path] = typer.Option(None, help="checkpoint directo
     except (CheckpointError, TaskError) as e:
         _fail(str(e))
     if instruction is not None:
-        from edge_steer.sim.tasks import task_for_instruction
+        from edge_steer.sim.tasks import parse_instruction
         if not instruction.strip():
             _fail("--instruction is empty")
-        named = task_for_instruction(instruction)
-        console.print(f"instruction {instruction!r} names " + (f"the task {named.name}; its success is reported where "
-                      "both its objects are in the scene" if named else "no known task: only each scene's own "
-                      "task is reported"), markup=False)
+        ents, rels = parse_instruction(instruction)
+        asked = " ".join([*(e.name for e in ents[:1]), *sorted(rels), *(e.name for e in ents[1:2])])
+        console.print(f"instruction {instruction!r} asks for " + (f"{asked}; its success is reported in the scenes "
+                      "that hold both, once each" if len(ents) == 2 and len(rels) == 1 else "no object, relation "
+                      "and target: only each scene's own task is reported"), markup=False)
     if executor == "local" and not ray_address:
         run_eval(partial(load_model, path), tasks, episodes, seed, workers, out, gif, execute, ensemble, instruction)
         return

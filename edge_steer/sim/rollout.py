@@ -16,7 +16,7 @@ import numpy as np
 from edge_steer.contract import ensemble_actions
 from edge_steer.sim.env import EnvConfig, SimEnv
 from edge_steer.sim.panda import ControlException
-from edge_steer.sim.tasks import Task, task_for_instruction
+from edge_steer.sim.tasks import Task, instructed_task
 
 
 class ChunkPolicy(Protocol):
@@ -44,11 +44,11 @@ def run_policy_episode(policy: ChunkPolicy, task: Task, seed: int, config: EnvCo
     A robot reflex (the arm stopping itself, e.g. on a joint-velocity violation) fails the episode.
 
     `instruction` replaces the task's own in `task`'s scene. Where it names a task doable there
-    (`task_for_instruction`, both its objects in the scene), the episode runs until that task is done
+    (`instructed_task`: its object and target each once in the scene), the episode runs until that task is done
     and `success` says whether the scene's own task was done at any step; otherwise it ends as usual."""
     frames: list[np.ndarray] = []
     with SimEnv(task, seed, config) as env:
-        told = task_for_instruction(instruction) if instruction is not None else None
+        told = instructed_task(env.scene, instruction) if instruction is not None else None
         where = told.find_in(env.scene.spec) if told is not None else None
         own = [False]   # the scene's own task done at some step
 

@@ -245,25 +245,6 @@ def get_task(name: str) -> Task:
         raise TaskError(f"unknown task {name!r}.{hint}") from None
 
 
-def task_for_instruction(text: str) -> Task | None:
-    """The task an instruction names: a registered task with that instruction (the first, so a base task
-    before its environment variants, which share it), else one read from the instruction template
-    ("put the [size] COLOUR SHAPE RELATION the [size] COLOUR SHAPE"); None if it names no valid task."""
-    said = " ".join(text.lower().strip().rstrip(".").split())
-    if known := next((t for t in TASKS.values() if t.instruction == said), None):
-        return known
-    entity = r"(?:(?:small|large) )?(\w+) (\w+)"   # sizes are not told apart: find_in matches colour and shape
-    phrases = "|".join(re.escape(p) for p in RELATIONS.values())
-    m = re.fullmatch(f"put the {entity} ({phrases}) the {entity}", said)
-    if m is None:
-        return None
-    relation = next(k for k, v in RELATIONS.items() if v == m[3])
-    try:
-        return Task(f"instructed: {said}", Entity(m[2], m[1]), relation, Entity(m[5], m[4]))
-    except (TaskError, ValueError):
-        return None
-
-
 def tasks_by_split(split: str) -> list[Task]:
     if split not in ("base", "heldout"):
         raise TaskError("split must be 'base' or 'heldout'")
@@ -552,9 +533,11 @@ def instructed_task(scene: SceneSpec | SceneInstance, instruction: str) -> Task 
     the target cannot take ("in" a plate, "on" a bowl)."""
     spec = scene.spec if isinstance(scene, SceneInstance) else scene
     ents, rels = parse_instruction(instruction)
-    present = [p.entity for p in spec.objects]
-    if len(rels) != 1 or not ents or any(present.count(e) != 1 for e in ents):
+    kinds = [(p.entity.shape, p.entity.color) for p in spec.objects]   # instructions tell no sizes apart
+    if len(rels) != 1 or not ents or any(kinds.count((e.shape, e.color)) != 1 for e in ents):
         return None
+    present = [p.entity for p in spec.objects]
+    ents = [present[kinds.index((e.shape, e.color))] for e in ents]     # the scene's own, sizes included
     objs = [e for e in dict.fromkeys(ents) if e.shape in GRASPABLE]
     targets = [e for e in dict.fromkeys(ents) if e.shape in RECEPTACLES]
     if len(objs) != 1 or len(targets) != 1:
