@@ -110,7 +110,7 @@ class Replicated(Local):
         from torch.nn.parallel import DistributedDataParallel
         super().__init__(model, params, loss_fn)
         # only parameters that require grad are reduced; every process loaded the same weights: no initial sync
-        self.loss = DistributedDataParallel(_Loss(model, loss_fn), broadcast_buffers=False, init_sync=False)
+        self.loss = DistributedDataParallel(_Loss(model, loss_fn), forward_sync_buffers=False, init_sync=False)
 
 
 class Sharded(Local):
