@@ -1,6 +1,7 @@
 """`finetune` under torchrun: two CPU processes (gloo), each on half of every global batch, end with the same
 weights as one process on the whole batch, for steer and LoRA (DDP over the trainable tensors) and full
-fine-tuning (FSDP2); and a process that trained on its half alone (the reduction removed) would not."""
+fine-tuning (FSDP2, also stopped at a checkpoint and resumed); and a process that trained on its half alone (the
+reduction removed) would not: the comparison fails when DDP is taken out (checked by hand when written)."""
 
 import subprocess
 import sys
@@ -24,11 +25,15 @@ from edge_steer.data import Dataset
 from edge_steer.models.distributed import is_main
 from edge_steer.steering.finetune import FinetuneConfig, finetune, with_train
 demos, out = sys.argv[1:3]
-for method in sys.argv[3:]:   # one process group, one launch, every method
-    cfg = with_train(FinetuneConfig(method=method), steps=4, batch_size=8, lr=3e-3, bf16=False, checkpoint_every=10**9)
-    res = finetune(tiny_model(), Dataset(demos), cfg, out + "/" + method, heads=[PLANTED], progress=False)
+def run(method, name, steps, resume=False):
+    cfg = with_train(FinetuneConfig(method=method), steps=steps, batch_size=8, lr=3e-3, bf16=False, checkpoint_every=2)
+    res = finetune(tiny_model(), Dataset(demos), cfg, out + "/" + name, heads=[PLANTED], resume=resume, progress=False)
     if is_main():
-        torch.save({{k: v.detach().clone() for k, v in res.model.state_dict().items()}}, out + "/" + method + ".pt")
+        torch.save({{k: v.detach().clone() for k, v in res.model.state_dict().items()}}, out + "/" + name + ".pt")
+for method in sys.argv[3:]:   # one process group, one launch, every method
+    run(method, method, 4)
+run("full", "resumed", 2)     # a sharded run stopped at its checkpoint and resumed: gathered, then loaded back
+run("full", "resumed", 4, resume=True)
 """
 
 
@@ -64,6 +69,7 @@ def test_two_processes_end_with_the_weights_of_one_on_the_same_global_batch(tmp_
         moved = [k for k in one if not torch.equal(one[k], base[k])]
         assert moved, f"{method}: nothing trained: the comparison would prove nothing"
         assert_same(torch.load(two_dir / f"{method}.pt"), one, method)
+    assert_same(torch.load(two_dir / "resumed.pt"), ones["full"], "full")
 
     # without the reduction, process 0 would end as one process trained on its half of every batch: that is
     # told apart from the whole batch's weights by the tolerance above (so the test fails if the reduction goes)

@@ -27,10 +27,12 @@ from edge_steer.models.distributed import data_parallel, for_training  # noqa: E
 from edge_steer.models.train import batches  # noqa: E402
 
 
-def local_bytes(tensors) -> int:
-    """Bytes this process holds of `tensors` (a sharded tensor's own shard only)."""
-    return sum((t.to_local() if hasattr(t, "to_local") else t).untyped_storage().nbytes() for t in tensors
-               if t is not None)
+def local_bytes(tensors) -> tuple[int, int]:
+    """Bytes of `tensors` this process holds (a sharded tensor's own shard only), and of the distinct storages
+    they live in (a framework's flat buffers can hold more than the tensors viewing them)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
+    return sum(t.numel() * t.element_size() for t in local), sum(storages.values())
 
 
 def main() -> None:
@@ -42,6 +44,7 @@ def main() -> None:
     a = ap.parse_args()
     ddp = data_parallel()
     model = load_model(a.model)
+    n_params = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(True)
     run = for_training(model, list(model.parameters()), ddp)
@@ -56,8 +59,8 @@ def main() -> None:
         opt.step()
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
     row = {"processes": 1 if ddp is None else ddp.world, "rank": 0 if ddp is None else ddp.rank,
-           "parameters": sum(p.numel() for p in model.parameters()),
-           "param_bytes": local_bytes(run.params), "grad_bytes": local_bytes(p.grad for p in run.params),
+           "parameters": n_params,
+           "param_bytes": local_bytes(run.params), "grad_bytes": local_bytes([p.grad for p in run.params]),
            "adam_bytes": local_bytes(state), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     print(json.dumps(row), flush=True)
     run.finish()

@@ -125,8 +125,8 @@ class Sharded(Local):
             raise ValueError("full fine-tuning across processes trains the model's own loss, not a custom one")
         memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         self.wrapped = _Loss(copy.deepcopy(model, memo))   # the structure copied, the tensors shared
-        for m in list(self.wrapped.modules()):
-            if isinstance(m, nn.ModuleList):                # transformer blocks: one unit each
+        for m in reversed(list(self.wrapped.modules())):   # inner units before the ones holding them
+            if isinstance(m, nn.ModuleList):                    # transformer blocks: one unit each
                 for block in m:
                     fully_shard(block)
         fully_shard(self.wrapped)

@@ -105,12 +105,12 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     if not params:
         raise ValueError("no trainable parameters")
     step, history, saved_optim = _restore(out, model) if resume else (0, [], None)
+    model.train()            # before wrapping: a sharded run trains a twin made from the model as it is now
     run = for_training(model, params, ddp, loss_fn)   # DDP for some parameters, FSDP for all, or the model as is
     opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved_optim is not None:
         run.load_optimizer(opt, saved_optim)
     data = make_batches(step)
-    model.train()
     bf16 = cpu_has_bf16() if cfg.bf16 is None else cfg.bf16
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t0, done_before = time.perf_counter(), step
