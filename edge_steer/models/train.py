@@ -95,8 +95,8 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
 
     `make_batches(start_step)` returns the batch stream; a resumed run passes the step it resumes
     from, so it does not replay the batches it already trained on."""
-    from edge_steer.models.distributed import data_parallel, loss_weight
-    ddp = data_parallel()    # under torchrun: this process's share of each batch, gradients averaged (distributed.py)
+    from edge_steer.models.distributed import data_parallel, for_training
+    ddp = data_parallel()    # under torchrun: this process's share of each batch (distributed.py)
     progress = progress and (ddp is None or ddp.main)
     out = Path(out_dir)
     (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
@@ -104,13 +104,13 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters")
-    loss_fn = loss_fn or model.loss
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
-    if resume:
-        step, history = _restore(out, model, opt)
+    step, history, saved_optim = _restore(out, model) if resume else (0, [], None)
+    model.train()            # before wrapping: a sharded run trains a twin made from the model as it is now
+    run = for_training(model, params, ddp, loss_fn)   # DDP for some parameters, FSDP for all, or the model as is
+    opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if saved_optim is not None:
+        run.load_optimizer(opt, saved_optim)
     data = make_batches(step)
-    model.train()
     bf16 = cpu_has_bf16() if cfg.bf16 is None else cfg.bf16
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     t0, done_before = time.perf_counter(), step
@@ -118,22 +118,22 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     bar = _bar(progress, cfg.steps, step)
     try:
         while step < cfg.steps:
-            batch = next(data) if ddp is None else ddp.shard(next(data))
-            weight = None if ddp is None else loss_weight(batch)
+            batch, scale = next(data), 1.0
+            if ddp is not None:
+                shard = ddp.shard(batch)
+                batch, scale = shard, ddp.loss_scale(shard, batch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             with amp:
-                loss = loss_fn(batch)
+                loss = run.loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if ddp is not None:
-                ddp.average_gradients(params, weight)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            (loss * scale).backward()    # DDP / FSDP average the processes' gradients: scaled, the whole batch's
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
             opt.step()
             step += 1
-            losses.append(loss.item() if ddp is None else ddp.mean(loss.item(), weight))
+            losses.append(loss.item() if ddp is None else ddp.mean(loss.item(), scale))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": float(np.mean(losses)), "lr": lr_at(cfg, step - 1),
                                 "elapsed_s": time.perf_counter() - t0})
@@ -144,11 +144,14 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
                           f"{h['elapsed_s']:.0f} s", flush=True)
             if bar:
                 bar[0].update(bar[1], advance=1, description=f"train loss {loss.item():.4f}")
-            if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and (ddp is None or ddp.main):
-                _checkpoint(out, model, opt, step, history, cfg)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                model_state, optim_state = run.state(opt)   # sharded: gathered on process 0
+                if ddp is None or ddp.main:
+                    _checkpoint(out, model_state, optim_state, step, history, cfg)
     finally:
         if bar:
             bar[0].stop()
+    run.finish()
     dt = time.perf_counter() - t0
     n = step - done_before
     return TrainResult(step, history[-1]["loss"] if history else float("nan"), dt,
@@ -173,22 +176,22 @@ def checkpoint_paths(run_dir: str | Path) -> list[Path]:
     return sorted((Path(run_dir) / CKPT_DIR).glob("step_*.pt"))
 
 
-def _checkpoint(out: Path, model: nn.Module, opt, step: int, history: list, cfg: TrainConfig) -> None:
+def _checkpoint(out: Path, model_state: dict, optim_state: dict, step: int, history: list, cfg: TrainConfig) -> None:
     path = checkpoint_path(out, step)
     with atomic_path(path) as tmp:   # a checkpoint is either complete or absent
-        torch.save({"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "history": history,
+        torch.save({"step": step, "model": model_state, "optim": optim_state, "history": history,
                     "train_config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
     for old in checkpoint_paths(out)[:-cfg.keep_checkpoints]:
         old.unlink()
     atomic_write_text(out / "history.json", json.dumps(history))
 
 
-def _restore(out: Path, model: nn.Module, opt) -> tuple[int, list]:
+def _restore(out: Path, model: nn.Module) -> tuple[int, list, dict | None]:
+    """The last checkpoint's weights into `model`; its step, history and optimiser state."""
     ckpts = checkpoint_paths(out)
     if not ckpts:
-        return 0, []
+        return 0, [], None
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), list(state["history"])
+    return int(state["step"]), list(state["history"]), state["optim"]
