@@ -177,15 +177,16 @@ def for_training(model: nn.Module, params: list[nn.Parameter], ddp: DataParallel
     return Replicated(model, params, loss_fn)
 
 
-def data_parallel() -> DataParallel | None:
-    """This process's place when torchrun started several (WORLD_SIZE > 1), joining their process group
-    (gloo on CPU, nccl on CUDA) on first use; None for a single process."""
+def data_parallel(device: torch.device | str = "cpu") -> DataParallel | None:
+    """This process's place when torchrun started several (WORLD_SIZE > 1), joining their process group on
+    first use with the backend for where the model's tensors are (nccl for CUDA tensors, gloo otherwise: a
+    CPU model on a machine that has a GPU still needs gloo); None for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return DataParallel(dist.get_rank(), dist.get_world_size())
 
 

@@ -96,7 +96,7 @@ def fit(model: nn.Module, params: Sequence[nn.Parameter], make_batches: Callable
     `make_batches(start_step)` returns the batch stream; a resumed run passes the step it resumes
     from, so it does not replay the batches it already trained on."""
     from edge_steer.models.distributed import data_parallel, for_training
-    ddp = data_parallel()    # under torchrun: this process's share of each batch (distributed.py)
+    ddp = data_parallel(next(model.parameters()).device)   # under torchrun: this process's share of each batch
     progress = progress and (ddp is None or ddp.main)
     out = Path(out_dir)
     (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
