@@ -100,8 +100,9 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
         delta = steering if isinstance(steering, SteeringDelta) else SteeringDelta.load(steering)
         delta.check_base(fingerprint)
         # a delta that touches k or v makes those switchable too, rather than being refused later
+        touched = {name for name, _ in delta.tensors}
         projections += "".join(p for p in PROJECTIONS if p not in projections
-                               and any(f".{p}_proj." in name for name, _ in delta.tensors))
+                               and touched & set(steerable_params(model, p)))
     names = steerable_params(model, projections)
     params = dict(model.named_parameters())
     base = {n: params[n].detach().float().contiguous() for n in names}
