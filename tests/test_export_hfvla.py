@@ -161,3 +161,16 @@ def test_cli_pretrain_finetune_steer_export_steering(tmp_path):
     engine, steered = load_engine(tmp_path / "e" / "p.onnx"), load_model(tmp_path / "steer" / "model")
     obs = observation(3)
     assert np.abs(engine.predict(obs, INSTRUCTION) - steered.predict(obs, INSTRUCTION)).max() <= RTOL
+
+
+def test_cuda_graph_engine_buffers_serve_an_hfvla_on_cpu():
+    """The cuda-graph engine's static buffers and steering switch, eagerly on the CPU (no kernel, no
+    capture): the model's own preprocessing (images in [-1, 1]) and the trace's inputs of an HFVLA."""
+    from edge_steer.runtime.engine import CudaGraphEngine
+    model = model_of("tiny-llama", seed=2)
+    d = delta_of(model)
+    engine = CudaGraphEngine(model, steering=d, device="cpu", capture=False)
+    obs = observation(4)
+    assert np.abs(engine.predict(obs, INSTRUCTION) - d.tuned.predict(obs, INSTRUCTION)).max() <= RTOL
+    engine.set_steering(None)
+    assert np.abs(engine.predict(obs, INSTRUCTION) - model.predict(obs, INSTRUCTION)).max() <= RTOL

@@ -259,9 +259,8 @@ class CudaGraphEngine:
         self.config = model.config
         self._base_fingerprint = model.fingerprint()
         self._action_mean, self._action_std = model.action_mean.numpy(), model.action_std.numpy()
-        # host-side preprocessing with the CPU model's statistics and instruction encoder
-        self._state_mean, self._state_std = model.state_mean.clone(), model.state_std.clone()
-        self._encoder = model.encoder
+        # host-side preprocessing: the CPU model's own (its statistics, instruction encoder, image scaling)
+        self._prepare = model.prepare
         names = steerable_params(self.model, projections)      # every q/k/v/o: any steer delta fits
         params = dict(self.model.named_parameters())
         self.steer = SteerableWeights([SteerableSpec(n, n, list(params[n].shape)) for n in names],
@@ -321,10 +320,9 @@ class CudaGraphEngine:
         return self._out.cpu().numpy()
 
     def inputs(self, observation: Mapping[str, Any], instruction: str) -> dict[str, np.ndarray]:
-        from edge_steer.models.vla import observation_batch, prepare_inputs
+        from edge_steer.models.vla import observation_batch
         with self._torch.no_grad():
-            t = prepare_inputs(self.config, observation_batch(observation, instruction), self._state_mean,
-                               self._state_std, self._encoder)
+            t = self._prepare(observation_batch(observation, instruction))
         return {k: v.numpy() for k, v in t.items()}
 
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
