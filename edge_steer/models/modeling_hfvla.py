@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
