@@ -115,9 +115,13 @@ def steerable_params(model: nn.Module, projections: str = "qo") -> list[str]:
 
 
 def n_attention_layers(model: nn.Module) -> int:
-    """Attention modules the head locator finds: what `check_fused` expects one fused node for."""
-    from edge_steer.models.locate import locate_heads
-    return len({hs.hook for hs in locate_heads(model)})
+    """Attention modules the structural search finds in the whole model (a VLA's vision tower as well as
+    the trunk its `heads()` numbers): what `check_fused` expects one fused node for."""
+    from edge_steer.models.locate import UnsupportedModelError, find_heads, locate_heads
+    try:
+        return len({hs.hook for hs in find_heads(model)})
+    except UnsupportedModelError:
+        return len({hs.hook for hs in locate_heads(model)})
 
 
 def input_name(param: str) -> str:
@@ -158,7 +162,10 @@ def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if attention_mask is None and causal and s > 1:
         attention_mask = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).tril()[None, None]
-    if attention_mask is None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
+        # a key-padding mask (B, 1, 1, S_kv), as HFVLA's trunk passes: the fused node's key mask
+        out = core(q, k, v, attention_mask[:, 0, 0].expand(b, s_kv).to(torch.int32), h, scale)
+    elif attention_mask is None:
         out = core(q, k, v, torch.ones(b, s_kv, dtype=torch.int32, device=q.device), h, scale)
     else:
         if core is not reference_core:

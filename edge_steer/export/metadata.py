@@ -6,6 +6,8 @@ An engine `policy.onnx` (or `policy.plan`) comes with:
     policy.onnx.base.safetensors     base values of the steerable weights (what `set_steering(None)` restores)
     policy.onnx.steering.safetensors the steering delta exported (only with --steering); the .onnx's own
                                      steerable values already hold it (`defaults: "steering"`)
+    policy.onnx.tokenizer/           files the model's host preprocessing needs (an HFVLA's tokenizer),
+                                     listed with checksums under `assets`
 
 The sidecar names the base model (fingerprint), the steering (delta hash), the graph's inputs and
 outputs with shapes, the preprocessing and action normalisation (so a backend needs no checkpoint),
@@ -58,7 +60,7 @@ class EngineMeta:
     engine_file: str                              # file name, beside the sidecar
     engine_sha256: str
     base_fingerprint: str
-    model_config: dict[str, Any]                  # EdgeVLAConfig as a dict: cameras, image size, language...
+    model_config: dict[str, Any]                  # the model's config as a dict: cameras, image size, ...
     normalisation: dict[str, list[float]]         # state_mean, state_std, action_mean, action_std
     inputs: list[TensorSpec]                      # the graph's declared inputs (onnxruntime's get_inputs())
     outputs: list[TensorSpec]
@@ -73,7 +75,9 @@ class EngineMeta:
     steering_file: str | None = None
     defaults: str = "base"                        # what the file's steerable values hold: "base" | "steering" (steering_hash)
     language_fingerprint: str | None = None
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)   # the model's `export_preprocessing()` record
+    model_type: str = "edge_vla"                  # whose `host_preprocessor` rebuilds the host side
+    assets: dict[str, str] = field(default_factory=dict)          # file beside the engine -> sha256
     session_options: dict[str, Any] = field(default_factory=dict)
     tensorrt: dict[str, Any] | None = None        # gpu, compute capability, version, cache key, plugin
     versions: dict[str, str] = field(default_factory=dict)
@@ -125,6 +129,12 @@ class EngineMeta:
             raise EngineError(f"{base} does not match the checksum in the sidecar (corrupted or replaced)")
         if self.steering_file and not engine_path.with_name(self.steering_file).is_file():
             raise EngineError(f"{engine_path} was exported with steering {self.steering_file}, which is missing")
+        for name, sha in self.assets.items():
+            f = engine_path.parent / name
+            if not f.is_file():
+                raise EngineError(f"{engine_path} lacks {name}, which its preprocessing needs: copy it along or re-export")
+            if file_sha256(f) != sha:
+                raise EngineError(f"{f} does not match the checksum in the sidecar (corrupted or replaced)")
 
     def input_spec(self, name: str) -> TensorSpec:
         return next(s for s in self.inputs if s.name == name)

@@ -1,5 +1,10 @@
-"""Export a (steered) EdgeVLA (and, through `trace_onnx`, any model whose heads the locator finds) to ONNX
-for onnxruntime, with one fused attention node per layer.
+"""Export a (steered) model of the VLA protocol (EdgeVLA, HFVLA; through `trace_onnx`, any model whose
+heads the locator finds) to ONNX for onnxruntime, with one fused attention node per layer (a
+transformers vision tower's layers included).
+
+What the engine runs on the host around the graph is described by the model itself
+(`export_preprocessing`, recorded in the sidecar with the files it needs, e.g. an HFVLA's tokenizer
+copied beside the .onnx); the engine rebuilds it with the model class's `host_preprocessor`.
 
 How the fusion is done: `graph.fused_attention` swaps each attention layer's forward, for the trace
 only, for one whose core is an autograd Function with an ONNX `symbolic` that emits
@@ -74,6 +79,12 @@ def example_inputs(config, batch: int = 1, seed: int = 0) -> dict[str, torch.Ten
             "state": torch.randn(batch, c.state_dim, generator=g), "lang": lang, "lang_mask": mask}
 
 
+def model_inputs(model, batch: int = 1) -> dict[str, torch.Tensor]:
+    """What the model's forward takes (name -> example tensor): its own `example_inputs()` where it has
+    one (HFVLA), else EdgeVLA's, from its config."""
+    return model.example_inputs(batch) if hasattr(model, "example_inputs") else example_inputs(model.config, batch)
+
+
 def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | None = None,
                 config: OnnxExportConfig = OnnxExportConfig()) -> EngineMeta:
     """Write `out` (.onnx), its sidecar and the steerable base weights; returns the sidecar.
@@ -89,21 +100,23 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
         delta = steering if isinstance(steering, SteeringDelta) else SteeringDelta.load(steering)
         delta.check_base(fingerprint)
         # a delta that touches k or v makes those switchable too, rather than being refused later
+        touched = {name for name, _ in delta.tensors}
         projections += "".join(p for p in PROJECTIONS if p not in projections
-                               and any(f".{p}_proj." in name for name, _ in delta.tensors))
+                               and touched & set(steerable_params(model, p)))
     names = steerable_params(model, projections)
     params = dict(model.named_parameters())
     base = {n: params[n].detach().float().contiguous() for n in names}
     specs = [SteerableSpec(n, input_name(n), list(base[n].shape)) for n in names]
     defaults = SteerableWeights(specs, {n: t.numpy() for n, t in base.items()}, fingerprint, projections)
     defaults.set(delta)                          # the file's own values: base, or base + the delta
-    # a model may say what its forward takes (`example_inputs()`, name -> tensor); EdgeVLA's come from its config
-    inputs = model.example_inputs() if hasattr(model, "example_inputs") else example_inputs(model.config)
+    inputs = model_inputs(model)
     proto = trace_onnx(model, inputs, OUTPUT, {n: torch.from_numpy(defaults.live[n]) for n in names}, config)
     # one fused node per attention module the head locator finds; a keypoint stem's Softmax is not attention
     counts = check_fused(proto, n_attention_layers(model), other_softmax=int(getattr(model.config, "keypoints", 0) > 0))
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
+    preprocessing = dict(model.export_preprocessing(out))     # writes the files it needs beside `out`
+    assets = {f: file_sha256(out.parent / f) for f in preprocessing.pop("files", [])}
 
     from safetensors.numpy import save
     atomic_write_bytes(base_path(out), save({n: t.numpy() for n, t in base.items()}))
@@ -127,13 +140,8 @@ def export_onnx(model, out: str | Path, steering: SteeringDelta | str | Path | N
                          "steerable_projections": projections},
         steering_hash=delta.hash() if delta is not None else None, steering_file=steering_file,
         defaults="steering" if delta is not None else "base",
-        language_fingerprint=_language_fingerprint(model.config),
-        preprocessing={"images": "uint8 HWC -> float /255, bilinear antialiased resize to image_size, (x - 0.5) / 0.25, "
-                                 "cameras stacked in model_config.cameras order",
-                       "state": "(x - state_mean) / state_std",
-                       "language": f"{model.config.language}: cached per instruction on the host, outside the graph",
-                       "actions": "graph output * action_std + action_mean",
-                       "code": "edge_steer.models.vla.prepare_inputs / action_chunk"},
+        language_fingerprint=preprocessing.pop("language_fingerprint", None),
+        preprocessing=preprocessing, model_type=model.model_type, assets=assets,
         session_options={"graph_optimization_level": config.graph_optimization,
                          "intra_op_num_threads": config.intra_op_threads, "inter_op_num_threads": 1,
                          "execution_mode": "ORT_SEQUENTIAL", "allow_spinning": config.allow_spinning},
@@ -247,13 +255,6 @@ def _toposort(graph) -> None:
     graph.node.extend(copies)
 
 
-def _language_fingerprint(config) -> str | None:
-    if config.language != "minilm":
-        return None
-    from edge_steer.models.language import minilm_fingerprint
-    return minilm_fingerprint()
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -278,5 +279,5 @@ def describe(meta: EngineMeta) -> dict[str, Any]:
             "steerable_inputs": len(meta.steerable)}
 
 
-__all__ = ["ExportError", "OnnxExportConfig", "check_fused", "describe", "example_inputs", "export_onnx",
+__all__ = ["ExportError", "OnnxExportConfig", "check_fused", "describe", "example_inputs", "export_onnx", "model_inputs",
            "steerable_as_inputs", "trace_onnx"]

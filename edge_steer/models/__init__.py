@@ -22,11 +22,17 @@ def load_model(path: str | Path | None = None) -> VLAPolicy:
     d = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path is None and not d.exists():
         raise CheckpointError(f"the default model is missing at {d}; reinstall edge-steer or pass --model")
+    from edge_steer.models.modeling_hfvla import read_meta
+    return model_class(read_meta(d).get("model_type")).from_pretrained(d)
+
+
+def model_class(model_type: str | None) -> type:
+    """The class a checkpoint's (or an exported engine's) model_type names; EdgeVLA for anything else."""
     from edge_steer.models.flow_matching import FlowMatchingVLA
-    from edge_steer.models.modeling_hfvla import HFVLA, read_meta
+    from edge_steer.models.modeling_hfvla import HFVLA
     kinds = {cls.model_type: cls for cls in (HFVLA, FlowMatchingVLA)}
-    return kinds.get(read_meta(d).get("model_type"), EdgeVLA).from_pretrained(d)
+    return kinds.get(model_type, EdgeVLA)
 
 
 __all__ = ["DEFAULT_MODEL_DIR", "CheckpointError", "EdgeVLA", "EdgeVLAConfig", "HeadRef", "HeadSlices",
-           "ParamSlice", "VLAPolicy", "load_model"]
+           "ParamSlice", "VLAPolicy", "load_model", "model_class"]

@@ -15,7 +15,8 @@ flow-matching action expert.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,6 +79,23 @@ class VLAPolicy(Protocol):
         """Hash of the weights: steering deltas and exported engines refer to the base model by it."""
 
     def save_pretrained(self, directory: str | Path) -> Path: ...
+
+    def export_preprocessing(self, engine_path: Path) -> dict[str, Any]:
+        """What an exported engine needs to preprocess on the host without this model: writes the files
+        it needs beside `engine_path` (a tokenizer) and returns the sidecar's `preprocessing` record
+        (JSON; `files`: those files, relative to the engine's folder)."""
+
+    # and a classmethod `host_preprocessor(model_config, preprocessing, normalisation, engine_path)
+    # -> HostPreprocessor` that rebuilds it from the sidecar alone
+
+
+@dataclass(frozen=True)
+class HostPreprocessor:
+    """An exported engine's host side, rebuilt from its sidecar: the model's config and `prepare`,
+    raw batch (uint8 HWC images, state, instruction strings) -> the graph's inputs."""
+
+    config: Any
+    prepare: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]
 
 
 def weights_fingerprint(model: nn.Module) -> str:

