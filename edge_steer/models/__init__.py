@@ -11,7 +11,8 @@ from pathlib import Path
 
 from edge_steer.models.heads import HeadRef, HeadSlices, ParamSlice
 from edge_steer.models.interface import VLAPolicy
-from edge_steer.models.vla import CheckpointError, EdgeVLA, EdgeVLAConfig
+from edge_steer.models.checkpoint import CheckpointError
+from edge_steer.models.vla import EdgeVLA, EdgeVLAConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "edge_vla"
 
@@ -22,7 +23,7 @@ def load_model(path: str | Path | None = None) -> VLAPolicy:
     d = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path is None and not d.exists():
         raise CheckpointError(f"the default model is missing at {d}; reinstall edge-steer or pass --model")
-    from edge_steer.models.modeling_hfvla import read_meta
+    from edge_steer.models.checkpoint import read_meta
     return model_class(read_meta(d).get("model_type")).from_pretrained(d)
 
 

