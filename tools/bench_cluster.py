@@ -9,8 +9,8 @@
 
 Writes a JSON (machine description in the header, as the other benchmarks) and prints a table. Smoke:
     python tools/bench_cluster.py --tasks 4 --episodes 2 --batch 1 --out /tmp/bench_cluster.json
-Timed run (a quiet machine; about 10 minutes on 2 cores):
-    python tools/bench_cluster.py --tasks 200 --episodes 16 --batch 4 --out docs/results/bench_cluster_2core.json
+Timed run (a quiet machine; about 3 minutes on 2 cores; results in docs/cluster.md):
+    python tools/bench_cluster.py --tasks 200 --episodes 8 --batch 4 --out docs/results/bench_cluster_2core.json
 """
 
 from __future__ import annotations

@@ -77,7 +77,10 @@ def run(args, setup: str) -> dict:
     fifo = scheduler == "fifo"
     # "motion": the robot's own process, with the setpoint stage ticking in its loop (runtime/motion.py); the
     # other placements ("process": the stage a daemon thread, "thread": both in the daemon) are retired
-    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel}, robot={"stop_on_success": False},
+    # fresh_scene off: each new episode re-plans in the scene as it is, as before sim scenes were reopened per
+    # episode (reopening one restarts the cell for seconds: a figure of scene set-up, not of the runtime)
+    cfg = ServeConfig.sim().with_(zmq={"command": cmd, "telemetry": tel},
+                                  robot={"stop_on_success": False, "fresh_scene": False},
                                   realtime={"priority": 10 if fifo else 0, "required": fifo})
     from dataclasses import replace
     if "render" in opts:
