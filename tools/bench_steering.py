@@ -150,10 +150,22 @@ def _demos(args) -> Path:
     return demos
 
 
+def _status_mb(key: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak_rss() -> float:
+    """Restart the peak-RSS count from the resident set now (Linux: clear_refs 5), which it returns in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
 def _hf_job(a: dict) -> dict:
     """One fine-tune of a saved HFVLA in a fresh process: its own time and memory, nothing else's."""
-    import resource
-
     import torch
 
     from edge_steer.data import Dataset, EpisodeFilter
@@ -163,7 +175,7 @@ def _hf_job(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     model = load_model(a["model"])
-    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    loaded_mb = _reset_peak_rss()   # loading peaks above training (weights read, then copied in): not the fit's
     ds = Dataset(a["demos"], EpisodeFilter(limit=a["shots"]))
     doc = json.loads(Path(a["heads"]).read_text()) if a["method"] == "steer" else None
     cfg = with_train(FinetuneConfig(method=a["method"], lora_rank=16), steps=a["steps"], batch_size=a["batch"],
@@ -171,7 +183,7 @@ def _hf_job(a: dict) -> dict:
     res = finetune(model, ds, cfg, a["out"], heads=selected_heads(doc, model) if doc else None, heads_doc=doc,
                    progress=False)
     return {"trainable_params": res.trainable_params, "step_ms": 1000 * res.train.seconds / a["steps"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "loaded_rss_mb": loaded_mb,
+            "peak_rss_mb": _status_mb("VmHWM"), "loaded_rss_mb": loaded_mb,
             "final_loss": res.train.final_loss}
 
 
@@ -192,8 +204,9 @@ def hf_section(args, names: list[str]) -> None:
     lines = ["## Steering transformers VLAs (issue 45)", "",
              f"Command: `.venv/bin/python tools/bench_steering.py {' '.join(sys.argv[1:])}` at commit `{git_commit()}`, "
              f"{this_machine()}. {args.shots} demos of `{args.task}`; {args.hf_frames} probe frames; fine-tunes at batch "
-             f"{args.hf_batch}, {args.hf_steps} steps, lr {args.lr}, each in a fresh process (peak RSS of that process; "
-             "'over load' = peak minus the RSS right after loading the model). Steer = the top-"
+             f"{args.hf_batch}, {args.hf_steps} steps, lr {args.lr}, each in a fresh process (peak RSS of that process "
+             "while it fine-tunes: the count restarts once the model is loaded, whose load peaks higher; 'over load' = "
+             "that peak minus the RSS right after loading the model). Steer = the top-"
              f"{args.top_k} heads by attribution, q rows + o columns; LoRA rank 16 / alpha 32 on every q, k, v, o "
              "projection of the backbone.", ""]
     record = {}
