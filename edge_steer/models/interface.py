@@ -128,6 +128,17 @@ def ensemble_actions(actions: list[np.ndarray], decay: float) -> np.ndarray:
     return (w[:, None] * np.stack(actions)).sum(0) / w.sum()
 
 
+def sequence_layout(lang_tokens: int, cameras: Sequence[str], per_camera: int, chunk: int) -> dict[str, slice]:
+    """Named token ranges of the sequence both reference VLAs build: the instruction, the state token, each
+    camera's tokens in camera order, then the decision tokens (the action queries)."""
+    out = {"instruction": slice(0, lang_tokens), "state": slice(lang_tokens, lang_tokens + 1)}
+    for i, cam in enumerate(cameras):
+        out[f"camera:{cam}"] = slice(lang_tokens + 1 + i * per_camera, lang_tokens + 1 + (i + 1) * per_camera)
+    start = lang_tokens + 1 + len(cameras) * per_camera
+    out["decision"] = slice(start, start + chunk)
+    return out
+
+
 def check_dataset(model, dataset) -> None:
     """Refuse demos the model cannot train or be scored on, before any work: the cameras it reads, the
     state and action dims against its config, and each camera's first frame of every episode against

@@ -34,7 +34,7 @@ from torch import nn
 from edge_steer.models.checkpoint import CheckpointError, checked_meta, load_weights, save_checkpoint
 from edge_steer.models.configuration_hfvla import HFVLAConfig, Tower, TowerError
 from edge_steer.models.heads import HeadSlices
-from edge_steer.models.interface import weights_fingerprint
+from edge_steer.models.interface import sequence_layout, weights_fingerprint
 from edge_steer.models.language import quiet_local_load
 from edge_steer.models.locate import find_heads
 from edge_steer.models.vla import action_chunk, masked_l1, normalised_target, observation_batch, prepare_inputs
@@ -190,13 +190,7 @@ class HFVLA(nn.Module):
 
     def token_layout(self) -> dict[str, slice]:
         c = self.config
-        lang, p = c.max_lang_tokens, c.patches_per_camera
-        out = {"instruction": slice(0, lang), "state": slice(lang, lang + 1)}
-        for i, cam in enumerate(c.cameras):
-            out[f"camera:{cam}"] = slice(lang + 1 + i * p, lang + 1 + (i + 1) * p)
-        start = lang + 1 + len(c.cameras) * p
-        out["decision"] = slice(start, start + c.chunk)
-        return out
+        return sequence_layout(c.max_lang_tokens, c.cameras, c.patches_per_camera, c.chunk)
 
     @property
     def decision_slice(self) -> slice:

@@ -25,7 +25,7 @@ from torch import nn
 from edge_steer.models.attention import Block
 from edge_steer.models.heads import HeadSlices
 from edge_steer.models.checkpoint import CheckpointError, checked_meta, load_weights, save_checkpoint
-from edge_steer.models.interface import weights_fingerprint
+from edge_steer.models.interface import sequence_layout, weights_fingerprint
 from edge_steer.models.language import ENCODERS, InstructionEncoder, minilm_fingerprint
 from edge_steer.models.locate import find_heads
 
@@ -180,13 +180,7 @@ class EdgeVLA(nn.Module):
         """Named token ranges of the sequence: instruction, state, one per camera (its patches, then
         its keypoint token if any), decision."""
         c = self.config
-        lang, p = c.max_lang_tokens, c.tokens_per_camera
-        out = {"instruction": slice(0, lang), "state": slice(lang, lang + 1)}
-        for i, cam in enumerate(c.cameras):
-            out[f"camera:{cam}"] = slice(lang + 1 + i * p, lang + 1 + (i + 1) * p)
-        start = lang + 1 + len(c.cameras) * p
-        out["decision"] = slice(start, start + c.chunk)
-        return out
+        return sequence_layout(c.max_lang_tokens, c.cameras, c.tokens_per_camera, c.chunk)
 
     def heads(self) -> list[HeadSlices]:
         return find_heads(self, "blocks")
