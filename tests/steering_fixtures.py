@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from edge_steer.data import Dataset, DatasetWriter, EpisodeFilter, default_spec
@@ -83,3 +84,12 @@ def plant(model, data: Path, steps: int = 150, seed: int = 0, head: HeadRef = PL
 
 def task_demos(data: Path, task: str = LEFT) -> Dataset:
     return Dataset(data, EpisodeFilter(tasks=task))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run on one intra-op thread: more threads only contend on a loaded box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,17 +24,13 @@ from edge_steer.models.modeling_hfvla import HFVLA  # noqa: E402
 from edge_steer.runtime.engine import OnnxEngine, load_engine  # noqa: E402
 from edge_steer.steering.delta import SteeringDelta  # noqa: E402
 from test_export import RTOL, STATS, observation, rel_err  # noqa: E402
+from steering_fixtures import one_torch_thread  # noqa: E402,F401
 from test_hfvla import tiny_hf  # noqa: E402
 
 INSTRUCTION = "put the red cube on the blue plate"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)     # tiny tensors: threads only contend on a loaded box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model_of(backbone: str, seed: int = 0) -> HFVLA:

@@ -30,17 +30,12 @@ from edge_steer.steering.delta import DeltaError, SteeringDelta  # noqa: E402
 from edge_steer.steering.finetune import (  # noqa: E402
     FinetuneConfig, SteerParams, finetune, head_slices, lora_config, save_result, with_train)
 from edge_steer.steering.identify import IdentifyConfig, IdentifyError, identify, probe_set, selected_heads  # noqa: E402
-from steering_fixtures import PLANTED, RIGHT, plant, task_demos, write_demos  # noqa: E402
+from steering_fixtures import PLANTED, RIGHT, one_torch_thread, plant, task_demos, write_demos  # noqa: E402,F401
 
 FAMILIES = ("tiny-bert", "tiny-llama", "tiny-qwen2", "tiny-gemma")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)     # tiny tensors: threads only contend on a loaded box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_hf(backbone: str = "tiny-llama", vision: str = "tiny-siglip", seed: int = 0, **kw) -> HFVLA:
